@@ -1,0 +1,52 @@
+"""ma_convert: convert Hugging Face causal LMs to Meta-Attention (per-token routed attention).
+
+Public API::
+
+    from ma_convert import MetaAttnConfig, MetaAttentionLayer, force_expert
+    layer = MetaAttentionLayer(MetaAttnConfig(d_model=512, n_heads=8))
+    out, aux_loss, stats = layer(x)
+"""
+
+from .core import (
+    AttentionExpert,
+    FullAttention,
+    LinearAttention,
+    LocalAttention,
+    MetaAttention,
+    MetaAttentionLayer,
+    MetaAttnConfig,
+    RoutingStats,
+    build_expert,
+    collect_aux_losses,
+    cosine_ramp,
+    force_expert,
+    linear_ramp,
+    list_experts,
+    patch_module,
+    register_expert,
+    routing_stats,
+    set_routing_mode,
+)
+from .version import __version__
+
+__all__ = [
+    "AttentionExpert",
+    "FullAttention",
+    "LinearAttention",
+    "LocalAttention",
+    "MetaAttention",
+    "MetaAttentionLayer",
+    "MetaAttnConfig",
+    "RoutingStats",
+    "build_expert",
+    "collect_aux_losses",
+    "cosine_ramp",
+    "force_expert",
+    "linear_ramp",
+    "list_experts",
+    "patch_module",
+    "register_expert",
+    "routing_stats",
+    "set_routing_mode",
+    "__version__",
+]

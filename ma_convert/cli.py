@@ -1,0 +1,93 @@
+"""The `ma-convert` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import sys
+from typing import Optional, Sequence
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The README's quick start, run for real: soft routing, then hard inference on the same layer."""
+    import torch
+
+    from . import MetaAttentionLayer, MetaAttnConfig, force_expert
+
+    torch.manual_seed(args.seed)
+    cfg = MetaAttnConfig(d_model=512, n_heads=8)
+    layer = MetaAttentionLayer(cfg)
+    x = torch.randn(2, args.seq_len, 512)
+
+    out, aux_loss, stats = layer(x)
+    print(f"soft routing (training mode): out {tuple(out.shape)}, aux_loss {aux_loss.item():.4f}")
+    print(f"  {stats}")
+
+    # A few optimiser steps on the routers alone show the ELBO at work: a task that needs
+    # exact attention (reproduce the full expert) against the KL pull towards cheap experts.
+    optimiser = torch.optim.Adam(layer.meta.router.parameters(), lr=3e-2)
+    with torch.no_grad(), force_expert(layer, "full"):
+        target, _, _ = layer(x)
+    for _ in range(args.steps):
+        out, aux_loss, stats = layer(x)
+        loss = torch.nn.functional.mse_loss(out, target) * 1e4 + aux_loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    print(f"after {args.steps} router steps: loss {loss.item():.4f}")
+    print(f"  {stats}")
+
+    layer.eval()
+    layer.meta.set_routing_mode("hard")
+    with torch.no_grad():
+        out, _, stats = layer(x)
+    print(f"hard routing (inference, each expert on its own tokens): out {tuple(out.shape)}")
+    print(f"  {stats}")
+    return 0
+
+
+def _env(args: argparse.Namespace) -> int:
+    import torch
+
+    from .version import __version__
+
+    print(f"ma-convert     {__version__}")
+    print(f"python         {platform.python_version()} ({platform.platform()})")
+    for name in ("torch", "transformers", "safetensors", "huggingface_hub", "accelerate", "peft", "datasets", "triton", "fla-core"):
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        print(f"{name:<14} {version}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"cuda:{i}         {torch.cuda.get_device_name(i)}")
+    else:
+        print("devices        cpu only")
+    print(f"torch threads  {torch.get_num_threads()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ma-convert", description="Meta-Attention conversion toolkit")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the quick start: a Meta-Attention layer, trained briefly, then routed hard")
+    demo.add_argument("--seq-len", type=int, default=256)
+    demo.add_argument("--steps", type=int, default=30)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
+
+    env = sub.add_parser("env", help="print versions, devices and backends")
+    env.set_defaults(func=_env)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

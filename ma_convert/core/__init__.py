@@ -1,0 +1,20 @@
+"""The Meta-Attention core: torch only, no transformers import."""
+
+from .config import FORMAT_VERSION, MetaAttnConfig
+from .control import collect_aux_losses, force_expert, meta_attention_modules, routing_stats, set_routing_mode
+from .controller import DirichletRouter, RouterOutput, SoftmaxRouter, position_feature
+from .experts import (
+    AttentionExpert,
+    FullAttention,
+    HeadAttentionExpert,
+    LinearAttention,
+    LocalAttention,
+    build_expert,
+    list_experts,
+    register_expert,
+)
+from .generic import MetaMultiheadAttention, patch_module
+from .layer import MetaAttentionLayer
+from .meta_attention import MetaAttention
+from .objective import cosine_ramp, dirichlet_kl, linear_ramp, prior_concentration, prior_mean
+from .stats import RoutingStats

@@ -1,0 +1,79 @@
+"""Model-level controls over every Meta-Attention module inside a model (or a single layer)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from .meta_attention import MetaAttention
+from .stats import RoutingStats
+
+
+def meta_attention_modules(model: nn.Module) -> list[MetaAttention]:
+    """Every `MetaAttention` inside `model` (the model itself included), in module order."""
+    return [m for m in model.modules() if isinstance(m, MetaAttention)]
+
+
+def _require_modules(model: nn.Module) -> list[MetaAttention]:
+    found = meta_attention_modules(model)
+    if not found:
+        raise ValueError(f"{type(model).__name__} contains no Meta-Attention module; convert or patch it first")
+    return found
+
+
+@contextlib.contextmanager
+def force_expert(model: nn.Module, expert: int | str | torch.Tensor = "full") -> Iterator[nn.Module]:
+    """Route every token of every Meta-Attention module in `model` to one expert, inside the block.
+
+    ``with force_expert(model, "full"):`` gives the original attention exactly (no router runs).
+    `expert` is a name, an index, or a (B|1, T) LongTensor of per-token expert indices (a fixed
+    routing mix, for benchmarks and tests).
+    """
+    modules = _require_modules(model)
+    if isinstance(expert, torch.Tensor):
+        n = min(len(m.experts) for m in modules)
+        if expert.dtype not in (torch.int32, torch.int64) or expert.numel() == 0 or int(expert.min()) < 0 or int(expert.max()) >= n:
+            raise ValueError(f"per-token routes must be integer expert indices in [0, {n})")
+        indices = [expert.long()] * len(modules)
+    else:
+        indices = [m.expert_index(expert) for m in modules]  # validate everything before changing anything
+    previous = [m.forced_expert for m in modules]
+    try:
+        for m, i in zip(modules, indices):
+            m.forced_expert = i
+        yield model
+    finally:
+        for m, p in zip(modules, previous):
+            m.forced_expert = p
+
+
+def set_routing_mode(
+    model: nn.Module,
+    mode: str,
+    *,
+    uncertainty_threshold: Optional[float] = None,
+    uncertain_route: Optional[str] = None,
+) -> None:
+    """Switch every Meta-Attention module to "soft", "hard" or "auto" routing, without reloading."""
+    for m in _require_modules(model):
+        m.set_routing_mode(mode, uncertainty_threshold=uncertainty_threshold, uncertain_route=uncertain_route)
+
+
+def routing_stats(model: nn.Module) -> list[RoutingStats]:
+    """Per-module `RoutingStats` of the last forward (aggregate with `RoutingStats.aggregate`)."""
+    modules = _require_modules(model)
+    missing = [i for i, m in enumerate(modules) if m.last_stats is None]
+    if missing:
+        raise RuntimeError(f"no forward pass has run through Meta-Attention module(s) {missing} yet")
+    return [m.last_stats for m in modules]
+
+
+def collect_aux_losses(model: nn.Module) -> torch.Tensor:
+    """Sum of the auxiliary (ELBO) losses of the last forward, to add to the task loss."""
+    losses = [m.last_aux_loss for m in _require_modules(model) if m.last_aux_loss is not None]
+    if not losses:
+        raise RuntimeError("no forward pass has run through the Meta-Attention modules yet")
+    return torch.stack([l.float() for l in losses]).sum()

@@ -1,0 +1,123 @@
+"""Per-token routers: the Bayesian Dirichlet router and the prior-free softmax router.
+
+Both see only the token itself, ``[x_t, ||x_t||/sqrt(D), pos(t)]``, so a token's route never
+depends on later tokens or on the sequence length: prefill and decode route a token the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MetaAttnConfig
+from .objective import prior_concentration, routing_entropy
+
+
+def position_feature(positions: torch.Tensor, max_positions: int) -> torch.Tensor:
+    """log1p(t) / log1p(max_positions): causal and independent of the sequence length."""
+    return torch.log1p(positions.float().clamp_min(0)) / math.log1p(max_positions)
+
+
+@dataclass
+class RouterOutput:
+    """What a router says about each token (all (B, T, K) or (B, T), float32)."""
+
+    mean: torch.Tensor  # posterior mean (Bayesian) or softmax probabilities
+    sample: torch.Tensor  # training weights: a reparameterised Dirichlet sample, else `mean`
+    logits: torch.Tensor  # for Gumbel top-k: log of the mean (Bayesian) or tempered logits
+    uncertainty: torch.Tensor  # in (0, 1); higher is less certain
+    concentration: Optional[torch.Tensor] = None  # Dirichlet gamma(x); None for the softmax router
+
+
+class _RouterMLP(nn.Module):
+    def __init__(self, cfg: MetaAttnConfig, n_experts: int) -> None:
+        super().__init__()
+        self.max_positions = cfg.max_positions
+        self.temperature = cfg.temperature
+        in_dim = cfg.d_model + 2
+        # The LayerNorm keeps routing stable across models whose hidden states differ in scale by 100x.
+        self.norm = nn.LayerNorm(in_dim)
+        self.fc1 = nn.Linear(in_dim, cfg.controller_hidden)
+        self.fc2 = nn.Linear(cfg.controller_hidden, n_experts)
+
+    def features(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        rms = x.norm(dim=-1, keepdim=True) / math.sqrt(x.shape[-1])
+        pos = position_feature(positions, self.max_positions).to(x.device)
+        pos = pos.expand(x.shape[:-1]).unsqueeze(-1)
+        return torch.cat([x, rms, pos], dim=-1)
+
+    def raw(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # The MLP runs in its parameters' dtype; routing probabilities are always float32.
+        h = F.gelu(self.fc1(self.norm(self.features(x, positions).to(self.fc1.weight.dtype))))
+        return self.fc2(h).float() / self.temperature
+
+    def reset_output(self, bias: torch.Tensor) -> None:
+        """Small output weights and a bias that sets the initial routing distribution."""
+        with torch.no_grad():
+            nn.init.normal_(self.fc2.weight, std=0.02)
+            self.fc2.bias.copy_(bias)
+
+
+class DirichletRouter(_RouterMLP):
+    """Bayesian router: gamma(x) = softplus(MLP(x)) + eps parameterises Dir(gamma(x)) per token.
+
+    Training uses reparameterised samples (``Dirichlet.rsample``) or the mean; inference uses the
+    posterior mean, and the total concentration gives the uncertainty ``K / (K + sum gamma)``.
+    """
+
+    def __init__(self, cfg: MetaAttnConfig, n_experts: int) -> None:
+        super().__init__(cfg, n_experts)
+        self.eps = cfg.concentration_eps
+        self.sample_posterior = cfg.sample_posterior
+        self.register_buffer(
+            "prior", prior_concentration(cfg.expert_costs, cfg.prior, cfg.beta0), persistent=False
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Start at the prior: softplus(bias) + eps = beta0 * pi, so the KL is ~0 at initialisation.
+        target = (self.prior - self.eps).clamp_min(1e-4)
+        self.reset_output(target + torch.log(-torch.expm1(-target)))  # softplus^-1
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, sample: bool = False) -> RouterOutput:
+        """`sample`: draw the training weights from the posterior (if `sample_posterior`)."""
+        gamma = F.softplus(self.raw(x, positions)) + self.eps
+        total = gamma.sum(-1, keepdim=True)
+        mean = gamma / total
+        if sample and self.sample_posterior:
+            sample = torch.distributions.Dirichlet(gamma).rsample().clamp_min(1e-12)
+        else:
+            sample = mean
+        k = gamma.shape[-1]
+        return RouterOutput(
+            mean=mean,
+            sample=sample,
+            logits=mean.clamp_min(1e-12).log(),
+            uncertainty=(k / (k + total)).squeeze(-1),
+            concentration=gamma,
+        )
+
+
+class SoftmaxRouter(_RouterMLP):
+    """Prior-free router (the ablation): softmax(MLP(x) / temperature); no KL term."""
+
+    def __init__(self, cfg: MetaAttnConfig, n_experts: int) -> None:
+        super().__init__(cfg, n_experts)
+        self.reset_output(torch.zeros(n_experts))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, sample: bool = False) -> RouterOutput:
+        logits = self.raw(x, positions)
+        probs = logits.softmax(-1)
+        return RouterOutput(
+            mean=probs, sample=probs, logits=logits, uncertainty=routing_entropy(probs), concentration=None
+        )
+
+
+def build_router(cfg: MetaAttnConfig, n_experts: int) -> nn.Module:
+    return DirichletRouter(cfg, n_experts) if cfg.router == "bayesian" else SoftmaxRouter(cfg, n_experts)

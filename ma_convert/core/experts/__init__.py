@@ -1,0 +1,20 @@
+"""Attention experts: the base classes, the registry and the three built-ins (imported to register them)."""
+
+from .base import AttentionExpert, HeadAttentionExpert
+from .full import FullAttention
+from .linear import ELUFeatureMap, HedgehogFeatureMap, LinearAttention
+from .local import LocalAttention
+from .registry import build_expert, list_experts, register_expert
+
+__all__ = [
+    "AttentionExpert",
+    "HeadAttentionExpert",
+    "FullAttention",
+    "LinearAttention",
+    "LocalAttention",
+    "ELUFeatureMap",
+    "HedgehogFeatureMap",
+    "build_expert",
+    "list_experts",
+    "register_expert",
+]

@@ -1,0 +1,193 @@
+"""Expert base classes.
+
+Two kinds of expert share one router:
+
+- :class:`AttentionExpert` is the seed API: ``forward(x, mask)`` maps hidden states (B, T, D) to
+  hidden states and owns whatever projections it needs. Custom experts subclass it.
+- :class:`HeadAttentionExpert` is the kernel-level API of the built-in experts: ``attend`` takes
+  already projected heads (q, k, v) and the true key index of every query. Converted models use it
+  so that all experts share the original Q/K/V/O projections, and hard routing can hand an expert
+  only its own queries.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class AttentionExpert(nn.Module):
+    """An attention expert with a normalised compute cost (full softmax attention is 1.0)."""
+
+    _cost: float = 1.0
+    name: str = "custom"
+
+    @property
+    def cost(self) -> float:
+        return float(self._cost)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class HeadAttentionExpert(AttentionExpert):
+    """Built-in expert working on projected heads.
+
+    ``attend(q, k, v, q_pos, ...)``:
+
+    - ``q``: (B, Hq, N, d); ``k``, ``v``: (B, Hkv, Tk, d) with ``Hq % Hkv == 0`` (GQA).
+    - ``q_pos``: (B, N) long, the key index each query sits at (causality and windows are measured
+      in key indices). ``None`` means the queries are the last N keys, in order.
+    - ``causal``: queries see keys at or before their own index only.
+    - ``key_mask``: (B, Tk) bool, False for padding keys nobody may see.
+    - ``attn_bias``: additive float bias broadcastable to (B, Hq, N, Tk) (ALiBi, user masks). The
+      softmax experts add it; the linear expert cannot and uses only ``key_mask``.
+
+    Returns (B, Hq, N, d). A query that may see no key at all gets zeros.
+    """
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_pos: Optional[torch.Tensor] = None,
+        *,
+        scale: Optional[float] = None,
+        causal: bool = True,
+        key_mask: Optional[torch.Tensor] = None,
+        attn_bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:  # built-ins are called through attend
+        return self.attend(*args, **kwargs)
+
+
+def dense_positions(n_queries: int, n_keys: int, batch: int, device: torch.device) -> torch.Tensor:
+    """Key indices of N queries that are the last N keys: (B, N)."""
+    return torch.arange(n_keys - n_queries, n_keys, device=device).expand(batch, n_queries)
+
+
+def allowed_keys(
+    q_pos: torch.Tensor,
+    key_index: torch.Tensor,
+    *,
+    causal: bool,
+    window: Optional[int] = None,
+    sinks: int = 0,
+    key_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Boolean (B, 1, N, Tk') mask of the keys `key_index` (Tk',) each query may see.
+
+    `window` keeps keys within `window` tokens of the query (the query included, both sides when
+    not causal); keys below `sinks` stay visible regardless. `key_mask` is (B, Tk') here.
+    """
+    qp = q_pos[:, None, :, None]
+    kj = key_index[None, None, None, :]
+    ok = torch.ones((), dtype=torch.bool, device=q_pos.device)
+    if causal:
+        ok = kj <= qp
+    if window is not None:
+        near = (qp - kj < window) & (kj - qp < (1 if causal else window))
+        if sinks:
+            near = near | (kj < sinks)
+        ok = ok & near
+    if key_mask is not None:
+        ok = ok & key_mask[:, None, None, :]
+    return ok.expand(q_pos.shape[0], 1, q_pos.shape[1], key_index.shape[0])
+
+
+def softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    *,
+    scale: Optional[float],
+    attn_bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    may_empty_rows: bool = True,
+) -> torch.Tensor:
+    """SDPA under a boolean mask (and optional additive bias); rows with no key give zeros.
+
+    Causal and window masks always let a query see itself, so only padding masks and biases can
+    empty a row. An empty row would make softmax NaN (and its gradient NaN), so such rows attend
+    to key 0 and are zeroed afterwards.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if attn_bias is None and not may_empty_rows:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+    if attn_bias is not None:  # keys a bias sets to -inf are masked keys too
+        allowed = allowed & (attn_bias != float("-inf"))
+    has_key = allowed.any(-1, keepdim=True)  # (B, 1|H, N, 1)
+    first = torch.zeros_like(allowed)
+    first[..., 0] = True
+    safe = torch.where(has_key, allowed, first)
+    mask = safe
+    if attn_bias is not None:
+        mask = torch.where(safe, torch.where(has_key, attn_bias.to(q.dtype), 0.0), float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+    return out.masked_fill(~has_key, 0.0)
+
+
+def blocked_softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    *,
+    causal: bool,
+    scale: Optional[float],
+    window: Optional[int] = None,
+    sinks: int = 0,
+    key_mask: Optional[torch.Tensor] = None,
+    attn_bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    block: int = 256,
+) -> torch.Tensor:
+    """Softmax attention for queries at arbitrary key indices, one query block at a time.
+
+    Each block reads only the key range its queries can see (up to the block's last query when
+    causal, and the window when local), so gathered queries cost what they use. Queries are
+    expected sorted by position, which keeps each block's key range tight.
+    """
+    n, tk = q.shape[2], k.shape[2]
+    n_blocks = -(-n // block)
+    padded = torch.cat([q_pos, q_pos[:, -1:].expand(-1, n_blocks * block - n)], dim=1)
+    per_block = padded.view(q_pos.shape[0], n_blocks, block)
+    lows = per_block.amin(dim=(0, 2)).tolist()  # one host sync for all blocks
+    highs = per_block.amax(dim=(0, 2)).tolist()
+    outs = []
+    for b, (p_lo, p_hi) in enumerate(zip(lows, highs)):
+        rows = slice(b * block, min((b + 1) * block, n))
+        lo = 0 if window is None else max(0, p_lo - window + 1)
+        hi = p_hi + 1 if causal else (tk if window is None else min(tk, p_hi + window))
+        key_index = torch.arange(lo, hi, device=q.device)
+        if sinks and lo > 0:
+            key_index = torch.cat([torch.arange(min(sinks, lo), device=q.device), key_index])
+        contiguous = key_index.numel() == hi - lo
+        kb = k[:, :, lo:hi] if contiguous else k.index_select(2, key_index)
+        vb = v[:, :, lo:hi] if contiguous else v.index_select(2, key_index)
+        allowed = allowed_keys(
+            q_pos[:, rows],
+            key_index,
+            causal=causal,
+            window=window,
+            sinks=sinks,
+            key_mask=None if key_mask is None else key_mask[:, key_index],
+        )
+        bias = None
+        if attn_bias is not None:
+            bias = attn_bias if attn_bias.shape[-2] == 1 else attn_bias[..., rows, :]
+            bias = bias.index_select(-1, key_index)
+        outs.append(
+            softmax_attention(
+                q[:, :, rows], kb, vb, allowed, scale=scale, attn_bias=bias, dropout_p=dropout_p,
+                may_empty_rows=key_mask is not None,
+            )
+        )
+    return torch.cat(outs, dim=2)

@@ -1,0 +1,160 @@
+"""E2: causal linear (kernel) attention with an ELU+1 or a learnable Hedgehog feature map.
+
+out_i = phi(q_i) . S_i / phi(q_i) . z_i, with S_i = sum_{j<=i} phi(k_j) v_j^T and z_i = sum_{j<=i} phi(k_j).
+The state is accumulated per kv head (no GQA repeats) in float32, chunk by chunk: within a chunk
+the quadratic form, across chunks the running state.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import MetaAttnConfig
+from .base import HeadAttentionExpert
+from .registry import register_expert
+
+_DEN_EPS = 1e-6
+
+
+def _exclusive_prefix_sum(x: torch.Tensor) -> torch.Tensor:
+    """sum_{c' < c} x[:, :, c'] for every chunk c (dim 2).
+
+    On the CPU torch.cumsum scans a middle dimension ~8x slower than a loop of whole-slice adds;
+    the loop is used where autograd is not recording (it would save one copy per step).
+    """
+    if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        return x.cumsum(2) - x
+    out = torch.empty_like(x)
+    out[:, :, 0] = 0
+    for c in range(1, x.shape[2]):
+        torch.add(out[:, :, c - 1], x[:, :, c - 1], out=out[:, :, c])
+    return out
+
+
+class ELUFeatureMap(nn.Module):
+    """phi(x) = elu(x) + 1 (Katharopoulos et al., 2020): positive, parameter-free."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.elu(x) + 1.0
+
+
+class HedgehogFeatureMap(nn.Module):
+    """phi(x) = [softmax(x W_h), softmax(-x W_h)] with a learnable W_h per head (Zhang et al., 2024).
+
+    Softmax features are positive and spiky like softmax attention itself; W_h starts at the identity.
+    """
+
+    def __init__(self, n_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_heads, head_dim, head_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(self.weight.shape[-1]).expand_as(self.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, d)
+        proj = torch.einsum("bhtd,hde->bhte", x, self.weight.to(x.dtype))
+        return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1)
+
+
+@register_expert("linear")
+class LinearAttention(HeadAttentionExpert):
+    """Causal kernel attention: O(T) state, cost 0.15. Ignores additive biases (uses key_mask only)."""
+
+    _cost = 0.15
+    chunk = 64
+
+    def __init__(self, cfg: MetaAttnConfig) -> None:
+        super().__init__()
+        if cfg.feature_map == "hedgehog":
+            self.q_map: nn.Module = HedgehogFeatureMap(cfg.n_heads, cfg.d_head)
+            self.k_map: nn.Module = HedgehogFeatureMap(cfg.kv_heads, cfg.d_head)
+        else:
+            self.q_map = self.k_map = ELUFeatureMap()
+
+    def features(self, q, k, key_mask):
+        """float32 features: phi(q) as (B, Hkv, G, N, F) and masked phi(k) as (B, Hkv, Tk, F)."""
+        b, hq, n, _ = q.shape
+        hkv = k.shape[1]
+        phi_q = self.q_map(q.float()).view(b, hkv, hq // hkv, n, -1)
+        phi_k = self.k_map(k.float())
+        if key_mask is not None:
+            phi_k = phi_k * key_mask[:, None, :, None].to(phi_k.dtype)
+        return phi_q, phi_k
+
+    def attend(self, q, k, v, q_pos=None, *, scale=None, causal=True, key_mask=None, attn_bias=None):
+        b, hq, n, d = q.shape
+        tk = k.shape[2]
+        phi_q, phi_k = self.features(q, k, key_mask)
+        vf = v.float()
+        if not causal:
+            state = torch.einsum("bhtf,bhtd->bhfd", phi_k, vf)
+            num = torch.einsum("bhgnf,bhfd->bhgnd", phi_q, state)
+            den = torch.einsum("bhgnf,bhf->bhgn", phi_q, phi_k.sum(2))
+            out = num / den.clamp_min(_DEN_EPS).unsqueeze(-1)
+        else:
+            if q_pos is None and n != tk:
+                q_pos = torch.arange(tk - n, tk, device=q.device).expand(b, n)
+            out = self._causal(phi_q, phi_k, vf, q_pos)
+        return out.reshape(b, hq, n, d).to(q.dtype)
+
+    def _chunk_states(self, phi_k, v):
+        """Exclusive prefix states at chunk starts: S (B, Hkv, nC, F, d), z (B, Hkv, nC, F)."""
+        c = self.chunk
+        pad = -phi_k.shape[2] % c
+        phi_k = F.pad(phi_k, (0, 0, 0, pad))
+        v = F.pad(v, (0, 0, 0, pad))
+        b, h, t, f = phi_k.shape
+        kc = phi_k.view(b, h, t // c, c, f)
+        vc = v.view(b, h, t // c, c, -1)
+        kv = torch.einsum("bhncf,bhncd->bhnfd", kc, vc)
+        z = kc.sum(3)
+        return kc, vc, _exclusive_prefix_sum(kv), _exclusive_prefix_sum(z)
+
+    def _causal(self, phi_q, phi_k, v, q_pos):
+        """Causal outputs for queries at key indices `q_pos` (None: every key is a query).
+
+        Queries are bucketed by the chunk they fall in, m slots per chunk (m = the fullest chunk's
+        count, C when every key is a query). Each bucket reads its chunk's prefix state and the
+        chunk's own keys up to each query's position, all chunks at once: work scales with the
+        number of queries, not with T.
+        """
+        c = self.chunk
+        kc, vc, s, z = self._chunk_states(phi_k, v)
+        b, h, g, n, f = phi_q.shape
+        n_chunks = kc.shape[2]
+        if q_pos is None:
+            m, slot, order = c, None, None
+            buckets = F.pad(phi_q, (0, 0, 0, n_chunks * c - n))
+            pos = torch.arange(n_chunks * c, device=phi_q.device).expand(1, -1)
+        else:
+            q_pos, order = q_pos.sort(dim=1)
+            phi_q = phi_q.gather(3, order[:, None, None, :, None].expand_as(phi_q))
+            chunk_id = q_pos // c
+            per_chunk = torch.zeros(b, n_chunks, dtype=torch.long, device=q_pos.device)
+            per_chunk.scatter_add_(1, chunk_id, torch.ones_like(chunk_id))
+            first = per_chunk.cumsum(1) - per_chunk
+            rank = torch.arange(n, device=q_pos.device) - first.gather(1, chunk_id)
+            m = int(rank.max()) + 1  # the one host sync: bucket width
+            slot = chunk_id * m + rank
+            buckets = phi_q.new_zeros(b, h, g, n_chunks * m, f)
+            buckets.scatter_(3, slot[:, None, None, :, None].expand_as(phi_q), phi_q)
+            pos = torch.full((b, n_chunks * m), -1, dtype=q_pos.dtype, device=q_pos.device).scatter_(1, slot, q_pos)
+        buckets = buckets.view(b, h, g, n_chunks, m, f)
+        key_pos = torch.arange(n_chunks * c, device=phi_q.device).view(n_chunks, 1, c)
+        visible = (key_pos <= pos.view(-1, n_chunks, m, 1)).to(buckets.dtype)  # (B|1, nC, m, C)
+        num = torch.einsum("bhgnmf,bhnfd->bhgnmd", buckets, s)
+        den = torch.einsum("bhgnmf,bhnf->bhgnm", buckets, z)
+        scores = torch.einsum("bhgnmf,bhncf->bhgnmc", buckets, kc) * visible[:, None, None]
+        num = num + torch.einsum("bhgnmc,bhncd->bhgnmd", scores, vc)
+        den = den + scores.sum(-1)
+        out = (num / den.clamp_min(_DEN_EPS).unsqueeze(-1)).flatten(3, 4)
+        if slot is None:
+            return out[:, :, :, :n]
+        out = out.gather(3, slot[:, None, None, :, None].expand(b, h, g, n, out.shape[-1]))
+        return torch.empty_like(out).scatter_(3, order[:, None, None, :, None].expand_as(out), out)

@@ -1,0 +1,92 @@
+"""`MetaAttentionLayer`: the standalone (B, T, D) Meta-Attention layer, with its own projections."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MetaAttnConfig
+from .experts.base import AttentionExpert, HeadAttentionExpert
+from .meta_attention import MetaAttention
+from .stats import RoutingStats
+
+
+def split_mask(
+    mask: Optional[torch.Tensor], batch: int, length: int
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Read the layer's `mask` argument as (key_mask (B, T) bool, attn_bias additive float).
+
+    - (B, T): padding mask, true/1 = real token.
+    - (B, T, T) or (B|1, H|1, T, T): attention mask, bool (True = may attend) or additive float.
+    """
+    if mask is None:
+        return None, None
+    if mask.dim() == 2:
+        if mask.shape != (batch, length):
+            raise ValueError(f"a 2-D mask is a (batch, seq) padding mask of shape {(batch, length)}, got {tuple(mask.shape)}")
+        return mask.bool(), None
+    if mask.dim() == 3:
+        mask = mask.unsqueeze(1)
+    if mask.dim() != 4 or mask.shape[-2:] != (length, length):
+        raise ValueError(
+            f"mask must be a (B, T) padding mask or a (B, [H,] T, T) attention mask with T={length}, "
+            f"got shape {tuple(mask.shape)}"
+        )
+    if mask.dtype == torch.bool:
+        return None, torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
+    return None, mask
+
+
+class MetaAttentionLayer(nn.Module):
+    """Drop-in attention sub-layer: ``out, aux_loss, stats = layer(x, mask=None)``.
+
+    Q/K/V/O projections are computed once and shared by the built-in experts; custom experts
+    (:class:`AttentionExpert` subclasses with ``forward(x, mask)``) map hidden states to hidden
+    states themselves and always see the whole sequence.
+
+    Causal by default; ``MetaAttnConfig(causal=False)`` makes every expert bidirectional.
+    """
+
+    def __init__(self, cfg: MetaAttnConfig, experts: Optional[Sequence[AttentionExpert]] = None, bias: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        hq, hkv, dh = cfg.n_heads, cfg.kv_heads, cfg.d_head
+        self.q_proj = nn.Linear(cfg.d_model, hq * dh, bias=bias)
+        self.k_proj = nn.Linear(cfg.d_model, hkv * dh, bias=bias)
+        self.v_proj = nn.Linear(cfg.d_model, hkv * dh, bias=bias)
+        self.o_proj = nn.Linear(hq * dh, cfg.d_model, bias=bias)
+        self.meta = MetaAttention(cfg, experts)
+
+    @property
+    def experts(self) -> nn.ModuleList:
+        return self.meta.experts
+
+    def forward(
+        self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, RoutingStats]:
+        """x: (B, T, D). Returns the output (B, T, D), the auxiliary loss and the `RoutingStats`."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        key_mask, attn_bias = split_mask(mask, b, t)
+        q = self.q_proj(x).view(b, t, cfg.n_heads, cfg.d_head).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, cfg.kv_heads, cfg.d_head).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, cfg.kv_heads, cfg.d_head).transpose(1, 2)
+        heads, weights = self.meta(
+            x, q, k, v, positions=positions, causal=cfg.causal, key_mask=key_mask, attn_bias=attn_bias, query_valid=key_mask
+        )
+        out = F.linear(heads.transpose(1, 2).reshape(b, t, -1), self.o_proj.weight)
+        head_experts = [isinstance(e, HeadAttentionExpert) for e in self.experts]
+        if self.o_proj.bias is not None:
+            # Each built-in expert's output is o_proj(heads), bias included, weighted by its route.
+            head_weight = weights[..., torch.tensor(head_experts, device=x.device)].sum(-1, keepdim=True)
+            out = out + head_weight.to(out.dtype) * self.o_proj.bias
+        for i, expert in enumerate(self.experts):
+            if head_experts[i]:
+                continue
+            w = weights[..., i : i + 1]
+            if self.training or bool(w.any()):
+                out = out + w.to(out.dtype) * expert(x, mask)
+        return out, self.meta.last_aux_loss, self.meta.last_stats

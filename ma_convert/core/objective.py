@@ -1,0 +1,70 @@
+"""The router's objective: Dirichlet KL to a compute-aware prior, expected cost, entropy, schedules.
+
+ELBO per token (the paper): task loss + KL(Dir(gamma(x)) || Dir(beta0 * pi)). The prior mean pi
+puts more mass on cheaper experts, so the KL pulls routing towards cheap attention unless the
+task loss pays for exact attention.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def prior_mean(costs: Sequence[float] | torch.Tensor, kind: str = "compute") -> torch.Tensor:
+    """The prior's mean pi over experts: proportional to 1/cost ("compute") or uniform."""
+    costs = torch.as_tensor(costs, dtype=torch.float32)
+    if kind == "uniform":
+        return torch.full_like(costs, 1.0 / costs.numel())
+    if kind == "compute":
+        inv = 1.0 / costs
+        return inv / inv.sum()
+    raise ValueError(f"prior={kind!r} is invalid: must be 'compute' or 'uniform'")
+
+
+def prior_concentration(costs: Sequence[float] | torch.Tensor, kind: str, beta0: float) -> torch.Tensor:
+    """Concentrations of the prior Dir(beta0 * pi)."""
+    return beta0 * prior_mean(costs, kind)
+
+
+def dirichlet_kl(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Closed-form KL(Dir(alpha) || Dir(beta)) over the last dimension (broadcasts)."""
+    alpha0 = alpha.sum(-1)
+    beta0 = beta.sum(-1)
+    return (
+        torch.lgamma(alpha0)
+        - torch.lgamma(alpha).sum(-1)
+        - torch.lgamma(beta0)
+        + torch.lgamma(beta).sum(-1)
+        + ((alpha - beta) * (torch.digamma(alpha) - torch.digamma(alpha0).unsqueeze(-1))).sum(-1)
+    )
+
+
+def expected_cost(weights: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
+    """Per-token expected attention cost sum_i w_i c_i."""
+    return (weights * costs.to(weights.dtype)).sum(-1)
+
+
+def routing_entropy(weights: torch.Tensor, normalised: bool = True) -> torch.Tensor:
+    """Per-token entropy of the routing distribution; divided by log K when normalised."""
+    ent = -(weights * weights.clamp_min(1e-12).log()).sum(-1)
+    k = weights.shape[-1]
+    return ent / math.log(k) if normalised and k > 1 else ent
+
+
+def linear_ramp(step: int, total_steps: int, start: float, end: float) -> float:
+    """Linear interpolation from `start` to `end` over `total_steps`, then constant."""
+    if total_steps <= 0:
+        return end
+    frac = min(max(step / total_steps, 0.0), 1.0)
+    return start + (end - start) * frac
+
+
+def cosine_ramp(step: int, total_steps: int, start: float, end: float) -> float:
+    """Half-cosine interpolation from `start` to `end` over `total_steps`, then constant."""
+    if total_steps <= 0:
+        return end
+    frac = min(max(step / total_steps, 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * frac))

@@ -1,0 +1,138 @@
+"""`RoutingStats`: what the routers decided, summed over tokens so layers aggregate by addition.
+
+The sums stay on the device as one small tensor; nothing syncs with the host until a figure is read.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from .objective import expected_cost, routing_entropy
+
+# A token counts as collapsed when its routing distribution puts more than this on one expert.
+COLLAPSE_THRESHOLD = 0.99
+
+
+class RoutingStats:
+    """Routing statistics over a set of tokens (one layer, or many aggregated with ``+``).
+
+    - ``expert_fractions``: share of tokens each expert computes (hard routes; for soft routing,
+      the expert a hard route would pick). Sums to ``hard_top_k`` per token.
+    - ``entropy``: mean normalised entropy of the routing distribution, in [0, 1].
+    - ``expected_cost``: mean soft cost sum_i w_i c_i.
+    - ``projected_cost``: mean cost of the experts a token is (or would be) routed to, with
+      full attention = 1.0.
+    - ``collapsed_fraction``: share of tokens with more than 0.99 of their weight on one expert.
+    - ``mean_uncertainty``: mean router uncertainty, in (0, 1).
+    """
+
+    def __init__(self, sums: torch.Tensor, costs: Sequence[float]) -> None:
+        self._sums = sums
+        self.costs = [float(c) for c in costs]
+
+    @classmethod
+    def from_routing(
+        cls,
+        mean: torch.Tensor,
+        chosen: torch.Tensor,
+        uncertainty: torch.Tensor,
+        costs: torch.Tensor,
+        valid: Optional[torch.Tensor] = None,
+    ) -> "RoutingStats":
+        """mean: (B, T, K) routing distribution; chosen: (B, T, K) bool, the experts that run."""
+        with torch.no_grad():
+            mean = mean.detach().float().flatten(0, -2)
+            chosen = chosen.detach().float().flatten(0, -2)
+            unc = uncertainty.detach().float().flatten()
+            if valid is not None:
+                keep = valid.flatten().to(mean.device)
+                mean, chosen, unc = mean[keep], chosen[keep], unc[keep]
+            costs_t = costs.to(mean.device, torch.float32)
+            per_token = torch.stack(
+                [
+                    routing_entropy(mean),
+                    expected_cost(mean, costs_t),
+                    expected_cost(chosen, costs_t),
+                    (mean.amax(-1) > COLLAPSE_THRESHOLD).float(),
+                    unc,
+                ],
+                dim=-1,
+            )
+            n = torch.tensor([float(mean.shape[0])], device=mean.device)
+            sums = torch.cat([n, chosen.sum(0), per_token.sum(0)]).double()
+        return cls(sums, costs_t.tolist())
+
+    # -------------------------------------------------------------- aggregation
+    def __add__(self, other: "RoutingStats") -> "RoutingStats":
+        if self.costs != other.costs:
+            raise ValueError(f"cannot add RoutingStats over different experts: {self.costs} vs {other.costs}")
+        return RoutingStats(self._sums + other._sums.to(self._sums.device), self.costs)
+
+    @classmethod
+    def aggregate(cls, stats: Iterable["RoutingStats"]) -> "RoutingStats":
+        """Token-weighted aggregate of several layers' (or batches') stats."""
+        stats = list(stats)
+        if not stats:
+            raise ValueError("RoutingStats.aggregate needs at least one RoutingStats")
+        total = stats[0]
+        for s in stats[1:]:
+            total = total + s
+        return total
+
+    # -------------------------------------------------------------- figures
+    @property
+    def n_experts(self) -> int:
+        return len(self.costs)
+
+    def _values(self) -> list[float]:
+        return self._sums.tolist()
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self._values()[0])
+
+    def _mean(self, index: int) -> float:
+        values = self._values()
+        return values[index] / max(values[0], 1.0)
+
+    @property
+    def expert_fractions(self) -> list[float]:
+        return [self._mean(1 + i) for i in range(self.n_experts)]
+
+    @property
+    def entropy(self) -> float:
+        return self._mean(1 + self.n_experts)
+
+    @property
+    def expected_cost(self) -> float:
+        return self._mean(2 + self.n_experts)
+
+    @property
+    def projected_cost(self) -> float:
+        return self._mean(3 + self.n_experts)
+
+    @property
+    def collapsed_fraction(self) -> float:
+        return self._mean(4 + self.n_experts)
+
+    @property
+    def mean_uncertainty(self) -> float:
+        return self._mean(5 + self.n_experts)
+
+    def to_dict(self) -> dict:
+        return {
+            "n_tokens": self.n_tokens,
+            "expert_fractions": self.expert_fractions,
+            "entropy": self.entropy,
+            "expected_cost": self.expected_cost,
+            "projected_cost": self.projected_cost,
+            "collapsed_fraction": self.collapsed_fraction,
+            "mean_uncertainty": self.mean_uncertainty,
+            "costs": self.costs,
+        }
+
+    def __repr__(self) -> str:
+        fractions = " | ".join(f"E{i + 1}={f:.2f}" for i, f in enumerate(self.expert_fractions))
+        return f"RoutingStats({fractions} entropy={self.entropy:.2f} cost={self.projected_cost:.2f})"

@@ -1,0 +1,1 @@
+"""Import paths of the seed API (``ma_convert.integrations.generic``)."""

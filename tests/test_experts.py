@@ -1,0 +1,173 @@
+"""Each built-in expert against a naive O(T^2) reference, GQA, gathered queries and masks included."""
+
+import pytest
+import torch
+
+from ma_convert import MetaAttnConfig, build_expert, list_experts, register_expert
+from ma_convert.experts import AttentionExpert, HeadAttentionExpert
+from reference import allowed_mask, naive_linear, naive_softmax
+
+B, HQ, D = 2, 4, 16
+
+
+def heads(t_keys, hkv, n=None, dtype=torch.float32):
+    n = t_keys if n is None else n
+    q = torch.randn(B, HQ, n, D, dtype=dtype)
+    k = torch.randn(B, hkv, t_keys, D, dtype=dtype)
+    v = torch.randn(B, hkv, t_keys, D, dtype=dtype)
+    return q, k, v
+
+
+def random_positions(t, n):
+    """Sorted random key indices per row: a gathered subset of queries."""
+    return torch.stack([torch.randperm(t)[:n].sort().values for _ in range(B)])
+
+
+def cfg_for(hkv, **kw):
+    return MetaAttnConfig(d_model=HQ * D, n_heads=HQ, n_kv_heads=hkv, **kw)
+
+
+def close(a, b, tol=1e-5):
+    assert not torch.isnan(a).any()
+    torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("hkv", [4, 2, 1])
+@pytest.mark.parametrize("t", [1, 37, 300])
+def test_full_dense_causal_matches_naive(hkv, t):
+    q, k, v = heads(t, hkv)
+    full = build_expert("full", cfg_for(hkv))
+    pos = torch.arange(t).expand(B, t)
+    close(full.attend(q, k, v), naive_softmax(q, k, v, allowed_mask(pos, t)))
+
+
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_full_gathered_masked_and_biased(hkv):
+    t, n = 300, 90
+    q, k, v = heads(t, hkv, n)
+    pos = random_positions(t, n)
+    key_mask = torch.rand(B, t) > 0.2
+    bias = torch.randn(1, HQ, n, t)
+    full = build_expert("full", cfg_for(hkv))
+    got = full.attend(q, k, v, pos, key_mask=key_mask, attn_bias=bias, scale=0.3)
+    ref = naive_softmax(q, k, v, allowed_mask(pos, t, key_mask=key_mask), scale=0.3, bias=bias)
+    close(got, ref)
+
+
+def test_full_bidirectional_and_decode_step():
+    q, k, v = heads(50, 2)
+    full = build_expert("full", cfg_for(2))
+    pos = torch.arange(50).expand(B, 50)
+    close(full.attend(q, k, v, causal=False), naive_softmax(q, k, v, allowed_mask(pos, 50, causal=False)))
+    # One query at the end of a longer key sequence (a decode step) sees every key.
+    q1 = q[:, :, -1:]
+    close(full.attend(q1, k, v), naive_softmax(q1, k, v, allowed_mask(pos[:, -1:], 50)))
+
+
+@pytest.mark.parametrize("hkv", [4, 1])
+@pytest.mark.parametrize("window,sinks", [(1, 0), (16, 0), (16, 4), (400, 0)])
+def test_local_dense_matches_banded_naive(hkv, window, sinks):
+    t = 300
+    q, k, v = heads(t, hkv)
+    local = build_expert("local", cfg_for(hkv, window_size=window, sink_tokens=sinks))
+    pos = torch.arange(t).expand(B, t)
+    close(local.attend(q, k, v), naive_softmax(q, k, v, allowed_mask(pos, t, window=window, sinks=sinks)))
+
+
+def test_local_gathered_masked_bidirectional():
+    t, n, window = 600, 100, 24
+    q, k, v = heads(t, 2, n)
+    pos = random_positions(t, n)
+    key_mask = torch.rand(B, t) > 0.3
+    local = build_expert("local", cfg_for(2, window_size=window, sink_tokens=3))
+    for causal in (True, False):
+        got = local.attend(q, k, v, pos, causal=causal, key_mask=key_mask)
+        ref = naive_softmax(q, k, v, allowed_mask(pos, t, causal=causal, window=window, sinks=3, key_mask=key_mask))
+        close(got, ref)
+
+
+def linear_features(expert, q, k):
+    return expert.q_map(q), expert.k_map(k)
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "hedgehog"])
+@pytest.mark.parametrize("hkv", [4, 2])
+@pytest.mark.parametrize("t", [1, 64, 150])
+def test_linear_dense_causal_matches_cumsum(feature_map, hkv, t):
+    q, k, v = heads(t, hkv)
+    lin = build_expert("linear", cfg_for(hkv, feature_map=feature_map))
+    if feature_map == "hedgehog":  # move off the identity initialisation
+        for p in lin.parameters():
+            p.data.add_(0.1 * torch.randn_like(p))
+    phi_q, phi_k = linear_features(lin, q, k)
+    pos = torch.arange(t).expand(B, t)
+    close(lin.attend(q, k, v), naive_linear(phi_q, phi_k, v, pos), tol=1e-4)
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "hedgehog"])
+def test_linear_gathered_unsorted_masked(feature_map):
+    t, n = 200, 70
+    q, k, v = heads(t, 2, n)
+    pos = torch.stack([torch.randperm(t)[:n] for _ in range(B)])  # deliberately unsorted
+    key_mask = torch.rand(B, t) > 0.25
+    lin = build_expert("linear", cfg_for(2, feature_map=feature_map))
+    phi_q, phi_k = linear_features(lin, q, k)
+    got = lin.attend(q, k, v, pos, key_mask=key_mask)
+    close(got, naive_linear(phi_q, phi_k, v, pos, key_mask=key_mask.float()), tol=1e-4)
+
+
+def test_linear_bidirectional_and_dtype():
+    q, k, v = heads(40, 2)
+    lin = build_expert("linear", cfg_for(2, feature_map="elu"))
+    phi_q, phi_k = linear_features(lin, q, k)
+    pos = torch.arange(40).expand(B, 40)
+    close(lin.attend(q, k, v, causal=False), naive_linear(phi_q, phi_k, v, pos, causal=False), tol=1e-4)
+    out = lin.attend(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert out.dtype == torch.bfloat16
+
+
+def test_query_with_no_visible_key_gives_zeros_and_finite_gradients():
+    q, k, v = heads(20, 2)
+    q.requires_grad_(True)
+    key_mask = torch.ones(B, 20, dtype=torch.bool)
+    key_mask[:, :5] = False  # left padding: the first 5 queries see no key at all
+    for name in ("full", "local", "linear"):
+        out = build_expert(name, cfg_for(2, window_size=8)).attend(q, k, v, key_mask=key_mask)
+        assert torch.isfinite(out).all()
+        assert out[:, :, :5].abs().max() == 0
+        out.sum().backward()
+        assert torch.isfinite(q.grad).all()
+        q.grad = None
+
+
+def test_registry_builds_and_lists():
+    assert {"full", "linear", "local"} <= set(list_experts())
+    cfg = cfg_for(4)
+    assert build_expert("local", cfg).window == cfg.window_size
+    with pytest.raises(ValueError, match="unknown expert 'nope'.*full"):
+        build_expert("nope", cfg)
+
+
+def test_register_custom_expert():
+    @register_expert("test_scaled_identity")
+    class ScaledIdentity(AttentionExpert):
+        _cost = 0.05
+
+        def __init__(self, cfg):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, mask=None):
+            return self.scale * x
+
+    expert = build_expert("test_scaled_identity", cfg_for(4))
+    assert isinstance(expert, ScaledIdentity) and expert.cost == 0.05
+    assert not isinstance(expert, HeadAttentionExpert)
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_expert("full")
+        class Other(AttentionExpert):
+            pass
+
+    with pytest.raises(TypeError, match="AttentionExpert subclass"):
+        register_expert("bad")(object)
