@@ -171,3 +171,41 @@ def test_register_custom_expert():
 
     with pytest.raises(TypeError, match="AttentionExpert subclass"):
         register_expert("bad")(object)
+
+
+@pytest.mark.parametrize("name", ["full", "local", "linear"])
+def test_padding_slots_are_ignored(name):
+    """q_pos = -1 marks padding slots (uneven rows): real slots match the reference, padding stays finite."""
+    t = 300
+    q, k, v = heads(t, 2, 40)
+    pos = random_positions(t, 40)
+    pos[1, 3:] = -1  # row 1 routes only 3 tokens
+    expert = build_expert(name, cfg_for(2, window_size=16, feature_map="elu"))
+    got = expert.attend(q, k, v, pos)
+    assert torch.isfinite(got).all()
+    real = pos >= 0
+    if name == "linear":
+        ref = naive_linear(*linear_features(expert, q, k), v, pos.clamp_min(0))
+    else:
+        ref = naive_softmax(q, k, v, allowed_mask(pos.clamp_min(0), t, window=16 if name == "local" else None))
+    close(got.transpose(1, 2)[real], ref.transpose(1, 2)[real], tol=1e-4)
+
+
+def test_group_tokens_pads_with_minus_one():
+    from ma_convert.core.dispatch import group_tokens
+
+    selected = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    assert group_tokens(selected).tolist() == [[0, 2, 3], [1, -1, -1]]
+
+
+def test_linear_bucket_width_ignores_padding_slots():
+    """Padding slots of an uneven batch must not widen the per-chunk buckets (work and memory)."""
+    from ma_convert.core.experts.linear import chunk_slots
+
+    t, c = 4096, 64
+    row0 = torch.arange(t)  # every token
+    row1 = torch.cat([torch.tensor([0]), torch.full((t - 1,), t)])  # one token, then padding (sorted last)
+    slot, m = chunk_slots(torch.stack([row0, row1]), c, t // c)
+    assert m == c
+    assert slot[1, 1:].eq(t // c * m).all() and slot[1, 0] == 0
+    assert slot[0].tolist() == list(range(t))

@@ -49,7 +49,11 @@ def test_forced_full_reproduces_multihead_attention(batch_first, bias):
     with torch.no_grad(), force_expert(patched, "full"):
         for kwargs in cases:
             expected, _ = mha(x, x, x, need_weights=False, **kwargs)
-            got, weights = meta(x, x, x, need_weights=False, **kwargs)
+            if kwargs.get("attn_mask") is arbitrary:  # the linear expert cannot apply an arbitrary bias
+                with pytest.warns(UserWarning, match="linear expert cannot"):
+                    got, weights = meta(x, x, x, need_weights=False, **kwargs)
+            else:
+                got, weights = meta(x, x, x, need_weights=False, **kwargs)
             assert weights is None
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=str(kwargs.keys()))
 
@@ -65,6 +69,39 @@ def test_causal_mask_is_detected_and_routed_causally():
         a, _ = meta(x, x, x, attn_mask=mask)
         b, _ = meta(y, y, y, attn_mask=mask)
     torch.testing.assert_close(a[:, :10], b[:, :10], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        nn.Transformer.generate_square_subsequent_mask(16),
+        torch.full((16, 16), -1e9).triu(1),
+        torch.full((16, 16), torch.finfo(torch.float32).min).triu(1),
+        torch.ones(16, 16, dtype=torch.bool).triu(1),
+    ],
+    ids=["-inf", "-1e9", "finfo.min", "bool"],
+)
+@pytest.mark.parametrize("expert", ["full", "linear", "local"])
+def test_every_form_of_causal_mask_makes_every_expert_causal(mask, expert):
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, batch_first=True, dropout=0.0), 2)
+    patch_module(encoder, nn.MultiheadAttention, CFG)
+    encoder.eval()
+    x = torch.randn(1, 16, D)
+    y = x.clone()
+    y[:, -1] += 1.0
+    with torch.no_grad(), force_expert(encoder, expert):
+        a, b = encoder(x, mask=mask), encoder(y, mask=mask)
+    torch.testing.assert_close(a[:, :15], b[:, :15], atol=1e-5, rtol=1e-5)
+
+
+def test_transformer_with_decoder_cross_attention():
+    model = nn.Transformer(D, H, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64, batch_first=True)
+    names = patch_module(model, nn.MultiheadAttention, CFG)
+    assert names == ["encoder.layers.0.self_attn", "decoder.layers.0.self_attn"]
+    assert isinstance(model.decoder.layers[0].multihead_attn, nn.MultiheadAttention)
+    out = model(torch.randn(2, 9, D), torch.randn(2, 7, D))
+    assert out.shape == (2, 7, D)
+    assert [s.n_tokens for s in routing_stats(model)] == [18, 14]
 
 
 def test_cross_attention_runs_the_original():

@@ -291,16 +291,91 @@ def test_aux_loss_terms():
 
 def test_gumbel_top_k_is_hard_forward_and_soft_backward():
     logits = torch.randn(4, 5, 3, requires_grad=True)
-    w = gumbel_top_k(logits, 1, 0.5)
-    assert torch.equal((w > 0).sum(-1), torch.ones(4, 5, dtype=torch.long))
+    w, mask = gumbel_top_k(logits, 1, 0.5)
+    assert torch.equal(w.detach() != 0, mask)
+    assert torch.equal(mask.sum(-1), torch.ones(4, 5, dtype=torch.long))
     torch.testing.assert_close(w.detach().sum(-1), torch.ones(4, 5))
     (w * torch.randn_like(w)).sum().backward()
     assert logits.grad.abs().sum() > 0
-    w2 = gumbel_top_k(logits.detach(), 2, 0.5)
-    assert torch.equal((w2 > 0).sum(-1), torch.full((4, 5), 2))
+    w2, mask2 = gumbel_top_k(logits.detach(), 2, 0.5)
+    assert torch.equal(mask2.sum(-1), torch.full((4, 5), 2)) and torch.equal(w2 != 0, mask2)
     torch.testing.assert_close(w2.sum(-1), torch.ones(4, 5))
+
+
+def test_training_hard_stats_report_the_routes_actually_used():
+    layer = make_layer(mode="hard", training=True)
+    x = torch.randn(2, 64, 64)
+    b, t = 2, 64
+    q = layer.q_proj(x).view(b, t, 4, 16).transpose(1, 2)
+    k = layer.k_proj(x).view(b, t, 2, 16).transpose(1, 2)
+    v = layer.v_proj(x).view(b, t, 2, 16).transpose(1, 2)
+    _, weights = layer.meta(x, q, k, v)
+    used = weights.detach().argmax(-1)
+    assert torch.equal(layer.meta.last_routes, used)
+    fractions = F.one_hot(used, 3).float().mean((0, 1))
+    torch.testing.assert_close(torch.tensor(layer.meta.last_stats.expert_fractions), fractions, atol=1e-6, rtol=0)
+
+
+def test_padding_given_as_attention_mask_equals_padding_mask():
+    layer = make_layer(mode="soft").eval()
+    x = torch.randn(2, 24, 64)
+    pad = torch.ones(2, 24, dtype=torch.bool)
+    pad[1, :7] = False
+    as_attention = pad[:, None, :].expand(2, 24, 24)
+    for expert in ("full", "linear", "local"):
+        with torch.no_grad(), force_expert(layer, expert):
+            a, _, stats_a = layer(x, pad)
+            b, _, stats_b = layer(x, as_attention)
+        torch.testing.assert_close(a[pad], b[pad], atol=1e-5, rtol=1e-5, msg=expert)
+        assert stats_a.n_tokens == stats_b.n_tokens == 48 - 7
+    additive = torch.zeros(2, 24).masked_fill(~pad, float("-inf"))  # the additive form of the same padding
+    with torch.no_grad(), force_expert(layer, "linear"):
+        torch.testing.assert_close(layer(x, additive)[0][pad], layer(x, pad)[0][pad])
+
+
+def test_uneven_rows_match_one_row_at_a_time():
+    """Rows that route very different numbers of tokens (padding slots) give the per-row results."""
+    layer = make_layer(mode="hard").eval()
+    x = torch.randn(2, 130, 64)
+    routes = torch.stack([torch.ones(130, dtype=torch.long), torch.randint(0, 3, (130,))])
+    routes[0, 5] = 2  # row 0: everything linear but one local token
+    with torch.no_grad():
+        with force_expert(layer, routes):
+            both, _, _ = layer(x)
+        for row in range(2):
+            with force_expert(layer, routes[row : row + 1]):
+                alone, _, _ = layer(x[row : row + 1])
+            torch.testing.assert_close(both[row], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def test_expert_count_must_match_costs():
     with pytest.raises(ValueError, match="expert_costs has 3 entries but 2 experts"):
         MetaAttentionLayer(CFG, experts=[build_expert("full", CFG), build_expert("local", CFG)])
+
+
+def test_custom_hidden_state_expert_mixes_with_built_ins():
+    from ma_convert.experts import AttentionExpert
+
+    class Double(AttentionExpert):
+        _cost = 0.05
+
+        def forward(self, x, mask=None):
+            return 2 * x
+
+    cfg = CFG.replace(expert_costs=[1.0, 0.15, 0.05])
+    layer = MetaAttentionLayer(cfg, experts=[build_expert("full", cfg), build_expert("linear", cfg), Double()]).eval()
+    x = torch.randn(2, 20, 64)
+    routes = torch.randint(0, 3, (2, 20))
+    with torch.no_grad():
+        with force_expert(layer, "full"):
+            full_out, _, _ = layer(x)
+        with force_expert(layer, "linear"):
+            linear_out, _, _ = layer(x)
+        with force_expert(layer, 2):
+            custom_out, _, _ = layer(x)
+        with force_expert(layer, routes):
+            mixed, _, _ = layer(x)
+    torch.testing.assert_close(custom_out, 2 * x)
+    torch.testing.assert_close(full_out, reference_attention(layer, x), atol=1e-5, rtol=1e-5)
+    expected = torch.stack([full_out, linear_out, custom_out])[routes, torch.arange(2)[:, None], torch.arange(20)]
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)

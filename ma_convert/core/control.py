@@ -63,12 +63,12 @@ def set_routing_mode(
 
 
 def routing_stats(model: nn.Module) -> list[RoutingStats]:
-    """Per-module `RoutingStats` of the last forward (aggregate with `RoutingStats.aggregate`)."""
-    modules = _require_modules(model)
-    missing = [i for i, m in enumerate(modules) if m.last_stats is None]
-    if missing:
-        raise RuntimeError(f"no forward pass has run through Meta-Attention module(s) {missing} yet")
-    return [m.last_stats for m in modules]
+    """Per-module `RoutingStats` of the last forward, in module order, for the modules that routed
+    (aggregate with `RoutingStats.aggregate`)."""
+    stats = [m.last_stats for m in _require_modules(model) if m.last_stats is not None]
+    if not stats:
+        raise RuntimeError("no forward pass has run through the Meta-Attention modules yet")
+    return stats
 
 
 def collect_aux_losses(model: nn.Module) -> torch.Tensor:

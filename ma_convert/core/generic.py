@@ -16,20 +16,12 @@ import torch.nn.functional as F
 
 from .config import MetaAttnConfig
 from .control import collect_aux_losses
+from .masks import merge_key_masks, read_attention_mask, read_padding_mask
 from .meta_attention import MetaAttention
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["MetaMultiheadAttention", "patch_module", "collect_aux_losses"]
-
-
-def _is_causal_mask(mask: torch.Tensor, length: int) -> bool:
-    """Whether an (L, L) attention mask is exactly the standard causal mask (bool or additive)."""
-    if mask.shape != (length, length):
-        return False
-    upper = torch.ones(length, length, dtype=torch.bool, device=mask.device).triu(1)
-    blocked = mask if mask.dtype == torch.bool else torch.isneginf(mask)
-    return bool(torch.equal(blocked, upper)) and (mask.dtype == torch.bool or bool((mask[~upper] == 0).all()))
 
 
 class MetaMultiheadAttention(nn.Module):
@@ -104,20 +96,14 @@ class MetaMultiheadAttention(nn.Module):
             F.linear(x, w, bias).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
             for w, bias in ((wq, bq), (wk, bk), (wv, bv))
         ]
-        key_mask, attn_bias = None, None
+        key_mask, attn_bias, causal = None, None, is_causal
         if key_padding_mask is not None:
-            # TransformerEncoder hands padding over as an additive float mask; -inf means padding.
-            blocked = key_padding_mask if key_padding_mask.dtype == torch.bool else torch.isneginf(key_padding_mask)
-            key_mask = ~blocked
-            if key_padding_mask.dtype != torch.bool and bool(key_padding_mask.masked_fill(blocked, 0).any()):
-                attn_bias = key_padding_mask.masked_fill(blocked, 0).to(x.dtype)[:, None, None, :]
-        causal = is_causal or (attn_mask is not None and _is_causal_mask(attn_mask, t))
-        if attn_mask is not None and not causal:
-            mask = attn_mask
-            if mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(mask, float("-inf"))
-            mask = mask.view(b, self.num_heads, t, t) if mask.dim() == 3 else mask.view(1, 1, t, t)
-            attn_bias = mask if attn_bias is None else attn_bias + mask
+            key_mask = read_padding_mask(key_padding_mask, true_means_blocked=True)
+        if attn_mask is not None:
+            mask = attn_mask.view(b, self.num_heads, t, t) if attn_mask.dim() == 3 else attn_mask.view(1, 1, t, t)
+            mask_is_causal, mask_keys, attn_bias = read_attention_mask(mask, true_means_blocked=True)
+            causal = causal or mask_is_causal
+            key_mask = merge_key_masks(key_mask, None if mask_keys is None else mask_keys.expand(b, t))
         out, _ = self.meta(x, *heads, causal=causal, key_mask=key_mask, attn_bias=attn_bias, query_valid=key_mask)
         out = self.out_proj(out.transpose(1, 2).reshape(b, t, self.embed_dim))
         return (out if self.batch_first else out.transpose(0, 1)), None
@@ -131,9 +117,10 @@ def patch_module(
 ) -> list[str]:
     """Replace every `target` module inside `model` with Meta-Attention, in place.
 
-    Only `nn.MultiheadAttention` (and subclasses) can be patched generically; Hugging Face models
-    go through `ma_convert.convert`. Head counts and dropout come from each module; the rest of
-    `cfg` (experts, router, window, ...) applies to all. Returns the names of the replaced modules.
+    Only `nn.MultiheadAttention` (and subclasses) can be patched generically. The cross-attention
+    of `nn.TransformerDecoderLayer` is left alone. Head counts and dropout come from each module;
+    the rest of `cfg` (experts, router, window, ...) applies to all. Returns the names of the
+    replaced modules.
     """
     if not (isinstance(target, type) and issubclass(target, nn.MultiheadAttention)):
         raise TypeError(f"patch_module can replace nn.MultiheadAttention modules only, not {target!r}")
@@ -143,6 +130,8 @@ def patch_module(
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, target) or isinstance(child, MetaMultiheadAttention):
                 continue
+            if isinstance(parent, nn.TransformerDecoderLayer) and child is parent.multihead_attn:
+                continue  # cross-attention over the memory: nothing to route
             layer_cfg = cfg.replace(
                 d_model=child.embed_dim, n_heads=child.num_heads, n_kv_heads=None, head_dim=None, dropout=child.dropout
             )

@@ -10,24 +10,25 @@ import torch.nn.functional as F
 
 from .config import MetaAttnConfig
 from .experts.base import AttentionExpert, HeadAttentionExpert
+from .masks import read_attention_mask, read_padding_mask
 from .meta_attention import MetaAttention
 from .stats import RoutingStats
 
 
 def split_mask(
     mask: Optional[torch.Tensor], batch: int, length: int
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Read the layer's `mask` argument as (key_mask (B, T) bool, attn_bias additive float).
+) -> tuple[bool, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Read the layer's `mask` argument as (causal, key_mask (B, T) bool, attn_bias).
 
-    - (B, T): padding mask, true/1 = real token.
+    - (B, T): padding mask, true/1 = real token (or additive 0 / -inf).
     - (B, T, T) or (B|1, H|1, T, T): attention mask, bool (True = may attend) or additive float.
     """
     if mask is None:
-        return None, None
+        return False, None, None
     if mask.dim() == 2:
         if mask.shape != (batch, length):
             raise ValueError(f"a 2-D mask is a (batch, seq) padding mask of shape {(batch, length)}, got {tuple(mask.shape)}")
-        return mask.bool(), None
+        return False, read_padding_mask(mask, true_means_blocked=False), None
     if mask.dim() == 3:
         mask = mask.unsqueeze(1)
     if mask.dim() != 4 or mask.shape[-2:] != (length, length):
@@ -35,9 +36,8 @@ def split_mask(
             f"mask must be a (B, T) padding mask or a (B, [H,] T, T) attention mask with T={length}, "
             f"got shape {tuple(mask.shape)}"
         )
-    if mask.dtype == torch.bool:
-        return None, torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
-    return None, mask
+    causal, key_mask, bias = read_attention_mask(mask, true_means_blocked=False)
+    return causal, None if key_mask is None else key_mask.expand(batch, length), bias
 
 
 class MetaAttentionLayer(nn.Module):
@@ -70,23 +70,32 @@ class MetaAttentionLayer(nn.Module):
         """x: (B, T, D). Returns the output (B, T, D), the auxiliary loss and the `RoutingStats`."""
         cfg = self.cfg
         b, t, _ = x.shape
-        key_mask, attn_bias = split_mask(mask, b, t)
+        mask_is_causal, key_mask, attn_bias = split_mask(mask, b, t)
         q = self.q_proj(x).view(b, t, cfg.n_heads, cfg.d_head).transpose(1, 2)
         k = self.k_proj(x).view(b, t, cfg.kv_heads, cfg.d_head).transpose(1, 2)
         v = self.v_proj(x).view(b, t, cfg.kv_heads, cfg.d_head).transpose(1, 2)
         heads, weights = self.meta(
-            x, q, k, v, positions=positions, causal=cfg.causal, key_mask=key_mask, attn_bias=attn_bias, query_valid=key_mask
+            x,
+            q,
+            k,
+            v,
+            positions=positions,
+            causal=cfg.causal or mask_is_causal,
+            key_mask=key_mask,
+            attn_bias=attn_bias,
+            query_valid=key_mask,
         )
-        out = F.linear(heads.transpose(1, 2).reshape(b, t, -1), self.o_proj.weight)
-        head_experts = [isinstance(e, HeadAttentionExpert) for e in self.experts]
+        heads = heads.transpose(1, 2).reshape(b, t, -1)
+        custom = [i for i, e in enumerate(self.experts) if not isinstance(e, HeadAttentionExpert)]
+        if not custom:  # routing weights sum to one, so the mix of o_proj(expert) is o_proj(mix)
+            return self.o_proj(heads), self.meta.last_aux_loss, self.meta.last_stats
+        out = F.linear(heads, self.o_proj.weight)
         if self.o_proj.bias is not None:
-            # Each built-in expert's output is o_proj(heads), bias included, weighted by its route.
-            head_weight = weights[..., torch.tensor(head_experts, device=x.device)].sum(-1, keepdim=True)
-            out = out + head_weight.to(out.dtype) * self.o_proj.bias
-        for i, expert in enumerate(self.experts):
-            if head_experts[i]:
-                continue
+            # Each built-in expert's output is o_proj(its heads), bias included, weighted by its route.
+            head_weight = 1.0 - sum(weights[..., i] for i in custom)
+            out = out + head_weight.unsqueeze(-1).to(out.dtype) * self.o_proj.bias
+        for i in custom:
             w = weights[..., i : i + 1]
             if self.training or bool(w.any()):
-                out = out + w.to(out.dtype) * expert(x, mask)
+                out = out + w.to(out.dtype) * self.experts[i](x, mask)
         return out, self.meta.last_aux_loss, self.meta.last_stats

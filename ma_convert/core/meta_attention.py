@@ -35,13 +35,17 @@ from .stats import RoutingStats
 DEFAULT_EXPERTS = ("full", "linear", "local")
 
 
-def gumbel_top_k(logits: torch.Tensor, k: int, tau: float) -> torch.Tensor:
-    """Straight-through Gumbel top-k: hard top-k weights forward, soft Gumbel-softmax gradient."""
+def gumbel_top_k(logits: torch.Tensor, k: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Straight-through Gumbel top-k: hard top-k weights forward, soft Gumbel-softmax gradient.
+
+    Returns the weights and the bool mask of the k experts each token uses.
+    """
     gumbel = -torch.empty_like(logits).exponential_().log()
     soft = ((logits + gumbel) / tau).softmax(-1)
-    mask = torch.zeros_like(soft).scatter_(-1, soft.topk(k, dim=-1).indices, 1.0)
-    hard = mask * soft / (mask * soft).sum(-1, keepdim=True) if k > 1 else mask
-    return hard.detach() - soft.detach() + soft
+    mask = torch.zeros_like(soft, dtype=torch.bool).scatter_(-1, soft.topk(k, dim=-1).indices, True)
+    hard = torch.where(mask, soft, 0.0)
+    hard = hard / hard.sum(-1, keepdim=True) if k > 1 else mask.float()
+    return hard.detach() - soft.detach() + soft, mask
 
 
 class MetaAttention(nn.Module):
@@ -72,7 +76,7 @@ class MetaAttention(nn.Module):
         self.forced_expert: Optional[int | torch.Tensor] = None
         self.last_aux_loss: Optional[torch.Tensor] = None
         self.last_stats: Optional[RoutingStats] = None
-        self.last_routes: Optional[torch.Tensor] = None  # (B, T) argmax expert of the last forward
+        self.last_routes: Optional[torch.Tensor] = None  # (B, T) expert of each token, last forward
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -125,7 +129,8 @@ class MetaAttention(nn.Module):
             # A soft token is reported as where a hard route would send it (projected cost).
             return weights, r.mean.argmax(-1, keepdim=True) == torch.arange(k, device=x.device), r
         if self.training:
-            return gumbel_top_k(r.logits, self.hard_top_k, self.gumbel_temp), chosen, r
+            weights, chosen = gumbel_top_k(r.logits, self.hard_top_k, self.gumbel_temp)
+            return weights, chosen, r
         weights = torch.where(chosen, r.mean, 0.0)
         weights = weights / weights.sum(-1, keepdim=True)
         if self.routing_mode == "auto":
@@ -192,18 +197,19 @@ class MetaAttention(nn.Module):
                 contrib = part * w[:, None, :, None].to(part.dtype)
                 out = contrib if out is None else out + contrib
                 continue
-            tokens, valid = group_tokens(selected)
+            tokens = group_tokens(selected)
+            offset = k.shape[2] - t  # token index -> key index (keys may start with a cache)
             part = expert.attend(
                 gather_queries(q, tokens),
                 k,
                 v,
-                tokens + (k.shape[2] - t),  # token index -> key index (keys may start with a cache)
+                torch.where(tokens >= 0, tokens + offset, -1),
                 attn_bias=gather_bias_rows(attn_bias, tokens),
                 **call,
             )
             if out is None:
                 out = torch.zeros_like(q)
-            scatter_weighted(out, part, tokens, torch.where(valid, w.gather(1, tokens), 0.0))
+            scatter_weighted(out, part, tokens, w)
         return out if out is not None else torch.zeros_like(q)
 
     # ------------------------------------------------------------------ forward
@@ -223,18 +229,20 @@ class MetaAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Route the tokens of `x` (B, T, D) and attend with heads q (B, Hq, T, d), k/v (B, Hkv, Tk, d).
 
-        `positions` (B, T) or (T,) feed the router's position feature (default: 0..T-1).
+        `positions` (B, T) or (T,) feed the router's position feature (default: the last T key
+        indices, which is right without padding; pass position ids otherwise).
         `query_valid` (B, T) marks real tokens, for the loss and the statistics.
         Returns the mixed head outputs (B, Hq, T, d) and the routing weights (B, T, K).
         """
-        if positions is None:
-            positions = torch.arange(x.shape[1], device=x.device)
+        if positions is None:  # the queries are the last T keys
+            positions = torch.arange(k.shape[2] - x.shape[1], k.shape[2], device=x.device)
         weights, chosen, r = self.route(x, positions)
         self.last_aux_loss = self.aux_loss(r, query_valid)
         mean = weights if r is None else r.mean
         uncertainty = torch.zeros_like(mean[..., 0]) if r is None else r.uncertainty
         self.last_stats = RoutingStats.from_routing(mean, chosen, uncertainty, self.costs, query_valid)
-        self.last_routes = chosen.float().argmax(-1)
+        # The expert each token is routed to (the highest-weight one it runs on; soft: argmax of the mean).
+        self.last_routes = torch.where(chosen, weights.detach(), -1.0).argmax(-1)
         heads = self.run_experts(q, k, v, weights, scale=scale, causal=causal, key_mask=key_mask, attn_bias=attn_bias)
         return heads, weights
 

@@ -19,7 +19,8 @@ class RoutingStats:
     """Routing statistics over a set of tokens (one layer, or many aggregated with ``+``).
 
     - ``expert_fractions``: share of tokens each expert computes (hard routes; for soft routing,
-      the expert a hard route would pick). Sums to ``hard_top_k`` per token.
+      the expert a hard route would pick). They sum to 1 with top-1 routing, to ``hard_top_k``
+      with top-k, and to more when uncertain tokens stay soft (every expert runs on them).
     - ``entropy``: mean normalised entropy of the routing distribution, in [0, 1].
     - ``expected_cost``: mean soft cost sum_i w_i c_i.
     - ``projected_cost``: mean cost of the experts a token is (or would be) routed to, with
@@ -28,9 +29,9 @@ class RoutingStats:
     - ``mean_uncertainty``: mean router uncertainty, in (0, 1).
     """
 
-    def __init__(self, sums: torch.Tensor, costs: Sequence[float]) -> None:
-        self._sums = sums
-        self.costs = [float(c) for c in costs]
+    def __init__(self, sums: torch.Tensor, costs: Sequence[float] | torch.Tensor) -> None:
+        self._sums = sums  # [n_tokens, chosen per expert (K), entropy, expected, projected, collapsed, uncertainty]
+        self._costs = costs
 
     @classmethod
     def from_routing(
@@ -41,28 +42,31 @@ class RoutingStats:
         costs: torch.Tensor,
         valid: Optional[torch.Tensor] = None,
     ) -> "RoutingStats":
-        """mean: (B, T, K) routing distribution; chosen: (B, T, K) bool, the experts that run."""
+        """mean: (B, T, K) routing distribution; chosen: (B, T, K) bool, the experts that run;
+        valid: (B, T) bool, the tokens to count (padding excluded). No host sync."""
         with torch.no_grad():
             mean = mean.detach().float().flatten(0, -2)
             chosen = chosen.detach().float().flatten(0, -2)
-            unc = uncertainty.detach().float().flatten()
-            if valid is not None:
-                keep = valid.flatten().to(mean.device)
-                mean, chosen, unc = mean[keep], chosen[keep], unc[keep]
-            costs_t = costs.to(mean.device, torch.float32)
+            weight = torch.ones_like(mean[:, 0]) if valid is None else valid.flatten().to(mean)
+            costs = costs.to(mean)
             per_token = torch.stack(
                 [
                     routing_entropy(mean),
-                    expected_cost(mean, costs_t),
-                    expected_cost(chosen, costs_t),
+                    expected_cost(mean, costs),
+                    expected_cost(chosen, costs),
                     (mean.amax(-1) > COLLAPSE_THRESHOLD).float(),
-                    unc,
+                    uncertainty.detach().float().flatten(),
                 ],
                 dim=-1,
             )
-            n = torch.tensor([float(mean.shape[0])], device=mean.device)
-            sums = torch.cat([n, chosen.sum(0), per_token.sum(0)]).double()
-        return cls(sums, costs_t.tolist())
+            sums = torch.cat([weight.sum(0, keepdim=True), weight @ chosen, weight @ per_token]).double()
+        return cls(sums, costs)
+
+    @property
+    def costs(self) -> list[float]:
+        if isinstance(self._costs, torch.Tensor):
+            self._costs = self._costs.tolist()
+        return [float(c) for c in self._costs]
 
     # -------------------------------------------------------------- aggregation
     def __add__(self, other: "RoutingStats") -> "RoutingStats":

@@ -40,7 +40,9 @@ class HeadAttentionExpert(AttentionExpert):
 
     - ``q``: (B, Hq, N, d); ``k``, ``v``: (B, Hkv, Tk, d) with ``Hq % Hkv == 0`` (GQA).
     - ``q_pos``: (B, N) long, the key index each query sits at (causality and windows are measured
-      in key indices). ``None`` means the queries are the last N keys, in order.
+      in key indices). ``None`` means the queries are the last N keys, in order. A negative entry
+      marks a padding slot (rows of a batch route different numbers of tokens): its output is
+      ignored, so it must only stay finite and must not enlarge the work.
     - ``causal``: queries see keys at or before their own index only.
     - ``key_mask``: (B, Tk) bool, False for padding keys nobody may see.
     - ``attn_bias``: additive float bias broadcastable to (B, Hq, N, Tk) (ALiBi, user masks). The
@@ -157,13 +159,16 @@ def blocked_softmax_attention(
     """
     n, tk = q.shape[2], k.shape[2]
     n_blocks = -(-n // block)
-    padded = torch.cat([q_pos, q_pos[:, -1:].expand(-1, n_blocks * block - n)], dim=1)
-    per_block = padded.view(q_pos.shape[0], n_blocks, block)
-    lows = per_block.amin(dim=(0, 2)).tolist()  # one host sync for all blocks
+    per_block = F.pad(q_pos, (0, n_blocks * block - n), value=-1).view(q_pos.shape[0], n_blocks, block)
+    # Padding slots (-1) neither lower a block's first position nor raise its last.
+    lows = torch.where(per_block >= 0, per_block, tk).amin(dim=(0, 2)).tolist()  # one host sync
     highs = per_block.amax(dim=(0, 2)).tolist()
     outs = []
     for b, (p_lo, p_hi) in enumerate(zip(lows, highs)):
         rows = slice(b * block, min((b + 1) * block, n))
+        if p_hi < 0:  # padding slots only
+            outs.append(q.new_zeros(*q.shape[:2], rows.stop - rows.start, v.shape[-1]))
+            continue
         lo = 0 if window is None else max(0, p_lo - window + 1)
         hi = p_hi + 1 if causal else (tk if window is None else min(tk, p_hi + window))
         key_index = torch.arange(lo, hi, device=q.device)
@@ -173,7 +178,7 @@ def blocked_softmax_attention(
         kb = k[:, :, lo:hi] if contiguous else k.index_select(2, key_index)
         vb = v[:, :, lo:hi] if contiguous else v.index_select(2, key_index)
         allowed = allowed_keys(
-            q_pos[:, rows],
+            q_pos[:, rows].clamp_min(p_lo),  # a padding slot acts as the block's first query
             key_index,
             causal=causal,
             window=window,

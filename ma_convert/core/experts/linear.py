@@ -35,6 +35,20 @@ def _exclusive_prefix_sum(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def chunk_slots(q_pos: torch.Tensor, chunk: int, n_chunks: int) -> tuple[torch.Tensor, int]:
+    """Bucket sorted query positions (B, N) by chunk: each query's slot in an (n_chunks x m) grid,
+    with m the fullest chunk's count. Positions >= n_chunks * chunk are padding and all share the
+    extra slot n_chunks * m."""
+    chunk_id = (q_pos // chunk).clamp_max(n_chunks)
+    per_chunk = torch.zeros(q_pos.shape[0], n_chunks + 1, dtype=torch.long, device=q_pos.device)
+    per_chunk.scatter_add_(1, chunk_id, torch.ones_like(chunk_id))
+    first = per_chunk.cumsum(1) - per_chunk
+    rank = torch.arange(q_pos.shape[1], device=q_pos.device) - first.gather(1, chunk_id)
+    real = chunk_id < n_chunks
+    m = int(torch.where(real, rank, 0).max()) + 1  # the one host sync: bucket width
+    return torch.where(real, chunk_id * m + rank, n_chunks * m), m
+
+
 class ELUFeatureMap(nn.Module):
     """phi(x) = elu(x) + 1 (Katharopoulos et al., 2020): positive, parameter-free."""
 
@@ -133,18 +147,14 @@ class LinearAttention(HeadAttentionExpert):
             buckets = F.pad(phi_q, (0, 0, 0, n_chunks * c - n))
             pos = torch.arange(n_chunks * c, device=phi_q.device).expand(1, -1)
         else:
-            q_pos, order = q_pos.sort(dim=1)
+            q_pos, order = torch.where(q_pos >= 0, q_pos, n_chunks * c).sort(dim=1)  # padding slots last
             phi_q = phi_q.gather(3, order[:, None, None, :, None].expand_as(phi_q))
-            chunk_id = q_pos // c
-            per_chunk = torch.zeros(b, n_chunks, dtype=torch.long, device=q_pos.device)
-            per_chunk.scatter_add_(1, chunk_id, torch.ones_like(chunk_id))
-            first = per_chunk.cumsum(1) - per_chunk
-            rank = torch.arange(n, device=q_pos.device) - first.gather(1, chunk_id)
-            m = int(rank.max()) + 1  # the one host sync: bucket width
-            slot = chunk_id * m + rank
-            buckets = phi_q.new_zeros(b, h, g, n_chunks * m, f)
+            slot, m = chunk_slots(q_pos, c, n_chunks)
+            buckets = phi_q.new_zeros(b, h, g, n_chunks * m + 1, f)
             buckets.scatter_(3, slot[:, None, None, :, None].expand_as(phi_q), phi_q)
-            pos = torch.full((b, n_chunks * m), -1, dtype=q_pos.dtype, device=q_pos.device).scatter_(1, slot, q_pos)
+            buckets = buckets[:, :, :, : n_chunks * m]
+            pos = torch.full((b, n_chunks * m + 1), -1, dtype=q_pos.dtype, device=q_pos.device)
+            pos = pos.scatter_(1, slot, q_pos)[:, : n_chunks * m]  # padding slots keep -1: no keys
         buckets = buckets.view(b, h, g, n_chunks, m, f)
         key_pos = torch.arange(n_chunks * c, device=phi_q.device).view(n_chunks, 1, c)
         visible = (key_pos <= pos.view(-1, n_chunks, m, 1)).to(buckets.dtype)  # (B|1, nC, m, C)
@@ -156,5 +166,6 @@ class LinearAttention(HeadAttentionExpert):
         out = (num / den.clamp_min(_DEN_EPS).unsqueeze(-1)).flatten(3, 4)
         if slot is None:
             return out[:, :, :, :n]
+        out = F.pad(out, (0, 0, 0, 1))  # the padding slot's output: zeros
         out = out.gather(3, slot[:, None, None, :, None].expand(b, h, g, n, out.shape[-1]))
         return torch.empty_like(out).scatter_(3, order[:, None, None, :, None].expand_as(out), out)
