@@ -209,3 +209,36 @@ def test_linear_bucket_width_ignores_padding_slots():
     assert m == c
     assert slot[1, 1:].eq(t // c * m).all() and slot[1, 0] == 0
     assert slot[0].tolist() == list(range(t))
+
+
+@pytest.mark.parametrize("split", [1, 63, 130])
+def test_linear_state_continues_a_prefix(split):
+    """Attending the suffix with the prefix's state equals attending everything (cached decoding)."""
+    t = 200
+    q, k, v = heads(t, 2)
+    key_mask = torch.rand(B, t) > 0.1
+    lin = build_expert("linear", cfg_for(2))
+    full = lin.attend(q, k, v, key_mask=key_mask)
+    state = lin.advance_state(k[:, :, :split], v[:, :, :split], key_mask[:, :split])
+    rest = (k[:, :, split:], v[:, :, split:])
+    got = lin.attend(q[:, :, split:], *rest, key_mask=key_mask[:, split:], state=state)
+    close(got, full[:, :, split:], tol=1e-4)
+    pos = random_positions(t - split, min(20, t - split))  # gathered queries of the suffix
+    got = lin.attend(q[:, :, split:].gather(2, pos[:, None, :, None].expand(B, HQ, pos.shape[1], D)), *rest,
+                     pos, key_mask=key_mask[:, split:], state=state)
+    ref = full[:, :, split:].gather(2, pos[:, None, :, None].expand(B, HQ, pos.shape[1], D))
+    close(got, ref, tol=1e-4)
+    s_all, z_all = lin.advance_state(k, v, key_mask)
+    s_two, z_two = lin.advance_state(*rest, key_mask[:, split:], state=state)
+    close(s_two, s_all, tol=1e-4)
+    close(z_two, z_all, tol=1e-4)
+
+
+def test_full_expert_keeps_the_base_models_window():
+    t = 120
+    q, k, v = heads(t, 2)
+    full = build_expert("full", cfg_for(2, full_window=32, window_size=16))
+    pos = torch.arange(t).expand(B, t)
+    close(full.attend(q, k, v), naive_softmax(q, k, v, allowed_mask(pos, t, window=32)))
+    with pytest.raises(ValueError, match="window_size"):
+        cfg_for(2, full_window=8, window_size=16)

@@ -42,6 +42,7 @@ class MetaAttnConfig:
 
     # --- experts -------------------------------------------------------------------------
     expert_costs: list = field(default_factory=lambda: [1.0, 0.15, 0.30])
+    full_window: Optional[int] = None  # full expert: the base model's own attention window (Mistral), if any
     window_size: int = 256  # local expert: each query sees its last `window_size` keys
     sink_tokens: int = 0  # local expert: the first keys every query may also see
     feature_map: str = "hedgehog"  # linear expert: learnable "hedgehog" or fixed "elu" (ELU+1)
@@ -127,7 +128,13 @@ class MetaAttnConfig:
             "expert_costs",
             "a non-empty list of finite costs > 0",
         )
+        need(self.full_window is None or (is_int(self.full_window) and self.full_window >= 1), "full_window", "None or an integer >= 1")
         need(is_int(self.window_size) and self.window_size >= 1, "window_size", "an integer >= 1")
+        need(
+            self.full_window is None or self.window_size <= self.full_window,
+            "window_size",
+            f"at most full_window={self.full_window} (the full expert's own window)",
+        )
         need(is_int(self.sink_tokens) and self.sink_tokens >= 0, "sink_tokens", "an integer >= 0")
         need(self.feature_map in FEATURE_MAPS, "feature_map", f"one of {FEATURE_MAPS}")
         need(is_num(self.dropout) and 0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")

@@ -18,6 +18,7 @@ Routing modes (``routing_mode``, settable at any time):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -33,6 +34,17 @@ from .objective import dirichlet_kl, expected_cost, routing_entropy
 from .stats import RoutingStats
 
 DEFAULT_EXPERTS = ("full", "linear", "local")
+
+
+@dataclass
+class RecurrentInputs:
+    """What recurrent experts read when a cache holds the past: this step's keys and values
+    (B, Hkv, T, d), their padding mask (B, T), and the state summarising all earlier keys."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    key_mask: Optional[torch.Tensor]
+    state: Optional[tuple[torch.Tensor, torch.Tensor]]
 
 
 def gumbel_top_k(logits: torch.Tensor, k: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,8 +186,12 @@ class MetaAttention(nn.Module):
         causal: bool = True,
         key_mask: Optional[torch.Tensor] = None,
         attn_bias: Optional[torch.Tensor] = None,
+        recurrent: Optional[RecurrentInputs] = None,
     ) -> torch.Tensor:
         """Weighted sum of the head-level experts' outputs, (B, Hq, T, d) for queries (B, Hq, T, d).
+
+        With `recurrent`, recurrent experts read the keys of this step plus a state summarising
+        the earlier ones (a cache) instead of all of `k`/`v`.
 
         Queries are the last T keys. In training every expert runs densely (the straight-through
         gradient needs every output); at inference an expert runs on all tokens only when all of
@@ -191,18 +207,21 @@ class MetaAttention(nn.Module):
             selected = w != 0 if sparse else None
             if selected is not None and not bool(selected.any()):
                 continue
-            call = dict(scale=scale, causal=causal, key_mask=key_mask)
+            keys, values, call = k, v, dict(scale=scale, causal=causal, key_mask=key_mask)
+            if recurrent is not None and expert.recurrent:
+                keys, values = recurrent.key, recurrent.value
+                call.update(key_mask=recurrent.key_mask, state=recurrent.state)
             if selected is None or bool(selected.all()):
-                part = expert.attend(q, k, v, None, attn_bias=attn_bias, **call)
+                part = expert.attend(q, keys, values, None, attn_bias=attn_bias, **call)
                 contrib = part * w[:, None, :, None].to(part.dtype)
                 out = contrib if out is None else out + contrib
                 continue
             tokens = group_tokens(selected)
-            offset = k.shape[2] - t  # token index -> key index (keys may start with a cache)
+            offset = keys.shape[2] - t  # token index -> key index (keys may start with a cache)
             part = expert.attend(
                 gather_queries(q, tokens),
-                k,
-                v,
+                keys,
+                values,
                 torch.where(tokens >= 0, tokens + offset, -1),
                 attn_bias=gather_bias_rows(attn_bias, tokens),
                 **call,
@@ -226,6 +245,7 @@ class MetaAttention(nn.Module):
         key_mask: Optional[torch.Tensor] = None,
         attn_bias: Optional[torch.Tensor] = None,
         query_valid: Optional[torch.Tensor] = None,
+        recurrent: Optional[RecurrentInputs] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Route the tokens of `x` (B, T, D) and attend with heads q (B, Hq, T, d), k/v (B, Hkv, Tk, d).
 
@@ -243,7 +263,9 @@ class MetaAttention(nn.Module):
         self.last_stats = RoutingStats.from_routing(mean, chosen, uncertainty, self.costs, query_valid)
         # The expert each token is routed to (the highest-weight one it runs on; soft: argmax of the mean).
         self.last_routes = torch.where(chosen, weights.detach(), -1.0).argmax(-1)
-        heads = self.run_experts(q, k, v, weights, scale=scale, causal=causal, key_mask=key_mask, attn_bias=attn_bias)
+        heads = self.run_experts(
+            q, k, v, weights, scale=scale, causal=causal, key_mask=key_mask, attn_bias=attn_bias, recurrent=recurrent
+        )
         return heads, weights
 
     def extra_repr(self) -> str:

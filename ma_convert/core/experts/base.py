@@ -49,7 +49,13 @@ class HeadAttentionExpert(AttentionExpert):
       softmax experts add it; the linear expert cannot and uses only ``key_mask``.
 
     Returns (B, Hq, N, d). A query that may see no key at all gets zeros.
+
+    A ``recurrent`` expert (linear attention) summarises past keys in a state instead of reading
+    them: its ``attend`` also takes ``state`` (the summary of the keys before ``k``) and it has
+    ``advance_state(k, v, key_mask, state)``.
     """
+
+    recurrent = False
 
     def attend(
         self,

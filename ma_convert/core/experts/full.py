@@ -21,12 +21,14 @@ class FullAttention(HeadAttentionExpert):
     def __init__(self, cfg: MetaAttnConfig) -> None:
         super().__init__()
         self.dropout = cfg.dropout
+        self.window = cfg.full_window  # the base model's own window (Mistral); None: every key
 
     def attend(self, q, k, v, q_pos=None, *, scale=None, causal=True, key_mask=None, attn_bias=None):
         n, tk = q.shape[2], k.shape[2]
         p = self.dropout if self.training else 0.0
         gqa = q.shape[1] != k.shape[1]
-        if q_pos is None and key_mask is None and attn_bias is None and (not causal or n in (tk, 1)):
+        plain = q_pos is None and key_mask is None and attn_bias is None and (self.window is None or tk <= self.window)
+        if plain and (not causal or n in (tk, 1)):
             # The plain case (prefill or one decode step) takes SDPA's own causal kernel.
             return F.scaled_dot_product_attention(
                 q, k, v, dropout_p=p, is_causal=causal and n > 1, scale=scale, enable_gqa=gqa
@@ -34,5 +36,6 @@ class FullAttention(HeadAttentionExpert):
         if q_pos is None:
             q_pos = dense_positions(n, tk, q.shape[0], q.device)
         return blocked_softmax_attention(
-            q, k, v, q_pos, causal=causal, scale=scale, key_mask=key_mask, attn_bias=attn_bias, dropout_p=p
+            q, k, v, q_pos, causal=causal, scale=scale, window=self.window, key_mask=key_mask, attn_bias=attn_bias,
+            dropout_p=p,
         )

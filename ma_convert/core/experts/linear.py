@@ -101,11 +101,16 @@ class LinearAttention(HeadAttentionExpert):
             phi_k = phi_k * key_mask[:, None, :, None].to(phi_k.dtype)
         return phi_q, phi_k
 
-    def attend(self, q, k, v, q_pos=None, *, scale=None, causal=True, key_mask=None, attn_bias=None):
+    recurrent = True
+
+    def attend(self, q, k, v, q_pos=None, *, scale=None, causal=True, key_mask=None, attn_bias=None, state=None):
+        """As `HeadAttentionExpert.attend`; `state` = (S, z) summarises the keys before `k` (a cache)."""
         b, hq, n, d = q.shape
         tk = k.shape[2]
         phi_q, phi_k = self.features(q, k, key_mask)
         vf = v.float()
+        if state is not None and not causal:
+            raise ValueError("a linear-attention state only continues causal attention")
         if not causal:
             state = torch.einsum("bhtf,bhtd->bhfd", phi_k, vf)
             num = torch.einsum("bhgnf,bhfd->bhgnd", phi_q, state)
@@ -114,11 +119,21 @@ class LinearAttention(HeadAttentionExpert):
         else:
             if q_pos is None and n != tk:
                 q_pos = torch.arange(tk - n, tk, device=q.device).expand(b, n)
-            out = self._causal(phi_q, phi_k, vf, q_pos)
+            out = self._causal(phi_q, phi_k, vf, q_pos, state)
         return out.reshape(b, hq, n, d).to(q.dtype)
 
-    def _chunk_states(self, phi_k, v):
-        """Exclusive prefix states at chunk starts: S (B, Hkv, nC, F, d), z (B, Hkv, nC, F)."""
+    def advance_state(self, k, v, key_mask=None, state=None):
+        """The state after keys k, v (B, Hkv, T, d): S = S0 + sum phi(k) v^T, z = z0 + sum phi(k)."""
+        phi_k = self.k_map(k.float())
+        if key_mask is not None:
+            phi_k = phi_k * key_mask[:, None, :, None].to(phi_k.dtype)
+        s = torch.einsum("bhtf,bhtd->bhfd", phi_k, v.float())
+        z = phi_k.sum(2)
+        return (s, z) if state is None else (state[0] + s, state[1] + z)
+
+    def _chunk_states(self, phi_k, v, state=None):
+        """Exclusive prefix states at chunk starts: S (B, Hkv, nC, F, d), z (B, Hkv, nC, F),
+        continuing `state` (the keys before these) when given."""
         c = self.chunk
         pad = -phi_k.shape[2] % c
         phi_k = F.pad(phi_k, (0, 0, 0, pad))
@@ -128,9 +143,12 @@ class LinearAttention(HeadAttentionExpert):
         vc = v.view(b, h, t // c, c, -1)
         kv = torch.einsum("bhncf,bhncd->bhnfd", kc, vc)
         z = kc.sum(3)
-        return kc, vc, _exclusive_prefix_sum(kv), _exclusive_prefix_sum(z)
+        s, z = _exclusive_prefix_sum(kv), _exclusive_prefix_sum(z)
+        if state is not None:
+            s, z = s + state[0].unsqueeze(2), z + state[1].unsqueeze(2)
+        return kc, vc, s, z
 
-    def _causal(self, phi_q, phi_k, v, q_pos):
+    def _causal(self, phi_q, phi_k, v, q_pos, state=None):
         """Causal outputs for queries at key indices `q_pos` (None: every key is a query).
 
         Queries are bucketed by the chunk they fall in, m slots per chunk (m = the fullest chunk's
@@ -139,7 +157,7 @@ class LinearAttention(HeadAttentionExpert):
         number of queries, not with T.
         """
         c = self.chunk
-        kc, vc, s, z = self._chunk_states(phi_k, v)
+        kc, vc, s, z = self._chunk_states(phi_k, v, state)
         b, h, g, n, f = phi_q.shape
         n_chunks = kc.shape[2]
         if q_pos is None:
