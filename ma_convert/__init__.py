@@ -7,6 +7,7 @@ Public API::
     out, aux_loss, stats = layer(x)
 """
 
+from .convert import convert
 from .core import (
     AttentionExpert,
     FullAttention,
@@ -40,6 +41,7 @@ __all__ = [
     "RoutingStats",
     "build_expert",
     "collect_aux_losses",
+    "convert",
     "cosine_ramp",
     "force_expert",
     "linear_ramp",

@@ -1,0 +1,32 @@
+"""One adapter per supported architecture, each in its own module, imported on first use."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+# original model_type -> module of its adapter
+ADAPTER_MODULES = {
+    "gpt2": "gpt2",
+    "llama": "llama",
+    "mistral": "mistral",
+    "phi": "phi",
+    "phi3": "phi3",
+    "falcon": "falcon",
+}
+
+
+def supported_architectures() -> list[str]:
+    """The model_types this installation converts."""
+    return sorted(t for t, m in ADAPTER_MODULES.items() if importlib.util.find_spec(f"{__name__}.{m}") is not None)
+
+
+def adapter_for(model_type: str):
+    """The adapter class for a Hugging Face `model_type` (the original's, or the converted `ma_*`)."""
+    base = model_type[3:] if model_type.startswith("ma_") else model_type
+    if base not in supported_architectures():
+        raise ValueError(
+            f"architecture {model_type!r} is not supported; ma_convert converts: {', '.join(supported_architectures())}"
+        )
+    module = importlib.import_module(f".{ADAPTER_MODULES[base]}", __name__)
+    return module.ADAPTER

@@ -1,0 +1,69 @@
+"""Architecture adapters: how to find a model's attention modules and describe them to the router.
+
+Each supported architecture has one file here with its adapter, its routed attention subclass and
+its ``Ma*`` config and model classes. Everything the router needs (heads, kv heads, head_dim, the
+position range) comes from the model's config.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional
+
+import torch.nn as nn
+
+from ..core.config import MetaAttnConfig
+
+
+class ArchitectureAdapter:
+    """Describes one Hugging Face architecture to the converter."""
+
+    model_type: ClassVar[str]  # the original's, e.g. "llama"
+    inner_attribute: ClassVar[str] = "model"  # attribute of the causal LM holding the decoder stack
+    attention_class: ClassVar[type]  # the routed subclass of the original attention
+    config_class: ClassVar[type]  # Ma<Arch>Config
+    causal_lm_class: ClassVar[type]  # Ma<Arch>ForCausalLM
+    original_causal_lm_class: ClassVar[type]
+
+    @classmethod
+    def attention_modules(cls, model: nn.Module) -> list[nn.Module]:
+        """The attention module of every decoder layer, in order."""
+        return [layer.self_attn for layer in getattr(model, cls.inner_attribute).layers]
+
+    @classmethod
+    def derived_fields(cls, config: Any) -> dict:
+        """MetaAttnConfig fields fixed by the model: shapes, position range, the base model's window."""
+        heads = config.num_attention_heads
+        return {
+            "d_model": config.hidden_size,
+            "n_heads": heads,
+            "n_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+            "max_positions": config.max_position_embeddings,
+            "full_window": None,
+            "causal": True,
+        }
+
+    @classmethod
+    def meta_config(cls, config: Any, cfg: Optional[MetaAttnConfig] = None, **overrides: Any) -> MetaAttnConfig:
+        """The MetaAttnConfig for this model: the user's settings on top of the model's own shape.
+
+        A shape field the user set (an override, or a config value other than the default) that
+        contradicts the model is an error rather than silently replaced.
+        """
+        derived = cls.derived_fields(config)
+        defaults = MetaAttnConfig().to_dict()
+        settings = {} if cfg is None else cfg.to_dict()
+        given = {k: v for k, v in settings.items() if k in derived and v != defaults[k]}
+        given.update({k: v for k, v in overrides.items() if k in derived})
+        for name, value in sorted(given.items()):
+            if value != derived[name]:
+                raise ValueError(
+                    f"MetaAttnConfig.{name}={value!r} contradicts the {config.model_type} model, which has "
+                    f"{name}={derived[name]!r}; leave it unset to take the model's"
+                )
+        settings.update(overrides)
+        settings.pop("format_version", None)
+        settings.setdefault("dropout", float(getattr(config, "attention_dropout", 0.0) or 0.0))
+        if derived["full_window"] is not None and "window_size" not in given and "window_size" not in overrides:
+            settings["window_size"] = min(settings.get("window_size", defaults["window_size"]), derived["full_window"])
+        return MetaAttnConfig.from_dict({**settings, **derived})

@@ -1,0 +1,115 @@
+"""Routed attention inside a Hugging Face attention module.
+
+An architecture's converted attention computes Q/K/V (and its positional encoding) exactly as the
+original, updates the KV cache, and hands the heads to `RoutedAttentionMixin.routed_attention`. The
+full expert then reproduces the original attention; the linear expert keeps an fp32 state per
+layer on the cache, advanced with every token; the local expert reads its window of the KV cache.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..core.masks import BLOCKED_AT
+from ..core.meta_attention import MetaAttention, RecurrentInputs
+
+STATE_ATTRIBUTE = "ma_linear_state"
+
+
+def key_mask_from_hf(attention_mask: Optional[torch.Tensor], n_keys: int) -> Optional[torch.Tensor]:
+    """(B, Tk) bool mask of real keys from a Hugging Face attention mask, None if all are real.
+
+    HF hands attention a (B, 1, T, Tk) mask (bool for SDPA, additive for eager) or a (B, Tk) one
+    (flash-style). Causality and any base-model window are the experts' own business, so only
+    the keys no query may see (padding) are read from it. Every layer gets the same mask object,
+    so the answer is kept on it.
+    """
+    if attention_mask is None:
+        return None
+    cached = getattr(attention_mask, "_ma_key_mask", False)
+    if cached is not False:
+        return cached
+    if attention_mask.dim() == 2:
+        real = attention_mask.bool()
+    else:
+        visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask > BLOCKED_AT
+        real = visible.any(dim=-2).any(dim=1)
+    real = real[:, -n_keys:]
+    result = None if bool(real.all()) else real
+    attention_mask._ma_key_mask = result
+    return result
+
+
+def _cache_layer(past_key_values, layer_idx: int):
+    layers = getattr(past_key_values, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        raise TypeError(f"ma_convert needs a transformers Cache with per-layer storage, got {type(past_key_values).__name__}")
+    return layers[layer_idx]
+
+
+class RoutedAttentionMixin:
+    """Adds Meta-Attention routing to a Hugging Face attention module (which owns `self.meta`)."""
+
+    meta: MetaAttention
+    layer_idx: int
+
+    def routed_attention(
+        self,
+        hidden_states: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        new_key: torch.Tensor,
+        new_value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        past_key_values=None,
+        position_ids: Optional[torch.Tensor] = None,
+        scaling: Optional[float] = None,
+        attn_bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Route and attend. query (B, Hq, T, d); key/value (B, Hkv, Tk, d) with the cache;
+        new_key/new_value (B, Hkv, T, d) this step's keys alone. Returns (B, T, Hq * d)."""
+        b, _, t, _ = query.shape
+        key_mask = key_mask_from_hf(attention_mask, key.shape[2])
+        new_key_mask = None if key_mask is None else key_mask[:, -t:]
+        linear = next((e for e in self.meta.experts if getattr(e, "recurrent", False)), None)
+        recurrent, layer = None, None
+        if past_key_values is not None and linear is not None:
+            layer = _cache_layer(past_key_values, self.layer_idx)
+            state = self._read_state(layer, past_key_values, b, t)
+            recurrent = RecurrentInputs(new_key, new_value, new_key_mask, None if state is None else state[:2])
+        if position_ids is None:
+            position_ids = torch.arange(key.shape[2] - t, key.shape[2], device=query.device)
+        heads, _ = self.meta(
+            hidden_states,
+            query,
+            key,
+            value,
+            positions=position_ids,
+            scale=scaling,
+            causal=True,
+            key_mask=key_mask,
+            attn_bias=attn_bias,
+            query_valid=new_key_mask,
+            recurrent=recurrent,
+        )
+        if layer is not None:
+            s, z = linear.advance_state(new_key, new_value, new_key_mask, recurrent.state)
+            seen = getattr(layer, STATE_ATTRIBUTE, (None, None, 0))[2]
+            setattr(layer, STATE_ATTRIBUTE, (s, z, seen + t))
+        return heads.transpose(1, 2).reshape(b, t, -1)
+
+    def _read_state(self, layer, past_key_values, batch: int, new_tokens: int):
+        state = getattr(layer, STATE_ATTRIBUTE, None)
+        seen_by_cache = past_key_values.get_seq_length(self.layer_idx) - new_tokens
+        seen_by_state = 0 if state is None else state[2]
+        if seen_by_state != seen_by_cache or (state is not None and state[0].shape[0] != batch):
+            raise RuntimeError(
+                f"layer {self.layer_idx}: the linear-attention state covers {seen_by_state} tokens but the KV cache "
+                f"{seen_by_cache}; caches that are cropped, reordered (beam search) or reused across inputs are not "
+                f"supported by Meta-Attention yet: start a fresh cache"
+            )
+        return state
