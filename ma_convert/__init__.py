@@ -28,7 +28,10 @@ from .core import (
     routing_stats,
     set_routing_mode,
 )
+from .modeling.auto import register_auto_classes
 from .version import __version__
+
+register_auto_classes()
 
 __all__ = [
     "AttentionExpert",

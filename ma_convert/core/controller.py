@@ -75,15 +75,20 @@ class DirichletRouter(_RouterMLP):
         super().__init__(cfg, n_experts)
         self.eps = cfg.concentration_eps
         self.sample_posterior = cfg.sample_posterior
+        self.cfg_costs, self.cfg_prior, self.cfg_beta0 = list(cfg.expert_costs), cfg.prior, cfg.beta0
         self.register_buffer(
             "prior", prior_concentration(cfg.expert_costs, cfg.prior, cfg.beta0), persistent=False
         )
         self.reset_parameters()
 
+    def initial_bias(self) -> torch.Tensor:
+        """The output bias that starts routing at the prior: softplus(bias) + eps = beta0 * pi,
+        so the KL is ~0 at initialisation."""
+        target = (prior_concentration(self.cfg_costs, self.cfg_prior, self.cfg_beta0) - self.eps).clamp_min(1e-4)
+        return target + torch.log(-torch.expm1(-target))  # softplus^-1
+
     def reset_parameters(self) -> None:
-        # Start at the prior: softplus(bias) + eps = beta0 * pi, so the KL is ~0 at initialisation.
-        target = (self.prior - self.eps).clamp_min(1e-4)
-        self.reset_output(target + torch.log(-torch.expm1(-target)))  # softplus^-1
+        self.reset_output(self.initial_bias())
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, sample: bool = False) -> RouterOutput:
         """`sample`: draw the training weights from the posterior (if `sample_posterior`)."""

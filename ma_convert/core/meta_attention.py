@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from .config import ROUTING_MODES, UNCERTAIN_ROUTES, MetaAttnConfig
 from .controller import RouterOutput, build_router
 from .dispatch import gather_bias_rows, gather_queries, group_tokens, scatter_weighted
-from .experts.base import AttentionExpert, HeadAttentionExpert
-from .experts.registry import build_expert
+from .experts import AttentionExpert, HeadAttentionExpert, build_expert  # the package: registers the built-ins
 from .objective import dirichlet_kl, expected_cost, routing_entropy
 from .stats import RoutingStats
 

@@ -14,6 +14,7 @@ original parameter keeps its name and its tensor:
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -21,6 +22,7 @@ import torch.nn as nn
 
 from ..core.config import FORMAT_VERSION, MetaAttnConfig
 from ..core.controller import DirichletRouter, SoftmaxRouter
+from ..core.objective import prior_concentration
 from ..core.experts.linear import HedgehogFeatureMap
 from ..core.meta_attention import MetaAttention
 
@@ -56,17 +58,31 @@ def read_meta_attention_block(config) -> MetaAttnConfig:
     return MetaAttnConfig.from_dict(block["attention"])
 
 
+def _fill(tensor: torch.Tensor, value: torch.Tensor) -> None:
+    """Set a tensor unless transformers marked it as loaded from the checkpoint."""
+    if not getattr(tensor, "_is_hf_initialized", False):
+        with torch.no_grad():
+            tensor.copy_(value)
+
+
 def init_meta_weights(module: nn.Module) -> bool:
-    """Initialise a Meta-Attention module the way its constructor does; False if it is not one."""
-    if isinstance(module, (DirichletRouter, SoftmaxRouter)):
-        for child in (module.norm, module.fc1):
-            child.reset_parameters()
-        module.reset_parameters() if isinstance(module, DirichletRouter) else module.reset_output(
-            torch.zeros(module.fc2.out_features)
-        )
+    """Initialise what a Meta-Attention module holds, as its constructor does, leaving loaded
+    tensors alone; False if `module` is not one. Non-persistent buffers (costs, the prior) are
+    never in a checkpoint and are always recomputed from the config."""
+    if isinstance(module, MetaAttention):
+        _fill(module.costs, torch.tensor(module.cfg.expert_costs))
+        return True
+    if isinstance(module, DirichletRouter):
+        _fill(module.prior, prior_concentration(module.cfg_costs, module.cfg_prior, module.cfg_beta0))
+        _fill(module.fc2.weight, torch.randn_like(module.fc2.weight) * 0.02)
+        _fill(module.fc2.bias, module.initial_bias())
+        return True
+    if isinstance(module, SoftmaxRouter):
+        _fill(module.fc2.weight, torch.randn_like(module.fc2.weight) * 0.02)
+        _fill(module.fc2.bias, torch.zeros_like(module.fc2.bias))
         return True
     if isinstance(module, HedgehogFeatureMap):
-        module.reset_parameters()
+        _fill(module.weight, torch.eye(module.weight.shape[-1]).expand_as(module.weight))
         return True
     return False
 
@@ -92,10 +108,68 @@ class MetaCausalLMMixin(MetaInitMixin):
         super().__init__(config, *args, **kwargs)
         install_meta_attention(self, read_meta_attention_block(config), type(self).adapter, type(self).inner_class)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As transformers' `from_pretrained`, but a converted checkpoint that lacks any weight is an
+        error, not a warning with random weights. (An original checkpoint loaded into the converted
+        class with a converted `config=` may lack the router and expert weights; they initialise.)"""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing = sorted(info["missing_keys"])
+        original = _checkpoint_is_original(pretrained_model_name_or_path, kwargs)
+        if missing and not (original and all(".meta." in key for key in missing)):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} lacks {len(missing)} expected weight(s), e.g. {missing[:3]}; "
+                f"the checkpoint is incomplete or was not saved by ma_convert"
+            )
+        return (model, info) if want_info else model
+
+    def forward(self, *args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        length = (ids if ids is not None else embeds).shape[1]
+        cache = kwargs.get("past_key_values")
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            length += cache.get_seq_length()
+        limit = self.ma_max_positions
+        if length > limit:
+            raise ValueError(
+                f"the sequence has {length} tokens but the model handles at most {limit} positions "
+                f"(max_position_embeddings); shorten the input"
+            )
+        return super().forward(*args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as transformers does, plus self-contained remote code and `auto_map`, so the folder
+        also loads with ``trust_remote_code=True`` where ma_convert is not installed."""
+        try:  # a string import: transformers' remote-code scanner must not follow it
+            remote_code = importlib.import_module("..remote_code", __package__)
+        except (ImportError, ValueError, TypeError):  # running as remote code itself
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        adapter = type(self).adapter
+        self.config.auto_map = remote_code.auto_map(
+            adapter.config_class.model_type, adapter.config_class.__name__, type(self).__name__
+        )
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        remote_code.write_remote_code(save_directory, adapter)
+        return result
+
+
+def _checkpoint_is_original(path, kwargs) -> bool:
+    """Whether the checkpoint's own config.json is an unconverted model's."""
+    import json
+    from pathlib import Path
+
+    file = Path(str(path)) / "config.json"
+    if not file.is_file():
+        return False  # hub ids and single files: treat as converted, so missing weights are errors
+    return "meta_attention" not in json.loads(file.read_text())
+
 
 def install_meta_attention(model: nn.Module, cfg: MetaAttnConfig, adapter, inner_class: type) -> None:
     """Swap the inner model's and the attention modules' classes and give each attention a router
     and experts, in place; parameters are created on the attention's device and dtype."""
+    model.ma_max_positions = cfg.max_positions
     inner = getattr(model, adapter.inner_attribute)
     inner.__class__ = inner_class
     for attention in adapter.attention_modules(model):

@@ -1,0 +1,106 @@
+"""Falcon: fused `query_key_value`, output `dense`; multi-query (7B), grouped kv (40B, new decoder
+architecture) or full multi-head; RoPE, or ALiBi (RW models)."""
+
+from __future__ import annotations
+
+import math
+
+from transformers import FalconConfig, FalconForCausalLM, FalconModel
+from transformers.models.falcon.modeling_falcon import FalconAttention, apply_rotary_pos_emb
+
+from ..modeling.attention import RoutedAttentionMixin
+from ..modeling.base import MetaCausalLMMixin, MetaInitMixin
+from .base import ArchitectureAdapter
+
+
+class MaFalconConfig(FalconConfig):
+    model_type = "ma_falcon"
+
+
+def falcon_kv_heads(config) -> int:
+    """The distinct key/value heads of a Falcon model, as its attention lays out the fused qkv."""
+    if config.new_decoder_architecture:
+        return config.num_kv_heads
+    return 1 if config.multi_query else config.num_attention_heads
+
+
+class MetaFalconAttention(RoutedAttentionMixin, FalconAttention):
+    """FalconAttention with Meta-Attention routing; fused qkv split, RoPE and ALiBi exactly as the original.
+
+    The original broadcasts each kv group's key/value to all its query heads (new decoder
+    architecture) and caches the copies; here each group keeps one key/value head, which is the same
+    attention (query head h reads kv head h // group size) with a cache group-size times smaller.
+    """
+
+    def _split_qkv(self, fused_qkv):
+        """query (B, T, Hq, d), key/value (B, T, Hkv, d) from the fused projection."""
+        if not self.new_decoder_architecture:
+            return self._split_heads(fused_qkv)  # multi-query: Hkv = 1; multi-head: Hkv = Hq
+        batch, seq_len, _ = fused_qkv.shape
+        # Laid out per kv group: the group's query heads, then its key head, then its value head.
+        qkv = fused_qkv.view(batch, seq_len, -1, self.num_heads // self.num_kv_heads + 2, self.head_dim)
+        return qkv[:, :, :, :-2].flatten(2, 3), qkv[:, :, :, -2], qkv[:, :, :, -1]
+
+    def forward(
+        self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None, use_cache=False,
+        output_attentions=False, position_embeddings=None, **kwargs,
+    ):
+        query, key, value = self._split_qkv(self.query_key_value(hidden_states))
+        batch, t = query.shape[:2]
+        query = query.transpose(1, 2).reshape(batch, self.num_heads, t, self.head_dim)
+        key = key.transpose(1, 2).reshape(batch, -1, t, self.head_dim)
+        value = value.transpose(1, 2).reshape(batch, -1, t, self.head_dim)
+        bias = None
+        if alibi is None:
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        else:
+            # The original SDPA path adds ALiBi / sqrt(head_dim) through the mask the model folds it
+            # into (FalconModel.forward); the same op here, as a bias the softmax experts add.
+            bias = alibi.view(batch, self.num_heads, 1, -1) / math.sqrt(self.head_dim)
+        new_key, new_value = key, value
+        if layer_past is not None:
+            key, value = layer_past.update(key, value, self.layer_idx)
+        out = self.routed_attention(
+            hidden_states, query, key, value, new_key=new_key, new_value=new_value, attention_mask=attention_mask,
+            past_key_values=layer_past, position_ids=position_ids, scaling=self.inv_norm_factor, attn_bias=bias,
+        )
+        return self.dense(out), None
+
+
+class MaFalconModel(MetaInitMixin, FalconModel):
+    config_class = MaFalconConfig
+
+
+class MaFalconForCausalLM(MetaCausalLMMixin, FalconForCausalLM):
+    config_class = MaFalconConfig
+
+
+class FalconAdapter(ArchitectureAdapter):
+    model_type = "falcon"
+    inner_attribute = "transformer"
+    attention_class = MetaFalconAttention
+    config_class = MaFalconConfig
+    causal_lm_class = MaFalconForCausalLM
+    original_causal_lm_class = FalconForCausalLM
+
+    @classmethod
+    def attention_modules(cls, model):
+        return [layer.self_attention for layer in model.transformer.h]
+
+    @classmethod
+    def derived_fields(cls, config):
+        heads = config.num_attention_heads
+        return {
+            "d_model": config.hidden_size,
+            "n_heads": heads,
+            "n_kv_heads": falcon_kv_heads(config),
+            "head_dim": config.hidden_size // heads,
+            "max_positions": config.max_position_embeddings,
+            "full_window": None,
+            "causal": True,
+        }
+
+
+MaFalconForCausalLM.adapter = FalconAdapter
+MaFalconForCausalLM.inner_class = MaFalconModel
+ADAPTER = FalconAdapter

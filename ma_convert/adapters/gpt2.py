@@ -1,0 +1,92 @@
+"""GPT-2: fused Conv1D c_attn/c_proj, learned absolute positions, the decoder stack at `transformer.h`."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+from ..core.config import MetaAttnConfig
+from ..modeling.attention import RoutedAttentionMixin
+from ..modeling.base import MetaCausalLMMixin, MetaInitMixin
+from .base import ArchitectureAdapter
+
+
+class MaGPT2Config(GPT2Config):
+    model_type = "ma_gpt2"
+
+
+class MetaGPT2Attention(RoutedAttentionMixin, GPT2Attention):
+    """GPT2Attention (self-attention only) with Meta-Attention routing; projections exactly as the original.
+
+    `self.scaling` already folds in `scale_attn_weights` and `scale_attn_by_inverse_layer_idx`.
+    `reorder_and_upcast_attn` only changes the original's eager path to compute the scores in fp32
+    (scaled inside baddbmm): the same scale, so in fp32 the full expert matches it.
+    """
+
+    def forward(self, hidden_states, past_key_values=None, attention_mask=None, **kwargs):
+        query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        key = key.view(shape).transpose(1, 2)
+        value = value.view(shape).transpose(1, 2)
+        query = query.view(shape).transpose(1, 2)
+        new_key, new_value = key, value
+        if isinstance(past_key_values, EncoderDecoderCache):  # add_cross_attention: ours is the self-attention half
+            past_key_values = past_key_values.self_attention_cache
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        out = self.routed_attention(
+            hidden_states, query, key, value, new_key=new_key, new_value=new_value, attention_mask=attention_mask,
+            past_key_values=past_key_values, position_ids=kwargs.get("position_ids"), scaling=self.scaling,
+        )
+        return self.resid_dropout(self.c_proj(out)), None
+
+
+class MaGPT2Model(MetaInitMixin, GPT2Model):
+    config_class = MaGPT2Config
+
+
+class MaGPT2LMHeadModel(MetaCausalLMMixin, GPT2LMHeadModel):
+    config_class = MaGPT2Config
+
+
+class GPT2Adapter(ArchitectureAdapter):
+    model_type = "gpt2"
+    inner_attribute = "transformer"
+    attention_class = MetaGPT2Attention
+    config_class = MaGPT2Config
+    causal_lm_class = MaGPT2LMHeadModel
+    original_causal_lm_class = GPT2LMHeadModel
+
+    @classmethod
+    def attention_modules(cls, model):
+        # Self-attention only: the cross-attention of add_cross_attention models stays the original.
+        return [block.attn for block in model.transformer.h]
+
+    @classmethod
+    def derived_fields(cls, config: Any) -> dict:
+        heads = config.n_head
+        return {
+            "d_model": config.n_embd,
+            "n_heads": heads,
+            "n_kv_heads": heads,
+            "head_dim": config.n_embd // heads,
+            "max_positions": config.n_positions,
+            "full_window": None,
+            "causal": True,
+        }
+
+    @classmethod
+    def meta_config(cls, config: Any, cfg: Optional[MetaAttnConfig] = None, **overrides: Any) -> MetaAttnConfig:
+        # GPT-2 names its attention dropout attn_pdrop; the base reads `attention_dropout`, which
+        # GPT2Config lacks. Same rule as the base: the model's value unless the user gave one.
+        if cfg is None and "dropout" not in overrides:
+            overrides["dropout"] = float(config.attn_pdrop or 0.0)
+        return super().meta_config(config, cfg, **overrides)
+
+
+MaGPT2LMHeadModel.adapter = GPT2Adapter
+MaGPT2LMHeadModel.inner_class = MaGPT2Model
+ADAPTER = GPT2Adapter

@@ -1,0 +1,78 @@
+"""Mistral: LLaMA-shaped (q/k/v/o, RoPE, GQA) plus an optional sliding attention window.
+
+The base model's `sliding_window` stays inside the full expert (`full_window`), so forced-full
+routing reproduces the windowed original. Transformers then gives such a model a sliding-window KV
+cache that keeps only the last `sliding_window - 1` keys; every expert still reads what it needs:
+the full and local experts look no further back than that window (the local window is capped to
+it), and the linear expert reads only this step's keys plus its own state.
+"""
+
+from __future__ import annotations
+
+from transformers import MistralConfig, MistralForCausalLM, MistralModel
+from transformers.models.mistral.modeling_mistral import MistralAttention, apply_rotary_pos_emb
+
+from ..modeling.attention import RoutedAttentionMixin
+from ..modeling.base import MetaCausalLMMixin, MetaInitMixin
+from .base import ArchitectureAdapter
+
+
+class MaMistralConfig(MistralConfig):
+    model_type = "ma_mistral"
+
+
+class MetaMistralAttention(RoutedAttentionMixin, MistralAttention):
+    """MistralAttention with Meta-Attention routing; projections and RoPE exactly as the original."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        new_key, new_value = key, value
+        if past_key_values is not None:
+            # A sliding cache layer returns its last window - 1 keys plus these: still contiguous
+            # and ending at this step, which is all the experts' key indexing assumes.
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        out = self.routed_attention(
+            hidden_states, query, key, value, new_key=new_key, new_value=new_value, attention_mask=attention_mask,
+            past_key_values=past_key_values, position_ids=kwargs.get("position_ids"), scaling=self.scaling,
+        )
+        return self.o_proj(out), None
+
+
+class MaMistralModel(MetaInitMixin, MistralModel):
+    config_class = MaMistralConfig
+
+
+class MaMistralForCausalLM(MetaCausalLMMixin, MistralForCausalLM):
+    config_class = MaMistralConfig
+
+
+class MistralAdapter(ArchitectureAdapter):
+    model_type = "mistral"
+    attention_class = MetaMistralAttention
+    config_class = MaMistralConfig
+    causal_lm_class = MaMistralForCausalLM
+    original_causal_lm_class = MistralForCausalLM
+
+    @classmethod
+    def derived_fields(cls, config):
+        return {**super().derived_fields(config), "full_window": getattr(config, "sliding_window", None)}
+
+    @classmethod
+    def meta_config(cls, config, cfg=None, **overrides):
+        meta = super().meta_config(config, cfg, **overrides)
+        if meta.full_window is not None and meta.sink_tokens:
+            # Sinks are the first keys of the sequence, which the sliding KV cache drops.
+            raise ValueError(
+                f"sink_tokens={meta.sink_tokens} cannot be used with a sliding-window model "
+                f"(sliding_window={meta.full_window}): its KV cache drops the first tokens; leave sink_tokens at 0"
+            )
+        return meta
+
+
+MaMistralForCausalLM.adapter = MistralAdapter
+MaMistralForCausalLM.inner_class = MaMistralModel
+ADAPTER = MistralAdapter

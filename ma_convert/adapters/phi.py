@@ -1,0 +1,62 @@
+"""Phi 1/1.5/2: q/k/v with bias, output projection `dense`, partial RoPE, optional q/k LayerNorm."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PhiConfig, PhiForCausalLM, PhiModel
+from transformers.models.phi.modeling_phi import PhiAttention, apply_rotary_pos_emb
+
+from ..modeling.attention import RoutedAttentionMixin
+from ..modeling.base import MetaCausalLMMixin, MetaInitMixin
+from .base import ArchitectureAdapter
+
+
+class MaPhiConfig(PhiConfig):
+    model_type = "ma_phi"
+
+
+class MetaPhiAttention(RoutedAttentionMixin, PhiAttention):
+    """PhiAttention with Meta-Attention routing; projections, q/k LayerNorm and partial RoPE exactly as the original."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if self.qk_layernorm:
+            query = self.q_layernorm(query)
+            key = self.k_layernorm(key)
+        # Only the first rotary_ndims of each head are rotated; the rest pass through unchanged.
+        n = self.rotary_ndims
+        query_rot, key_rot = apply_rotary_pos_emb(query[..., :n], key[..., :n], *position_embeddings)
+        query = torch.cat((query_rot, query[..., n:]), dim=-1)
+        key = torch.cat((key_rot, key[..., n:]), dim=-1)
+        new_key, new_value = key, value
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        out = self.routed_attention(
+            hidden_states, query, key, value, new_key=new_key, new_value=new_value, attention_mask=attention_mask,
+            past_key_values=past_key_values, position_ids=kwargs.get("position_ids"), scaling=self.scaling,
+        )
+        return self.dense(out), None
+
+
+class MaPhiModel(MetaInitMixin, PhiModel):
+    config_class = MaPhiConfig
+
+
+class MaPhiForCausalLM(MetaCausalLMMixin, PhiForCausalLM):
+    config_class = MaPhiConfig
+
+
+class PhiAdapter(ArchitectureAdapter):
+    model_type = "phi"
+    attention_class = MetaPhiAttention
+    config_class = MaPhiConfig
+    causal_lm_class = MaPhiForCausalLM
+    original_causal_lm_class = PhiForCausalLM
+
+
+MaPhiForCausalLM.adapter = PhiAdapter
+MaPhiForCausalLM.inner_class = MaPhiModel
+ADAPTER = PhiAdapter

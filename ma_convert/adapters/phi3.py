@@ -1,0 +1,76 @@
+"""Phi-3: one fused `qkv_proj` (split into q, k, v as the original does), `o_proj`, GQA, RoPE that
+may rotate only part of each head, and an optional sliding attention window (kept by the full
+expert, as for Mistral)."""
+
+from __future__ import annotations
+
+from transformers import Phi3Config, Phi3ForCausalLM, Phi3Model
+from transformers.models.phi3.modeling_phi3 import Phi3Attention, apply_rotary_pos_emb
+
+from ..modeling.attention import RoutedAttentionMixin
+from ..modeling.base import MetaCausalLMMixin, MetaInitMixin
+from .base import ArchitectureAdapter
+
+
+class MaPhi3Config(Phi3Config):
+    model_type = "ma_phi3"
+
+
+class MetaPhi3Attention(RoutedAttentionMixin, Phi3Attention):
+    """Phi3Attention with Meta-Attention routing; projections and RoPE exactly as the original."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        qkv = self.qkv_proj(hidden_states)
+        # The fused output is [q heads | k heads | v heads].
+        q_end = self.config.num_attention_heads * self.head_dim
+        k_end = q_end + self.num_key_value_heads * self.head_dim
+        query = qkv[..., :q_end].view(shape).transpose(1, 2)
+        key = qkv[..., q_end:k_end].view(shape).transpose(1, 2)
+        value = qkv[..., k_end:].view(shape).transpose(1, 2)
+        # Rotates the first cos.shape[-1] dims of each head (partial rotary) and passes the rest.
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        new_key, new_value = key, value
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        out = self.routed_attention(
+            hidden_states, query, key, value, new_key=new_key, new_value=new_value, attention_mask=attention_mask,
+            past_key_values=past_key_values, position_ids=kwargs.get("position_ids"), scaling=self.scaling,
+        )
+        return self.o_proj(out), None
+
+
+class MaPhi3Model(MetaInitMixin, Phi3Model):
+    config_class = MaPhi3Config
+
+
+class MaPhi3ForCausalLM(MetaCausalLMMixin, Phi3ForCausalLM):
+    config_class = MaPhi3Config
+
+
+class Phi3Adapter(ArchitectureAdapter):
+    model_type = "phi3"
+    attention_class = MetaPhi3Attention
+    config_class = MaPhi3Config
+    causal_lm_class = MaPhi3ForCausalLM
+    original_causal_lm_class = Phi3ForCausalLM
+
+    @classmethod
+    def derived_fields(cls, config):
+        return {**super().derived_fields(config), "full_window": getattr(config, "sliding_window", None)}
+
+    @classmethod
+    def meta_config(cls, config, cfg=None, **overrides):
+        meta = super().meta_config(config, cfg, **overrides)
+        if meta.full_window is not None and meta.sink_tokens:
+            # Sinks are the first keys of the sequence, which the sliding KV cache drops.
+            raise ValueError(
+                f"sink_tokens={meta.sink_tokens} cannot be used with a sliding-window model "
+                f"(sliding_window={meta.full_window}): its KV cache drops the first tokens; leave sink_tokens at 0"
+            )
+        return meta
+
+
+MaPhi3ForCausalLM.adapter = Phi3Adapter
+MaPhi3ForCausalLM.inner_class = MaPhi3Model
+ADAPTER = Phi3Adapter
