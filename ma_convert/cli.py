@@ -47,6 +47,51 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_config_file(path: Optional[str]):
+    """A YAML (or JSON) file of MetaAttnConfig fields; unknown keys are errors naming them."""
+    from .core.config import MetaAttnConfig
+
+    if path is None:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(open(path)) or {}
+    except OSError as error:
+        raise SystemExit(f"ma-convert: cannot read the config file: {error}")
+    if not isinstance(data, dict):
+        raise SystemExit(f"ma-convert: {path} must hold a mapping of MetaAttnConfig fields")
+    try:
+        return MetaAttnConfig.from_dict(data)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"ma-convert: {path}: {error}")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint
+
+    cfg = _load_config_file(args.config)
+    try:
+        out = convert_checkpoint(args.src, args.out, cfg, dtype=args.dtype, overwrite=args.overwrite)
+    except (ValueError, FileExistsError, FileNotFoundError, TypeError) as error:
+        print(f"ma-convert: {error}", file=sys.stderr)
+        return 2
+    print(f"converted model written to {out}; check it with: ma-convert verify {out}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    try:
+        ok = verify(args.folder)
+    except (ValueError, OSError) as error:
+        print(f"ma-convert: {error}", file=sys.stderr)
+        return 2
+    print("verified" if ok else "verification FAILED")
+    return 0 if ok else 1
+
+
 def _env(args: argparse.Namespace) -> int:
     import torch
 
@@ -66,6 +111,11 @@ def _env(args: argparse.Namespace) -> int:
     else:
         print("devices        cpu only")
     print(f"torch threads  {torch.get_num_threads()}")
+    from .adapters import supported_architectures
+    from .core.config import BACKENDS
+
+    print(f"backends       {', '.join(BACKENDS)}")
+    print(f"architectures  {', '.join(supported_architectures())}")
     return 0
 
 
@@ -78,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=30)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    conv = sub.add_parser("convert", help="convert a checkpoint (folder, Hub id or .gguf file) to Meta-Attention")
+    conv.add_argument("src", help="a model folder, a Hub id, or a .gguf file")
+    conv.add_argument("out", help="the folder to write (must not exist, unless --overwrite)")
+    conv.add_argument("--config", help="YAML file of MetaAttnConfig fields (experts, router, windows)")
+    conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load and save in this dtype")
+    conv.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    conv.set_defaults(func=_convert)
+
+    ver = sub.add_parser("verify", help="reload a converted folder both ways and compare with its base model")
+    ver.add_argument("folder")
+    ver.set_defaults(func=_verify)
 
     env = sub.add_parser("env", help="print versions, devices and backends")
     env.set_defaults(func=_env)
