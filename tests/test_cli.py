@@ -6,7 +6,7 @@ from ma_convert.cli import main
 
 
 def test_demo_runs_and_prints_routing_stats(capsys):
-    assert main(["demo", "--seq-len", "32", "--steps", "2"]) == 0
+    assert main(["demo", "--layer-only", "--seq-len", "32", "--steps", "2"]) == 0
     out = capsys.readouterr().out
     assert len(re.findall(r"RoutingStats\(E1=\d\.\d\d \| E2=\d\.\d\d \| E3=\d\.\d\d entropy=\d\.\d\d cost=\d\.\d\d\)", out)) == 3
     assert "hard routing" in out

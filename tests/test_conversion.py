@@ -116,3 +116,26 @@ def test_batched_generation_with_padding_under_mixed_routing(case):
         alone = model.generate(input_ids=ids[1:, 5:], max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 18)
     assert torch.equal(out[1, 12:], alone[0, 7:])
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("llama-gqa", "gpt2", "falcon-rw-alibi-parallel")], ids=str)
+def test_beam_search_reorders_the_linear_state(case):
+    model = converted(case.make("sdpa"))
+    spread_routing(model, seed=5)
+    set_routing_mode(model, "hard")
+    ids, mask = batch(case, "none")
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(**kwargs)
+        recomputed = model.generate(**kwargs, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+def test_cache_cropping_is_refused():
+    case = CASES[0]
+    model = converted(case.make("sdpa"))
+    ids, _ = batch(case, "none")
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    with pytest.raises(RuntimeError, match="cannot be cropped"):
+        cache.crop(5)

@@ -44,6 +44,11 @@ class ArchitectureAdapter:
         }
 
     @classmethod
+    def attention_dropout(cls, config: Any) -> float:
+        """The model's attention-probability dropout, the experts' default."""
+        return float(getattr(config, "attention_dropout", 0.0) or 0.0)
+
+    @classmethod
     def meta_config(cls, config: Any, cfg: Optional[MetaAttnConfig] = None, **overrides: Any) -> MetaAttnConfig:
         """The MetaAttnConfig for this model: the user's settings on top of the model's own shape.
 
@@ -63,7 +68,8 @@ class ArchitectureAdapter:
                 )
         settings.update(overrides)
         settings.pop("format_version", None)
-        settings.setdefault("dropout", float(getattr(config, "attention_dropout", 0.0) or 0.0))
+        if cfg is None and "dropout" not in overrides:
+            settings["dropout"] = cls.attention_dropout(config)
         if derived["full_window"] is not None and "window_size" not in given and "window_size" not in overrides:
             settings["window_size"] = min(settings.get("window_size", defaults["window_size"]), derived["full_window"])
         return MetaAttnConfig.from_dict({**settings, **derived})

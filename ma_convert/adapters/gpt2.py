@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
-from ..core.config import MetaAttnConfig
 from ..modeling.attention import RoutedAttentionMixin
 from ..modeling.base import MetaCausalLMMixin, MetaInitMixin
 from .base import ArchitectureAdapter
@@ -79,12 +78,8 @@ class GPT2Adapter(ArchitectureAdapter):
         }
 
     @classmethod
-    def meta_config(cls, config: Any, cfg: Optional[MetaAttnConfig] = None, **overrides: Any) -> MetaAttnConfig:
-        # GPT-2 names its attention dropout attn_pdrop; the base reads `attention_dropout`, which
-        # GPT2Config lacks. Same rule as the base: the model's value unless the user gave one.
-        if cfg is None and "dropout" not in overrides:
-            overrides["dropout"] = float(config.attn_pdrop or 0.0)
-        return super().meta_config(config, cfg, **overrides)
+    def attention_dropout(cls, config: Any) -> float:
+        return float(config.attn_pdrop or 0.0)  # GPT-2's name for it
 
 
 MaGPT2LMHeadModel.adapter = GPT2Adapter

@@ -1,4 +1,5 @@
 """The Meta-Attention core: torch only, no transformers import."""
+# ruff: noqa: F401  (re-exports)
 
 from .config import FORMAT_VERSION, MetaAttnConfig
 from .control import collect_aux_losses, force_expert, meta_attention_modules, routing_stats, set_routing_mode

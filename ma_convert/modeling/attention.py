@@ -49,6 +49,31 @@ def _cache_layer(past_key_values, layer_idx: int):
     return layers[layer_idx]
 
 
+def _keep_state(layer, state) -> None:
+    """Store the linear state on a cache layer, and make the layer's beam-search reordering
+    reorder it too; cropping (assisted decoding) cannot roll a running sum back, so it refuses."""
+    if not getattr(layer, "_ma_state_hooks", False):
+        reorder, crop = layer.reorder_cache, getattr(layer, "crop", None)
+
+        def reorder_with_state(beam_idx):
+            reorder(beam_idx)
+            s, z, seen = getattr(layer, STATE_ATTRIBUTE)
+            idx = beam_idx.to(s.device)
+            setattr(layer, STATE_ATTRIBUTE, (s.index_select(0, idx), z.index_select(0, idx), seen))
+
+        def refuse_crop(*args, **kwargs):
+            raise RuntimeError(
+                "a Meta-Attention cache cannot be cropped: its linear-attention state is a running sum "
+                "(assisted/speculative decoding is not supported)"
+            )
+
+        layer.reorder_cache = reorder_with_state
+        if crop is not None:
+            layer.crop = refuse_crop
+        layer._ma_state_hooks = True
+    setattr(layer, STATE_ATTRIBUTE, state)
+
+
 class RoutedAttentionMixin:
     """Adds Meta-Attention routing to a Hugging Face attention module (which owns `self.meta`)."""
 
@@ -99,7 +124,7 @@ class RoutedAttentionMixin:
         if layer is not None:
             s, z = linear.advance_state(new_key, new_value, new_key_mask, recurrent.state)
             seen = getattr(layer, STATE_ATTRIBUTE, (None, None, 0))[2]
-            setattr(layer, STATE_ATTRIBUTE, (s, z, seen + t))
+            _keep_state(layer, (s, z, seen + t))
         return heads.transpose(1, 2).reshape(b, t, -1)
 
     def _read_state(self, layer, past_key_values, batch: int, new_tokens: int):
@@ -109,7 +134,7 @@ class RoutedAttentionMixin:
         if seen_by_state != seen_by_cache or (state is not None and state[0].shape[0] != batch):
             raise RuntimeError(
                 f"layer {self.layer_idx}: the linear-attention state covers {seen_by_state} tokens but the KV cache "
-                f"{seen_by_cache}; caches that are cropped, reordered (beam search) or reused across inputs are not "
-                f"supported by Meta-Attention yet: start a fresh cache"
+                f"{seen_by_cache}; a cache reused across inputs, or edited outside generate, is not supported by "
+                f"Meta-Attention: start a fresh cache"
             )
         return state

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
 
-import torch
 import torch.nn.functional as F
 
 from ..config import MetaAttnConfig

@@ -7,7 +7,6 @@ the quadratic form, across chunks the running state.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn as nn

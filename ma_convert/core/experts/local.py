@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
 
-import torch
 
 from ..config import MetaAttnConfig
 from .base import HeadAttentionExpert, blocked_softmax_attention, dense_positions

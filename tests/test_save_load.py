@@ -1,0 +1,162 @@
+"""Hub-style save and load of converted models: both loading paths, strictness, bad checkpoints."""
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from arch_cases import all_cases
+from ma_convert import convert, force_expert
+from ma_convert.adapters import adapter_for
+from ma_convert.convert import convert_config
+from ma_convert.core.controller import DirichletRouter
+from ma_convert.core.experts.linear import HedgehogFeatureMap
+from test_conversion import spread_routing
+
+CASES = all_cases()
+
+
+def converted_and_saved(case, folder):
+    model = convert(copy.deepcopy(case.make("sdpa"))).eval()
+    spread_routing(model)
+    with torch.no_grad():  # move every new parameter off its initial value, so reloading must restore it
+        for name, p in model.named_parameters():
+            if ".meta." in name:
+                p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Every case converted, saved, and its logits on fixed ids recorded."""
+    root = tmp_path_factory.mktemp("saved")
+    out = {}
+    for case in CASES:
+        folder = root / case.name
+        model = converted_and_saved(case, folder)
+        ids = torch.randint(3, case.vocab, (2, 10), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits = model(ids).logits
+        torch.save(ids, folder / "ids.pt")
+        torch.save(logits, folder / "expected.pt")
+        out[case.name] = (folder, model, ids, logits)
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_reload_with_ma_convert_is_identical(case, saved):
+    folder, model, ids, logits = saved[case.name]
+    config = json.loads((folder / "config.json").read_text())
+    block = config["meta_attention"]
+    assert config["model_type"] == f"ma_{block['base_model_type']}"
+    assert {"format_version", "converter_version", "base_model", "base_model_revision", "attention"} <= set(block)
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(reloaded) is type(model)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, logits, atol=0, rtol=0)
+    if getattr(model.config, "tie_word_embeddings", False):
+        assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+
+
+def test_reload_as_remote_code_without_the_package(saved):
+    """A fresh interpreter in which `import ma_convert` fails loads every folder with
+    trust_remote_code=True and reproduces the logits exactly."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["ma_convert"] = None
+        import torch
+        from transformers import AutoModelForCausalLM
+        for folder in sys.argv[1:]:
+            model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+            assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+            with torch.no_grad():
+                got = model(torch.load(folder + "/ids.pt")).logits
+            diff = (got - torch.load(folder + "/expected.pt")).abs().max().item()
+            print(folder, diff)
+            assert diff == 0.0, (folder, diff)
+        """
+    )
+    folders = [str(folder) for folder, *_ in saved.values()]
+    run = subprocess.run([sys.executable, "-c", script, *folders], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(run.stdout.splitlines()) == len(folders)
+
+
+def test_missing_weight_is_an_error(tmp_path):
+    case = CASES[0]
+    converted_and_saved(case, tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = next(k for k in weights if ".meta.router.fc2.bias" in k)
+    del weights[dropped]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks 1 expected weight"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["block", "attention"])
+def test_newer_format_version_is_refused(tmp_path, where):
+    converted_and_saved(CASES[0], tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    target = config["meta_attention"] if where == "block" else config["meta_attention"]["attention"]
+    target["format_version"] = 99
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="newer"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_truncated_safetensors_is_a_clear_error(tmp_path):
+    converted_and_saved(CASES[0], tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception, match="(?i)safetensors|deserializ|incomplete|header|truncat"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_original_checkpoint_loads_into_the_converted_class(case, tmp_path):
+    original = case.make("sdpa")
+    original.save_pretrained(tmp_path)
+    adapter = adapter_for(original.config.model_type)
+    config = convert_config(AutoConfig.from_pretrained(tmp_path))
+    model, info = adapter.causal_lm_class.from_pretrained(tmp_path, config=config, output_loading_info=True)
+    missing = sorted(info["missing_keys"])
+    assert missing and all(".meta." in key for key in missing), missing
+    assert not info["unexpected_keys"]
+    # The new parameters are initialised, not left as uninitialised memory.
+    for module in model.modules():
+        if isinstance(module, DirichletRouter):
+            torch.testing.assert_close(module.fc2.bias, module.initial_bias())
+            assert module.fc2.weight.abs().max() < 0.2
+            torch.testing.assert_close(module.prior, module.initial_bias().new_tensor(module.prior.tolist()))
+        if isinstance(module, HedgehogFeatureMap):
+            torch.testing.assert_close(module.weight, torch.eye(module.weight.shape[-1]).expand_as(module.weight))
+    ids = torch.randint(3, case.vocab, (1, 9), generator=torch.Generator().manual_seed(2))
+    model.eval()
+    with torch.no_grad(), force_expert(model, "full"):
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_fresh_converted_model_is_initialised(tmp_path):
+    case = CASES[0]
+    config = convert_config(case.make("sdpa").config)
+    model = adapter_for(config.model_type).causal_lm_class(config)
+    for module in model.modules():
+        if isinstance(module, DirichletRouter):
+            torch.testing.assert_close(module.fc2.bias, module.initial_bias())
+
+
+def test_sequence_longer_than_the_positions_is_refused():
+    case = CASES[0]
+    model = convert(case.make("sdpa")).eval()
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"at most {limit} positions"):
+        model(torch.zeros(1, limit + 1, dtype=torch.long))
