@@ -63,3 +63,34 @@ def test_routed_layer_on_cuda_matches_cpu(dtype):
     with torch.no_grad():
         out, _, _ = gpu(x.cuda().to(dtype))
     assert torch.isfinite(out).all()
+
+
+def test_converted_model_on_cuda():
+    """Forced-full exactness and cached decoding of a converted model on the GPU (fp32 and bf16)."""
+    from arch_cases import all_cases
+    from ma_convert import convert, set_routing_mode
+    from test_conversion import batch, spread_routing
+
+    case = next(c for c in all_cases() if c.name == "llama-gqa")
+    original = case.make("sdpa").cuda()
+    model = convert(case.make("sdpa")).cuda().eval()
+    ids, mask = (t.cuda() for t in batch(case, "left"))
+    with torch.no_grad():
+        expected = original(input_ids=ids, attention_mask=mask).logits
+        with force_expert(model, "full"):
+            got = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
+    model = model.to(torch.bfloat16)
+    spread_routing(model)
+    set_routing_mode(model, "hard")
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        out = model(input_ids=ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(7, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    cached = torch.cat(steps, 1)
+    assert not torch.isnan(cached).any()
+    assert rel_err(cached[real], full[real]) <= 1e-2
