@@ -39,7 +39,8 @@ class ArchitectureAdapter:
             "n_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
             "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
             "max_positions": config.max_position_embeddings,
-            "full_window": None,
+            # A base model's own attention window stays inside the full expert (Mistral, Phi-3).
+            "full_window": getattr(config, "sliding_window", None),
             "causal": True,
         }
 
@@ -72,4 +73,11 @@ class ArchitectureAdapter:
             settings["dropout"] = cls.attention_dropout(config)
         if derived["full_window"] is not None and "window_size" not in given and "window_size" not in overrides:
             settings["window_size"] = min(settings.get("window_size", defaults["window_size"]), derived["full_window"])
-        return MetaAttnConfig.from_dict({**settings, **derived})
+        meta = MetaAttnConfig.from_dict({**settings, **derived})
+        if meta.full_window is not None and meta.sink_tokens:
+            # Sinks are the first keys of the sequence, which a sliding-window KV cache drops.
+            raise ValueError(
+                f"sink_tokens={meta.sink_tokens} cannot be used with a sliding-window model "
+                f"(sliding_window={meta.full_window}): its KV cache drops the first tokens; leave sink_tokens at 0"
+            )
+        return meta

@@ -57,11 +57,8 @@ class MetaFalconAttention(RoutedAttentionMixin, FalconAttention):
             # The original SDPA path adds ALiBi / sqrt(head_dim) through the mask the model folds it
             # into (FalconModel.forward); the same op here, as a bias the softmax experts add.
             bias = alibi.view(batch, self.num_heads, 1, -1) / math.sqrt(self.head_dim)
-        new_key, new_value = key, value
-        if layer_past is not None:
-            key, value = layer_past.update(key, value, self.layer_idx)
         out = self.routed_attention(
-            hidden_states, query, key, value, new_key=new_key, new_value=new_value, attention_mask=attention_mask,
+            hidden_states, query, key, value, attention_mask=attention_mask,
             past_key_values=layer_past, position_ids=position_ids, scaling=self.inv_norm_factor, attn_bias=bias,
         )
         return self.dense(out), None

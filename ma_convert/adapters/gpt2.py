@@ -31,13 +31,10 @@ class MetaGPT2Attention(RoutedAttentionMixin, GPT2Attention):
         key = key.view(shape).transpose(1, 2)
         value = value.view(shape).transpose(1, 2)
         query = query.view(shape).transpose(1, 2)
-        new_key, new_value = key, value
         if isinstance(past_key_values, EncoderDecoderCache):  # add_cross_attention: ours is the self-attention half
             past_key_values = past_key_values.self_attention_cache
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
         out = self.routed_attention(
-            hidden_states, query, key, value, new_key=new_key, new_value=new_value, attention_mask=attention_mask,
+            hidden_states, query, key, value, attention_mask=attention_mask,
             past_key_values=past_key_values, position_ids=kwargs.get("position_ids"), scaling=self.scaling,
         )
         return self.resid_dropout(self.c_proj(out)), None

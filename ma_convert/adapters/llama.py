@@ -23,11 +23,8 @@ class MetaLlamaAttention(RoutedAttentionMixin, LlamaAttention):
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        new_key, new_value = key, value
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
         out = self.routed_attention(
-            hidden_states, query, key, value, new_key=new_key, new_value=new_value, attention_mask=attention_mask,
+            hidden_states, query, key, value, attention_mask=attention_mask,
             past_key_values=past_key_values, position_ids=kwargs.get("position_ids"), scaling=self.scaling,
         )
         return self.o_proj(out), None

@@ -30,13 +30,8 @@ class MetaMistralAttention(RoutedAttentionMixin, MistralAttention):
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        new_key, new_value = key, value
-        if past_key_values is not None:
-            # A sliding cache layer returns its last window - 1 keys plus these: still contiguous
-            # and ending at this step, which is all the experts' key indexing assumes.
-            key, value = past_key_values.update(key, value, self.layer_idx)
         out = self.routed_attention(
-            hidden_states, query, key, value, new_key=new_key, new_value=new_value, attention_mask=attention_mask,
+            hidden_states, query, key, value, attention_mask=attention_mask,
             past_key_values=past_key_values, position_ids=kwargs.get("position_ids"), scaling=self.scaling,
         )
         return self.o_proj(out), None
@@ -56,21 +51,6 @@ class MistralAdapter(ArchitectureAdapter):
     config_class = MaMistralConfig
     causal_lm_class = MaMistralForCausalLM
     original_causal_lm_class = MistralForCausalLM
-
-    @classmethod
-    def derived_fields(cls, config):
-        return {**super().derived_fields(config), "full_window": getattr(config, "sliding_window", None)}
-
-    @classmethod
-    def meta_config(cls, config, cfg=None, **overrides):
-        meta = super().meta_config(config, cfg, **overrides)
-        if meta.full_window is not None and meta.sink_tokens:
-            # Sinks are the first keys of the sequence, which the sliding KV cache drops.
-            raise ValueError(
-                f"sink_tokens={meta.sink_tokens} cannot be used with a sliding-window model "
-                f"(sliding_window={meta.full_window}): its KV cache drops the first tokens; leave sink_tokens at 0"
-            )
-        return meta
 
 
 MaMistralForCausalLM.adapter = MistralAdapter

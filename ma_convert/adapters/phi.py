@@ -31,11 +31,8 @@ class MetaPhiAttention(RoutedAttentionMixin, PhiAttention):
         query_rot, key_rot = apply_rotary_pos_emb(query[..., :n], key[..., :n], *position_embeddings)
         query = torch.cat((query_rot, query[..., n:]), dim=-1)
         key = torch.cat((key_rot, key[..., n:]), dim=-1)
-        new_key, new_value = key, value
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
         out = self.routed_attention(
-            hidden_states, query, key, value, new_key=new_key, new_value=new_value, attention_mask=attention_mask,
+            hidden_states, query, key, value, attention_mask=attention_mask,
             past_key_values=past_key_values, position_ids=kwargs.get("position_ids"), scaling=self.scaling,
         )
         return self.dense(out), None

@@ -30,11 +30,8 @@ class MetaPhi3Attention(RoutedAttentionMixin, Phi3Attention):
         value = qkv[..., k_end:].view(shape).transpose(1, 2)
         # Rotates the first cos.shape[-1] dims of each head (partial rotary) and passes the rest.
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        new_key, new_value = key, value
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
         out = self.routed_attention(
-            hidden_states, query, key, value, new_key=new_key, new_value=new_value, attention_mask=attention_mask,
+            hidden_states, query, key, value, attention_mask=attention_mask,
             past_key_values=past_key_values, position_ids=kwargs.get("position_ids"), scaling=self.scaling,
         )
         return self.o_proj(out), None
@@ -54,21 +51,6 @@ class Phi3Adapter(ArchitectureAdapter):
     config_class = MaPhi3Config
     causal_lm_class = MaPhi3ForCausalLM
     original_causal_lm_class = Phi3ForCausalLM
-
-    @classmethod
-    def derived_fields(cls, config):
-        return {**super().derived_fields(config), "full_window": getattr(config, "sliding_window", None)}
-
-    @classmethod
-    def meta_config(cls, config, cfg=None, **overrides):
-        meta = super().meta_config(config, cfg, **overrides)
-        if meta.full_window is not None and meta.sink_tokens:
-            # Sinks are the first keys of the sequence, which the sliding KV cache drops.
-            raise ValueError(
-                f"sink_tokens={meta.sink_tokens} cannot be used with a sliding-window model "
-                f"(sliding_window={meta.full_window}): its KV cache drops the first tokens; leave sink_tokens at 0"
-            )
-        return meta
 
 
 MaPhi3ForCausalLM.adapter = Phi3Adapter

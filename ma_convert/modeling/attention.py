@@ -87,16 +87,17 @@ class RoutedAttentionMixin:
         key: torch.Tensor,
         value: torch.Tensor,
         *,
-        new_key: torch.Tensor,
-        new_value: torch.Tensor,
         attention_mask: Optional[torch.Tensor],
         past_key_values=None,
         position_ids: Optional[torch.Tensor] = None,
         scaling: Optional[float] = None,
         attn_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Route and attend. query (B, Hq, T, d); key/value (B, Hkv, Tk, d) with the cache;
-        new_key/new_value (B, Hkv, T, d) this step's keys alone. Returns (B, T, Hq * d)."""
+        """Update the KV cache with this step's key/value (B, Hkv, T, d), route and attend with
+        query (B, Hq, T, d). Returns (B, T, Hq * d), before the output projection."""
+        new_key, new_value = key, value
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
         b, _, t, _ = query.shape
         key_mask = key_mask_from_hf(attention_mask, key.shape[2])
         new_key_mask = None if key_mask is None else key_mask[:, -t:]
