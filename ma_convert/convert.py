@@ -120,7 +120,9 @@ def convert_checkpoint(
         raise ValueError(f"could not load the weights of {src}: {type(error).__name__}: {error}") from error
     _drop_gguf_quantization(model)
     say("[3/4] converting the attention layers")
-    convert(model, cfg, base_model=str(src), **overrides)
+    # A local source is recorded as an absolute path, so `verify` finds it from any directory.
+    base = str(Path(str(src)).resolve()) if Path(str(src)).exists() else str(src)
+    convert(model, cfg, base_model=base, **overrides)
     say(f"[4/4] writing {out_dir}")
     with atomic_directory(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp)

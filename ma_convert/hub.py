@@ -16,6 +16,9 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
         raise FileExistsError(f"{out} already exists; choose another folder or pass overwrite=True (--overwrite)")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise NotADirectoryError(f"cannot create {out}: {parent} is a file")
     return out
 
 

@@ -30,11 +30,11 @@ def test_convert_then_verify(source, tmp_path, capsys):
     assert "[1/4]" in printed and "[4/4]" in printed
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "ma_llama"
-    assert config["meta_attention"]["base_model"] == str(source)
+    assert config["meta_attention"]["base_model"] == str(source.resolve())
     assert main(["verify", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "(b) loaded as remote code" in printed and "ok" in printed
-    assert "(c) forced-full vs the base model: max |logit diff| = 0.00e+00 ok" in printed
+    assert "(c) forced-full vs the base model (float32): max |logit diff| = 0.00e+00 ok" in printed
     assert leftovers(tmp_path, "converted") == []
 
 
@@ -108,8 +108,25 @@ def test_verify_refuses_an_unconverted_folder(source, capsys):
 def test_dtype_option(source, tmp_path):
     out = tmp_path / "bf16"
     assert main(["convert", str(source), str(out), "--dtype", "bfloat16"]) == 0
+    assert main(["verify", str(out)]) == 0  # compared with the base model in the same dtype
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
+
+
+def test_inputs_that_fail_early_with_a_message(source, tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "no-such-folder"), str(tmp_path / "out")]) == 2
+    assert "no-such-folder" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("window_size: [unclosed\n")
+    with pytest.raises(SystemExit, match="cannot read the config file"):
+        main(["convert", str(source), str(tmp_path / "out"), "--config", str(tmp_path / "bad.yaml")])
+    (source / "model.safetensors").write_bytes(b"never read")  # both errors below come first
+    (tmp_path / "two.yaml").write_text("expert_costs: [1.0, 0.15]\n")
+    assert main(["convert", str(source), str(tmp_path / "out"), "--config", str(tmp_path / "two.yaml")]) == 2
+    assert "three costs" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["convert", str(source), str(tmp_path / "file" / "out")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -58,16 +58,24 @@ def test_forced_full_logits_equal_the_original(case, impl, padding):
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_forced_full_greedy_generation_is_identical(case):
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_forced_full_greedy_generation_is_identical(case, padding):
     original = case.make("sdpa")
     model = converted(original)
-    ids, mask = batch(case, "left")
-    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ids, mask = batch(case, padding)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                  output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         expected = original.generate(**kwargs)
         with force_expert(model, "full"):
             got = model.generate(**kwargs)
-    assert torch.equal(got, expected)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.scores, expected.scores):  # the scores too, not only the argmax
+        torch.testing.assert_close(a, b, **TOL)
+    # With no mask given, generate infers it from the pad token as it does for the original.
+    kwargs = dict(input_ids=torch.where(mask.bool(), ids, 0), max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=2)
+    with torch.no_grad(), force_expert(model, "full"):
+        assert torch.equal(model.generate(**kwargs), original.generate(**kwargs))
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -139,3 +147,17 @@ def test_cache_cropping_is_refused():
         cache = model(input_ids=ids, use_cache=True).past_key_values
     with pytest.raises(RuntimeError, match="cannot be cropped"):
         cache.crop(5)
+
+
+def test_unsupported_caches_and_masks_are_refused():
+    from transformers import StaticCache
+
+    case = next(c for c in CASES if c.name == "llama-gqa")
+    model = converted(case.make("sdpa"))
+    ids, _ = batch(case, "none")
+    with torch.no_grad():
+        with pytest.raises(NotImplementedError, match="static KV caches"):
+            model(input_ids=ids, past_key_values=StaticCache(config=model.config, max_cache_len=20))
+        packed = torch.cat([torch.arange(6), torch.arange(6)]).unsqueeze(0)  # two sequences in one row
+        with pytest.raises(NotImplementedError, match="packed sequences"):
+            model(input_ids=ids[:1], position_ids=packed, use_cache=False)

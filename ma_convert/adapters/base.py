@@ -74,6 +74,11 @@ class ArchitectureAdapter:
         if derived["full_window"] is not None and "window_size" not in given and "window_size" not in overrides:
             settings["window_size"] = min(settings.get("window_size", defaults["window_size"]), derived["full_window"])
         meta = MetaAttnConfig.from_dict({**settings, **derived})
+        if meta.n_experts != 3:  # converted models route among the three built-in experts
+            raise ValueError(
+                f"MetaAttnConfig.expert_costs={meta.expert_costs} is invalid for a converted model: give the "
+                f"three costs of the full, linear and local experts"
+            )
         if meta.full_window is not None and meta.sink_tokens:
             # Sinks are the first keys of the sequence, which a sliding-window KV cache drops.
             raise ValueError(

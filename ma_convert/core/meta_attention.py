@@ -85,9 +85,14 @@ class MetaAttention(nn.Module):
         self.uncertain_route = cfg.uncertain_route
         # An expert index for every token, or a (B|1, T) LongTensor of per-token indices.
         self.forced_expert: Optional[int | torch.Tensor] = None
+        # Objective weights live on the module so training schedules can move them.
+        self.kl_weight, self.cost_lambda, self.entropy_coeff = cfg.kl_weight, cfg.cost_lambda, cfg.entropy_coeff
         self.last_aux_loss: Optional[torch.Tensor] = None
         self.last_stats: Optional[RoutingStats] = None
         self.last_routes: Optional[torch.Tensor] = None  # (B, T) expert of each token, last forward
+        # Attention-transfer training reads every expert's dense output of the last forward.
+        self.capture_expert_outputs = False
+        self.last_expert_outputs: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -158,16 +163,15 @@ class MetaAttention(nn.Module):
     def aux_loss(self, r: Optional[RouterOutput], valid: Optional[torch.Tensor]) -> torch.Tensor:
         """Per-token ELBO terms averaged over valid tokens: KL to the prior (Bayesian router),
         plus ``cost_lambda`` x expected cost, minus ``entropy_coeff`` x entropy."""
-        cfg = self.cfg
         if r is None:
             return self.costs.new_zeros(())
         per_token = torch.zeros_like(r.mean[..., 0])
-        if r.concentration is not None and cfg.kl_weight:
-            per_token = per_token + cfg.kl_weight * dirichlet_kl(r.concentration, self.router.prior)
-        if cfg.cost_lambda:
-            per_token = per_token + cfg.cost_lambda * expected_cost(r.mean, self.costs)
-        if cfg.entropy_coeff:
-            per_token = per_token - cfg.entropy_coeff * routing_entropy(r.mean)
+        if r.concentration is not None and self.kl_weight:
+            per_token = per_token + self.kl_weight * dirichlet_kl(r.concentration, self.router.prior)
+        if self.cost_lambda:
+            per_token = per_token + self.cost_lambda * expected_cost(r.mean, self.costs)
+        if self.entropy_coeff:
+            per_token = per_token - self.entropy_coeff * routing_entropy(r.mean)
         if valid is None:
             return per_token.mean()
         w = valid.to(per_token.dtype)
@@ -212,6 +216,8 @@ class MetaAttention(nn.Module):
                 call.update(key_mask=recurrent.key_mask, state=recurrent.state)
             if selected is None or bool(selected.all()):
                 part = expert.attend(q, keys, values, None, attn_bias=attn_bias, **call)
+                if self.capture_expert_outputs:
+                    self.last_expert_outputs[i] = part
                 contrib = part * w[:, None, :, None].to(part.dtype)
                 out = contrib if out is None else out + contrib
                 continue

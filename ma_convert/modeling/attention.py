@@ -18,25 +18,42 @@ from ..core.meta_attention import MetaAttention, RecurrentInputs
 STATE_ATTRIBUTE = "ma_linear_state"
 
 
-def key_mask_from_hf(attention_mask: Optional[torch.Tensor], n_keys: int) -> Optional[torch.Tensor]:
+def key_mask_from_hf(attention_mask, n_queries: int, n_keys: int, window: Optional[int]) -> Optional[torch.Tensor]:
     """(B, Tk) bool mask of real keys from a Hugging Face attention mask, None if all are real.
 
     HF hands attention a (B, 1, T, Tk) mask (bool for SDPA, additive for eager) or a (B, Tk) one
-    (flash-style). Causality and any base-model window are the experts' own business, so only
-    the keys no query may see (padding) are read from it. Every layer gets the same mask object,
-    so the answer is kept on it.
+    (flash-style). The experts apply causality and the base model's window themselves, so only the
+    padding is read from it; a mask with any other structure (packed sequences, custom 4-D masks)
+    would be silently dropped, so it is refused. Every layer gets the same mask object, so the
+    answer is kept on it.
     """
     if attention_mask is None:
         return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise NotImplementedError(
+            f"Meta-Attention reads attention masks as tensors, not {type(attention_mask).__name__}; "
+            f"use attn_implementation='sdpa' or 'eager'"
+        )
     cached = getattr(attention_mask, "_ma_key_mask", False)
     if cached is not False:
         return cached
     if attention_mask.dim() == 2:
-        real = attention_mask.bool()
+        real = attention_mask.bool()[:, -n_keys:]
     else:
         visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask > BLOCKED_AT
-        real = visible.any(dim=-2).any(dim=1)
-    real = real[:, -n_keys:]
+        visible = visible.any(dim=1)[:, -n_queries:, -n_keys:]  # (B, T, Tk)
+        real = visible.any(dim=-2)
+        q_pos = torch.arange(n_keys - n_queries, n_keys, device=visible.device)
+        k_pos = torch.arange(n_keys, device=visible.device)
+        expected = (k_pos[None, :] <= q_pos[:, None]) & real[:, None, :]
+        if window is not None:
+            expected &= q_pos[:, None] - k_pos[None, :] < window
+        rows = real[:, -n_queries:]  # rows of padding queries are whatever the mask maker chose
+        if not torch.equal(visible[rows], expected[rows]):
+            raise NotImplementedError(
+                "this attention mask has structure beyond causality and padding (packed sequences, or a custom "
+                "4-D mask), which Meta-Attention does not support yet"
+            )
     result = None if bool(real.all()) else real
     attention_mask._ma_key_mask = result
     return result
@@ -97,9 +114,15 @@ class RoutedAttentionMixin:
         query (B, Hq, T, d). Returns (B, T, Hq * d), before the output projection."""
         new_key, new_value = key, value
         if past_key_values is not None:
+            layers = getattr(past_key_values, "layers", None) or []
+            if self.layer_idx < len(layers) and getattr(layers[self.layer_idx], "is_compileable", False):
+                # Static layers return all max_cache_len slots, not the keys seen so far.
+                raise NotImplementedError(
+                    "Meta-Attention does not support static KV caches yet; use the default dynamic cache"
+                )
             key, value = past_key_values.update(key, value, self.layer_idx)
         b, _, t, _ = query.shape
-        key_mask = key_mask_from_hf(attention_mask, key.shape[2])
+        key_mask = key_mask_from_hf(attention_mask, t, key.shape[2], self.meta.cfg.full_window)
         new_key_mask = None if key_mask is None else key_mask[:, -t:]
         linear = next((e for e in self.meta.experts if getattr(e, "recurrent", False)), None)
         recurrent, layer = None, None

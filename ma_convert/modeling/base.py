@@ -124,21 +124,6 @@ class MetaCausalLMMixin(MetaInitMixin):
             )
         return (model, info) if want_info else model
 
-    def forward(self, *args, **kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        length = (ids if ids is not None else embeds).shape[1]
-        cache = kwargs.get("past_key_values")
-        if cache is not None and hasattr(cache, "get_seq_length"):
-            length += cache.get_seq_length()
-        limit = self.ma_max_positions
-        if length > limit:
-            raise ValueError(
-                f"the sequence has {length} tokens but the model handles at most {limit} positions "
-                f"(max_position_embeddings); shorten the input"
-            )
-        return super().forward(*args, **kwargs)
-
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as transformers does, plus self-contained remote code and `auto_map`, so the folder
         also loads with ``trust_remote_code=True`` where ma_convert is not installed."""
@@ -156,20 +141,50 @@ class MetaCausalLMMixin(MetaInitMixin):
 
 
 def _checkpoint_is_original(path, kwargs) -> bool:
-    """Whether the checkpoint's own config.json is an unconverted model's."""
+    """Whether the checkpoint's own config.json (folder, subfolder or Hub id) is an unconverted model's."""
     import json
-    from pathlib import Path
 
-    file = Path(str(path)) / "config.json"
-    if not file.is_file():
-        return False  # hub ids and single files: treat as converted, so missing weights are errors
-    return "meta_attention" not in json.loads(file.read_text())
+    from transformers.utils import cached_file
+
+    try:
+        file = cached_file(
+            str(path), "config.json", subfolder=kwargs.get("subfolder", ""), revision=kwargs.get("revision"),
+            _raise_exceptions_for_missing_entries=False,
+        )
+    except OSError:
+        file = None
+    if file is None:
+        return False  # no config to tell: treat as converted, so missing weights are errors
+    with open(file) as handle:
+        return "meta_attention" not in json.load(handle)
+
+
+def _refuse_overlong_input(model, args, kwargs) -> None:
+    """Forward pre-hook: a sequence longer than the model's positions is refused with a clear
+    error (GPT-2 would fail deep inside, RoPE models would run outside the range the router's
+    position feature was scaled for). A hook, not a `forward` override, so that transformers still
+    sees the original forward's signature (generate() builds position_ids and masks from it)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    tokens = ids if ids is not None else kwargs.get("inputs_embeds")
+    if tokens is None:
+        return
+    length = tokens.shape[1]
+    cache = kwargs.get("past_key_values")
+    if cache is not None and hasattr(cache, "get_seq_length"):
+        length += cache.get_seq_length()
+    if length > model.ma_max_positions:
+        raise ValueError(
+            f"the sequence has {length} tokens but the model handles at most {model.ma_max_positions} positions "
+            f"(max_position_embeddings); shorten the input"
+        )
 
 
 def install_meta_attention(model: nn.Module, cfg: MetaAttnConfig, adapter, inner_class: type) -> None:
     """Swap the inner model's and the attention modules' classes and give each attention a router
     and experts, in place; parameters are created on the attention's device and dtype."""
     model.ma_max_positions = cfg.max_positions
+    if not getattr(model, "_ma_length_hook", None):
+        model._ma_length_hook = model.register_forward_pre_hook(_refuse_overlong_input, with_kwargs=True)
     inner = getattr(model, adapter.inner_attribute)
     inner.__class__ = inner_class
     for attention in adapter.attention_modules(model):

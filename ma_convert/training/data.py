@@ -1,0 +1,450 @@
+"""Training data for router finetuning: read documents, tokenize, pack into fixed-length blocks.
+
+Sources (``DataConfig.source``):
+
+* ``"pydoc"``: CPython's own reference text (``pydoc_data.topics.topics``). Every Python ships it, so
+  the recipe runs with no download (~465k characters of English, ~110k tokens for a LLaMA tokenizer).
+* a local ``.txt`` (documents separated by blank lines), ``.jsonl`` (one JSON object per line, text in
+  ``text_field``) or ``.parquet`` file (column ``text_field``).
+* anything else: a Hub dataset for ``datasets.load_dataset``, written ``name``, ``name:config``, either
+  optionally followed by ``@split`` (otherwise ``DataConfig.split``).
+
+Without an ``eval_source`` the eval set is held out of ``source``: walking the documents in order (pydoc:
+sorted topic keys), a document goes to eval whenever that keeps eval's share of the characters seen so
+far at or under ``eval_fraction``, else to train. Deterministic, disjoint, close to ``eval_fraction`` of
+the text even when document sizes vary a lot (pydoc's do), and it needs no totals, so it works on streams.
+
+Packing tokenizes each document without special tokens, appends EOS after it, concatenates and cuts
+fixed ``seq_len`` blocks; the last partial block is dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch.utils.data import IterableDataset
+
+__all__ = [
+    "DataConfig",
+    "HubUnreachableError",
+    "PackedBlocks",
+    "build_datasets",
+    "iter_texts",
+    "pack",
+    "pydoc_topics",
+]
+
+_FILE_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+_TOKENIZE_BATCH = 64  # documents per tokenizer call: fast tokenizers batch in Rust, and the stream stays lazy
+
+
+class HubUnreachableError(ValueError, ConnectionError):
+    """A Hub dataset was asked for and the Hub cannot be reached (offline mode or no network)."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "pydoc"
+    seq_len: int = 512
+    eval_source: str | None = None  # None: hold out eval_fraction of source
+    eval_fraction: float = 0.1
+    text_field: str = "text"
+    split: str = "train"
+    streaming: bool = False
+    max_train_tokens: int | None = None
+    max_eval_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("source", "text_field", "split"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"DataConfig.{name} must be a non-empty string, got {value!r}")
+        if self.eval_source is not None and (not isinstance(self.eval_source, str) or not self.eval_source.strip()):
+            raise ValueError(f"DataConfig.eval_source must be None or a non-empty string, got {self.eval_source!r}")
+        if not _is_int(self.seq_len) or self.seq_len < 2:
+            # a block of one token has no next-token target
+            raise ValueError(f"DataConfig.seq_len must be an integer >= 2, got {self.seq_len!r}")
+        if (
+            isinstance(self.eval_fraction, bool)
+            or not isinstance(self.eval_fraction, (int, float))
+            or not (0.0 < self.eval_fraction < 1.0)
+        ):
+            raise ValueError(f"DataConfig.eval_fraction must be in (0, 1) (exclusive), got {self.eval_fraction!r}")
+        if not isinstance(self.streaming, bool):
+            raise ValueError(f"DataConfig.streaming must be True or False, got {self.streaming!r}")
+        for name in ("max_train_tokens", "max_eval_tokens"):
+            value = getattr(self, name)
+            # fewer tokens than one block would always give an empty set
+            if value is not None and (not _is_int(value) or value < self.seq_len):
+                raise ValueError(
+                    f"DataConfig.{name} must be None or an integer >= seq_len ({self.seq_len}), got {value!r}"
+                )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class _Source:
+    kind: str  # "pydoc", "txt", "jsonl", "parquet" or "hub"
+    spec: str
+    path: Path | None = None
+    name: str | None = None  # hub only
+    config: str | None = None
+    split: str | None = None
+
+    def identity(self) -> tuple:
+        """What makes two sources the same data (for the overlap check)."""
+        if self.kind == "hub":
+            return ("hub", self.name, self.config, self.split)
+        return (self.kind, str(self.path.resolve()) if self.path else None)
+
+
+def _resolve(spec: str, cfg: DataConfig, field: str) -> _Source:
+    if spec == "pydoc":
+        return _Source("pydoc", spec)
+    path = Path(spec).expanduser()
+    kind = _FILE_KINDS.get(path.suffix.lower())
+    if kind is not None:
+        if not path.is_file():
+            raise ValueError(f"DataConfig.{field}: file not found: {spec}")
+        return _Source(kind, spec, path=path)
+    if path.exists():
+        raise ValueError(
+            f"DataConfig.{field}: unsupported local source {spec!r}; use a .txt, .jsonl or .parquet file, "
+            f"'pydoc', or a Hub dataset name"
+        )
+    if path.is_absolute() or spec.startswith((".", "~")):
+        # clearly meant as a path: don't send it to the Hub
+        raise ValueError(f"DataConfig.{field}: file not found: {spec}")
+    name, _, split = spec.partition("@")
+    name, _, config = name.partition(":")
+    return _Source("hub", spec, name=name, config=config or None, split=split or cfg.split)
+
+
+def pydoc_topics(part: Literal["train", "eval", "all"] = "all", eval_fraction: float = 0.1) -> list[str]:
+    """The pydoc topic keys of one part, in sorted order (see the module docstring for the rule)."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    if part == "all":
+        return keys
+    if part not in ("train", "eval"):
+        raise ValueError(f"part must be 'train', 'eval' or 'all', got {part!r}")
+    want_eval = part == "eval"
+    return [key for key, is_eval in _split(keys, eval_fraction, lambda key: len(topics[key])) if is_eval == want_eval]
+
+
+def _split(items: Iterable, fraction: float, size=len) -> Iterator[tuple[object, bool]]:
+    """Pair each item with "is it eval?" by the character-share rule of the module docstring."""
+    seen = held = 0
+    for item in items:
+        n = size(item)
+        seen += n
+        is_eval = held + n <= fraction * seen
+        if is_eval:
+            held += n
+        yield item, is_eval
+
+
+def _iter_source(src: _Source, cfg: DataConfig) -> Iterator[str]:
+    """Every non-empty document of a source, lazily, in a fixed order."""
+    if src.kind == "pydoc":
+        from pydoc_data.topics import topics
+
+        for key in pydoc_topics("all"):
+            yield topics[key]
+    elif src.kind == "txt":
+        yield from _iter_txt(src.path)
+    elif src.kind == "jsonl":
+        yield from _iter_jsonl(src.path, cfg.text_field)
+    elif src.kind == "parquet":
+        yield from _iter_parquet(src.path, cfg.text_field)
+    else:
+        yield from _iter_hub(src, cfg)
+
+
+def _iter_txt(path: Path) -> Iterator[str]:
+    lines: list[str] = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                lines.append(line.rstrip("\n"))
+            elif lines:
+                yield "\n".join(lines)
+                lines = []
+    if lines:
+        yield "\n".join(lines)
+
+
+def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            if field not in row:
+                raise ValueError(f"{path}:{number}: no text_field {field!r}; the columns present are {sorted(row)}")
+            text = _as_text(row[field], f"{path}:{number}")
+            if text:
+                yield text
+
+
+def _iter_parquet(path: Path, field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    columns = parquet.schema_arrow.names
+    if field not in columns:
+        raise ValueError(f"{path}: no text_field column {field!r}; the columns present are {columns}")
+    for batch in parquet.iter_batches(columns=[field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            text = _as_text(value, str(path))
+            if text:
+                yield text
+
+
+def _as_text(value: object, where: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: the text field holds {type(value).__name__}, expected a string")
+    return value if value.strip() else ""
+
+
+def _load_hub(src: _Source, cfg: DataConfig):
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"source {src.spec!r} is a Hub dataset, which needs the `datasets` package "
+            f"(pip install 'ma-convert[train]'); or use a local .txt/.jsonl/.parquet file or source='pydoc'"
+        ) from None
+    try:
+        ds = datasets.load_dataset(src.name, src.config, split=src.split, streaming=cfg.streaming)
+    except Exception as error:  # datasets surfaces network trouble in many types; classify, then re-raise
+        if _looks_offline(error):
+            raise HubUnreachableError(
+                f"cannot load Hub dataset {src.spec!r}: the Hugging Face Hub is unreachable (offline mode, "
+                f"HF_HUB_OFFLINE=1, or no network) and the dataset is not in the local cache. "
+                f"Use a local .txt/.jsonl/.parquet file, or source='pydoc' (built in). "
+                f"[{type(error).__name__}: {error}]"
+            ) from None
+        if isinstance(error, FileNotFoundError):
+            raise ValueError(f"{src.spec!r} is neither a local file nor a dataset found on the Hub [{error}]") from None
+        raise
+    columns = ds.column_names  # None for some streamed datasets: then the row check below catches it
+    if columns is not None and cfg.text_field not in columns:
+        raise ValueError(f"{src.spec}: no text_field column {cfg.text_field!r}; the columns present are {columns}")
+    return ds if columns is None else ds.select_columns([cfg.text_field])  # decode only the text
+
+
+def _looks_offline(error: BaseException) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        name = type(error).__name__
+        if isinstance(error, (ConnectionError, TimeoutError)) or any(
+            word in name for word in ("Offline", "Connect", "Timeout", "LocalEntryNotFound")
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _iter_hub(src: _Source, cfg: DataConfig) -> Iterator[str]:
+    for number, row in enumerate(_load_hub(src, cfg)):
+        if cfg.text_field not in row:
+            raise ValueError(
+                f"{src.spec} row {number}: no text_field {cfg.text_field!r}; the columns present are {sorted(row)}"
+            )
+        text = _as_text(row[cfg.text_field], f"{src.spec} row {number}")
+        if text:
+            yield text
+
+
+def _parts(cfg: DataConfig) -> tuple[_Source, _Source | None]:
+    """The train source and the eval source (None: eval is held out of the train source)."""
+    train = _resolve(cfg.source, cfg, "source")
+    if cfg.eval_source is None:
+        return train, None
+    held = _resolve(cfg.eval_source, cfg, "eval_source")
+    if held.identity() == train.identity():
+        raise ValueError(
+            f"DataConfig.eval_source {cfg.eval_source!r} is the same data as source {cfg.source!r}, so eval would "
+            f"overlap train; leave eval_source=None to hold out eval_fraction of source"
+        )
+    return train, held
+
+
+def iter_texts(cfg: DataConfig, part: Literal["train", "eval"]) -> Iterator[str]:
+    """The non-empty documents of the train or eval part, lazily."""
+    if part not in ("train", "eval"):
+        raise ValueError(f"part must be 'train' or 'eval', got {part!r}")
+    train, held = _parts(cfg)
+    if held is not None:
+        yield from _iter_source(train if part == "train" else held, cfg)
+        return
+    want_eval = part == "eval"
+    for text, is_eval in _split(_iter_source(train, cfg), cfg.eval_fraction):
+        if is_eval == want_eval:
+            yield text
+
+
+# ----------------------------------------------------------------------------------------------- packing
+
+
+@dataclass
+class _PackStats:
+    documents: int = 0
+    tokens: int = 0
+
+
+def _eos_id(tokenizer) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError(
+            "the tokenizer has no eos_token_id; packing separates documents with EOS, so set tokenizer.eos_token"
+        )
+    return int(eos)
+
+
+def pack(texts: Iterable[str], tokenizer, seq_len: int, max_tokens: int | None = None) -> Iterator[torch.LongTensor]:
+    """Tokenize documents, EOS after each, concatenate, cut into ``seq_len`` blocks (last partial dropped).
+
+    Lazy: consumes ``texts`` only as far as the blocks asked for, and stops after ``max_tokens // seq_len``
+    blocks when ``max_tokens`` is set.
+    """
+    return _pack(texts, tokenizer, seq_len, max_tokens, _PackStats())
+
+
+def _pack(texts, tokenizer, seq_len, max_tokens, stats: _PackStats) -> Iterator[torch.LongTensor]:
+    if not _is_int(seq_len) or seq_len < 1:
+        raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
+    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 0):
+        raise ValueError(f"max_tokens must be None or an integer >= 0, got {max_tokens!r}")
+    eos = _eos_id(tokenizer)
+    blocks_left = None if max_tokens is None else max_tokens // seq_len
+    if blocks_left == 0:
+        return
+    buffer: list[int] = []
+    texts = (text for text in texts if text)
+    while batch := list(itertools.islice(texts, _TOKENIZE_BATCH)):
+        # no BOS etc.: documents are joined by EOS only; verbose=False silences the "longer than
+        # model_max_length" warning, which does not apply to text we cut into blocks
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            buffer.extend(ids)
+            buffer.append(eos)
+            stats.documents += 1
+            stats.tokens += len(ids) + 1
+        full = len(buffer) // seq_len
+        for k in range(full):
+            yield torch.tensor(buffer[k * seq_len : (k + 1) * seq_len], dtype=torch.long)
+            if blocks_left is not None:
+                blocks_left -= 1
+                if blocks_left == 0:
+                    return
+        del buffer[: full * seq_len]  # once per batch, so long documents stay linear
+
+
+class PackedBlocks(IterableDataset):
+    """The train blocks as a re-iterable stream (each epoch reads and packs the source again)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, part: Literal["train", "eval"] = "train"):
+        self.cfg, self.tokenizer, self.part = cfg, tokenizer, part
+        self.max_tokens = cfg.max_train_tokens if part == "train" else cfg.max_eval_tokens
+
+    def __iter__(self) -> Iterator[torch.LongTensor]:
+        blocks = pack(iter_texts(self.cfg, self.part), self.tokenizer, self.cfg.seq_len, self.max_tokens)
+        worker = torch.utils.data.get_worker_info()
+        if worker is None:
+            return blocks
+        # DataLoader workers each run this: give each a disjoint share of the blocks instead of copies
+        return itertools.islice(blocks, worker.id, None, worker.num_workers)
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+
+
+def _check_source(src: _Source, cfg: DataConfig) -> None:
+    """Cheap checks before tokenizing: columns present and at least one document."""
+    if src.kind == "pydoc":
+        return
+    if src.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        columns = pq.read_schema(src.path).names
+        if cfg.text_field not in columns:
+            raise ValueError(f"{src.path}: no text_field column {cfg.text_field!r}; the columns present are {columns}")
+    # reading lazily, the first document also checks jsonl columns and Hub reachability
+    if next(_iter_source(src, cfg), None) is None:
+        raise ValueError(f"{src.spec}: contains no text")
+
+
+def _blocks(cfg: DataConfig, tokenizer, part: str, max_tokens: int | None) -> list[torch.Tensor]:
+    stats = _PackStats()
+    blocks = list(_pack(iter_texts(cfg, part), tokenizer, cfg.seq_len, max_tokens, stats))
+    if not blocks:
+        _raise_empty(cfg, part, stats)
+    return blocks
+
+
+def _raise_empty(cfg: DataConfig, part: str, stats: _PackStats) -> None:
+    where = cfg.source if part == "train" or cfg.eval_source is None else cfg.eval_source
+    held = (
+        f" (its held-out eval_fraction={cfg.eval_fraction:g} share; raise eval_fraction or set eval_source)"
+        if part == "eval" and cfg.eval_source is None
+        else ""
+    )
+    raise ValueError(
+        f"the {part} set is empty: {where!r}{held} gave {stats.tokens} tokens from {stats.documents} documents, "
+        f"fewer than one block of seq_len={cfg.seq_len}; use more text or a smaller seq_len"
+    )
+
+
+def build_datasets(
+    cfg: DataConfig, tokenizer, max_positions: int | None
+) -> tuple[list[torch.Tensor] | PackedBlocks, list[torch.Tensor]]:
+    """Train blocks (a list, or a ``PackedBlocks`` stream when ``cfg.streaming``) and eval blocks (a list).
+
+    ``max_positions`` is the longest sequence the model accepts (None: no limit). Every check that needs
+    no tokenizing runs first.
+    """
+    _eos_id(tokenizer)
+    if max_positions is not None and cfg.seq_len > max_positions:
+        raise ValueError(
+            f"DataConfig.seq_len={cfg.seq_len} is longer than the model allows (max_positions={max_positions}); "
+            f"use seq_len <= {max_positions}"
+        )
+    train, held = _parts(cfg)
+    if train.kind == "pydoc" and held is None:
+        overlap = set(pydoc_topics("train", cfg.eval_fraction)) & set(pydoc_topics("eval", cfg.eval_fraction))
+        if overlap:  # cannot happen by construction; guard the invariant anyway
+            raise ValueError(f"pydoc train and eval splits overlap on topics {sorted(overlap)}")
+    for src in (train, held):
+        if src is not None:
+            _check_source(src, cfg)
+
+    if not cfg.streaming:
+        train_blocks = _blocks(cfg, tokenizer, "train", cfg.max_train_tokens)
+        return train_blocks, _blocks(cfg, tokenizer, "eval", cfg.max_eval_tokens)
+    # pull one block now, so an empty stream fails here rather than inside the training loop
+    stats = _PackStats()
+    if next(_pack(iter_texts(cfg, "train"), tokenizer, cfg.seq_len, cfg.max_train_tokens, stats), None) is None:
+        _raise_empty(cfg, "train", stats)
+    return PackedBlocks(cfg, tokenizer, "train"), _blocks(cfg, tokenizer, "eval", cfg.max_eval_tokens)

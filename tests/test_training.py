@@ -1,0 +1,132 @@
+"""The router-finetuning recipe on a tiny model: only routers and experts train, resume is exact,
+a NaN stops the run cleanly, bad recipes fail before anything heavy."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from ma_convert.training import objective
+from ma_convert.training.loop import NonFiniteLossError, finetune
+from ma_convert.training.recipe import Recipe
+
+
+def tiny_tokenizer():
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(list(topics.values())[:50], trainers.WordLevelTrainer(vocab_size=120, special_tokens=["<unk>", "<eos>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A tiny original (unconverted) LLaMA with a tokenizer, saved as a folder."""
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def recipe(source, out, **training):
+    return Recipe.from_dict({
+        "output_dir": str(out),
+        "model": {"source": str(source), "meta_attention": {"window_size": 8}},
+        "data": {"source": "pydoc", "seq_len": 32, "max_train_tokens": 2048, "max_eval_tokens": 256},
+        "training": {"steps": 6, "batch_size": 2, "eval_every": 3, "save_every": 2, "warmup_steps": 1,
+                     "transfer_steps": 2, "hard_at_step": 4, "log_with": None, **training},
+    })
+
+
+def meta_weights(folder):
+    return {k: v for k, v in load_file(folder / "model" / "model.safetensors").items() if ".meta." in k}
+
+
+def test_finetune_trains_only_routers_and_experts(source, tmp_path):
+    results = finetune(recipe(source, tmp_path / "run", log_with="tensorboard"))
+    saved = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    original = load_file(source / "model.safetensors")
+    for name, tensor in original.items():  # base weights are bit-identical
+        assert torch.equal(saved[name], tensor), name
+    fresh = finetune(recipe(source, tmp_path / "no-steps", steps=1, lr=1e-12))
+    moved = [k for k, v in meta_weights(tmp_path / "run").items() if not torch.equal(v, meta_weights(tmp_path / "no-steps")[k])]
+    assert moved, "no router or expert weight changed"
+    assert set(results["perplexity"]) == {"original", "routed, before finetune", "routed, after finetune"}
+    assert len(results["history"]) == 6 and results["history"][-1]["hard"] == 1.0
+    assert 0 < results["projected_cost"]["after"] <= 1.45
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["meta_attention"]["attention"]["hard_routing"] is True
+    assert any((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))
+    assert (tmp_path / "run" / "model" / "recipe.yaml").exists()
+    del fresh
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(source, tmp_path):
+    finetune(recipe(source, tmp_path / "straight"))
+    stopped = finetune(recipe(source, tmp_path / "killed"), stop_after=3)
+    assert stopped["stopped_at"] == 3
+    finetune(recipe(source, tmp_path / "killed"), resume=True)
+    a, b = meta_weights(tmp_path / "straight"), meta_weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(source, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = objective.distillation_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr("ma_convert.training.loop.distillation_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"nan in step 5.*step-000004"):
+        finetune(recipe(source, tmp_path / "run"))
+    assert (tmp_path / "run" / "checkpoints" / "step-000004").is_dir()
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_existing_output_and_missing_checkpoint(source, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "something").write_text("x")
+    with pytest.raises(FileExistsError, match="--resume"):
+        finetune(recipe(source, tmp_path / "run"))
+    with pytest.raises(ValueError, match="no checkpoint"):
+        finetune(recipe(source, tmp_path / "run"), resume=True)
+
+
+def test_bad_recipes_name_the_problem(source, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown key\(s\): stpes \(did you mean steps\?\)"):
+        Recipe.from_dict({"training": {"stpes": 3}})
+    with pytest.raises(ValueError, match=r"unknown key\(s\): trainig"):
+        Recipe.from_dict({"trainig": {}})
+    with pytest.raises(ValueError, match=r"training.lr=-1"):
+        Recipe.from_dict({"training": {"lr": -1}})
+    with pytest.raises(ValueError, match="uncertainty_threshold"):
+        Recipe.from_dict({"training": {"final_routing": "auto"}})
+    too_long = recipe(source, tmp_path / "long")
+    too_long.data.seq_len = 512  # the tiny model has 128 positions
+    with pytest.raises(ValueError, match="128"):
+        finetune(too_long)
+    assert not (tmp_path / "long" / "model").exists()
+
+
+def test_demo_recipe_file_parses():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "smollm2_demo.yaml"
+    parsed = Recipe.from_yaml(path)
+    assert parsed.model.source == "smollm2" and parsed.training.steps > 0
+    from ma_convert.training.recipe import DEMO_RECIPE_YAML, demo_recipe
+
+    assert path.read_text() == DEMO_RECIPE_YAML  # the file users read is the recipe the demo runs
+    assert demo_recipe(parsed.output_dir) == parsed
