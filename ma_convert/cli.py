@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import platform
 import sys
 from typing import Optional, Sequence
@@ -164,7 +165,8 @@ def _finetune(args: argparse.Namespace) -> int:
     except (ValueError, FileExistsError, NonFiniteLossError) as error:
         print(f"ma-convert: {error}", file=sys.stderr)
         return 2
-    _print_summary(results, recipe.output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, one summary, not one per process
+        _print_summary(results, recipe.output_dir)
     return 0
 
 

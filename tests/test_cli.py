@@ -24,3 +24,15 @@ def test_unknown_command_exits_with_usage(capsys):
         main(["transmogrify"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_push_refuses_a_folder_without_a_card(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["push", str(tmp_path), "me/model"]) == 2
+    assert "README.md" in capsys.readouterr().err
+
+
+def test_finetune_reports_recipe_errors(tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text("training:\n  stpes: 3\n")
+    assert main(["finetune", "--config", str(tmp_path / "r.yaml")]) == 2
+    assert "did you mean steps" in capsys.readouterr().err

@@ -130,3 +130,16 @@ def test_demo_recipe_file_parses():
 
     assert path.read_text() == DEMO_RECIPE_YAML  # the file users read is the recipe the demo runs
     assert demo_recipe(parsed.output_dir) == parsed
+
+
+def test_lora_on_the_projections_is_merged_on_export(source, tmp_path):
+    finetune(recipe(source, tmp_path / "lora", lora=True, lora_rank=4, steps=4, lr=1e-2))
+    saved = load_file(tmp_path / "lora" / "model" / "model.safetensors")
+    original = load_file(source / "model.safetensors")
+    assert not any("lora_" in k for k in saved)
+    projections = [k for k in original if ".self_attn." in k]
+    assert projections and all(not torch.equal(saved[k], original[k]) for k in projections if k.endswith("q_proj.weight"))
+    assert all(torch.equal(saved[k], original[k]) for k in original if ".self_attn." not in k)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "model")  # a plain converted model again

@@ -23,6 +23,7 @@ class ArchitectureAdapter:
     config_class: ClassVar[type]  # Ma<Arch>Config
     causal_lm_class: ClassVar[type]  # Ma<Arch>ForCausalLM
     original_causal_lm_class: ClassVar[type]
+    lora_targets: ClassVar[str]  # regex of the shared attention projections, for peft LoRA
 
     @classmethod
     def attention_modules(cls, model: nn.Module) -> list[nn.Module]:

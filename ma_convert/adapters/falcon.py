@@ -74,6 +74,7 @@ class MaFalconForCausalLM(MetaCausalLMMixin, FalconForCausalLM):
 
 class FalconAdapter(ArchitectureAdapter):
     model_type = "falcon"
+    lora_targets = r".*\.self_attention\.(query_key_value|dense)"
     inner_attribute = "transformer"
     attention_class = MetaFalconAttention
     config_class = MaFalconConfig

@@ -50,6 +50,7 @@ class MaGPT2LMHeadModel(MetaCausalLMMixin, GPT2LMHeadModel):
 
 class GPT2Adapter(ArchitectureAdapter):
     model_type = "gpt2"
+    lora_targets = r".*\.attn\.(c_attn|c_proj)"
     inner_attribute = "transformer"
     attention_class = MetaGPT2Attention
     config_class = MaGPT2Config

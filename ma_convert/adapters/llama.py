@@ -40,6 +40,7 @@ class MaLlamaForCausalLM(MetaCausalLMMixin, LlamaForCausalLM):
 
 class LlamaAdapter(ArchitectureAdapter):
     model_type = "llama"
+    lora_targets = r".*\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
     attention_class = MetaLlamaAttention
     config_class = MaLlamaConfig
     causal_lm_class = MaLlamaForCausalLM

@@ -47,6 +47,7 @@ class MaMistralForCausalLM(MetaCausalLMMixin, MistralForCausalLM):
 
 class MistralAdapter(ArchitectureAdapter):
     model_type = "mistral"
+    lora_targets = r".*\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
     attention_class = MetaMistralAttention
     config_class = MaMistralConfig
     causal_lm_class = MaMistralForCausalLM

@@ -48,6 +48,7 @@ class MaPhiForCausalLM(MetaCausalLMMixin, PhiForCausalLM):
 
 class PhiAdapter(ArchitectureAdapter):
     model_type = "phi"
+    lora_targets = r".*\.self_attn\.(q_proj|k_proj|v_proj|dense)"
     attention_class = MetaPhiAttention
     config_class = MaPhiConfig
     causal_lm_class = MaPhiForCausalLM

