@@ -143,3 +143,18 @@ def test_lora_on_the_projections_is_merged_on_export(source, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "model")  # a plain converted model again
+
+
+def test_streaming_data_and_uncertainty_switch_resume_exactly(source, tmp_path):
+    def streamed(out):
+        r = recipe(source, out, hard_switch="uncertainty", hard_below_uncertainty=1.0, eval_every=2)
+        r.data.streaming = True
+        return r
+
+    finetune(streamed(tmp_path / "straight"))
+    finetune(streamed(tmp_path / "killed"), stop_after=3)
+    results = finetune(streamed(tmp_path / "killed"), resume=True)
+    assert results["history"][-1]["hard"] == 1.0  # the uncertainty switch fired at the first eval
+    a, b = meta_weights(tmp_path / "straight"), meta_weights(tmp_path / "killed")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -97,19 +97,44 @@ def load_model(recipe: Recipe):
     return model, source
 
 
-def _block_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+class BatchSource:
+    """Micro-batches as a deterministic function of the global micro-step, so that a resumed run
+    reads exactly what the interrupted one would have, on any number of processes: global
+    micro-batch m is items [m * W * B, (m + 1) * W * B) of the data order, and process r takes its
+    B of them. A list of blocks is shuffled anew each epoch; a stream is read in order (re-read
+    from the start each epoch), and a resumed run skips what was consumed."""
 
+    def __init__(self, blocks, batch_size: int, seed: int) -> None:
+        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
+        self.streaming = not isinstance(blocks, list)
+        self._orders: dict[int, torch.Tensor] = {}
+        self._stream, self._position = None, 0
 
-def _batch(blocks, micro_step: int, batch_size: int, rank: int, world: int, seed: int) -> torch.Tensor:
-    """The micro-batch of this process at a global micro-step: a deterministic function of the
-    step, so a resumed run reads exactly what the interrupted one would have read."""
-    start = (micro_step * world + rank) * batch_size
-    rows = []
-    for k in range(start, start + batch_size):
-        epoch, position = divmod(k, len(blocks))
-        rows.append(blocks[int(_block_order(len(blocks), seed, epoch)[position])])
-    return torch.stack(rows)
+    def _item(self, k: int) -> torch.Tensor:
+        epoch, position = divmod(k, len(self.blocks))
+        if epoch not in self._orders:
+            self._orders = {epoch: torch.randperm(len(self.blocks), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))}
+        return self.blocks[int(self._orders[epoch][position])]
+
+    def _next_streamed(self, k: int) -> torch.Tensor:
+        if self._stream is None or k < self._position:
+            self._stream, self._position = iter(self.blocks), 0
+        while True:
+            block = next(self._stream, None)
+            if block is None:  # end of an epoch: read the stream again
+                self._stream = iter(self.blocks)
+                continue
+            self._position += 1
+            if self._position - 1 == k:
+                return block
+
+    def batch(self, micro_step: int, rank: int, world: int) -> torch.Tensor:
+        start = (micro_step * world + rank) * self.batch_size
+        if not self.streaming:
+            return torch.stack([self._item(k) for k in range(start, start + self.batch_size)])
+        first = micro_step * world * self.batch_size  # every process reads the whole global batch
+        rows = [self._next_streamed(k) for k in range(first, first + world * self.batch_size)]
+        return torch.stack(rows[rank * self.batch_size : (rank + 1) * self.batch_size])
 
 
 @torch.no_grad()
@@ -141,6 +166,7 @@ def evaluate(model, blocks, batch_size: int, accelerator, forced: Optional[str] 
             layer_stats=[s.to_dict() for s in layers],
             projected_cost=overall.projected_cost,
             entropy=overall.entropy,
+            mean_uncertainty=overall.mean_uncertainty,
             expert_fractions=overall.expert_fractions,
         )
     return result
@@ -194,9 +220,8 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
     set_seed(t.seed)
 
     tokenizer, config = load_tokenizer_and_config(recipe)
-    if recipe.data.streaming:
-        raise ValueError("streaming data is not resumable by step in this recipe; set data.streaming: false")
     train_blocks, eval_blocks = build_datasets(recipe.data, tokenizer, config.max_position_embeddings)
+    batches = BatchSource(train_blocks, t.batch_size, t.seed)
     model, base = load_model(recipe)
     freeze_all_but_routers_and_experts(model)
     if t.lora:
@@ -246,8 +271,8 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
         transfer = step < t.transfer_steps
         set_transfer_capture(inner, transfer)
         for micro in range(t.grad_accum):
-            ids = _batch(train_blocks, step * t.grad_accum + micro, t.batch_size, accelerator.process_index,
-                         accelerator.num_processes, t.seed).to(accelerator.device)
+            ids = batches.batch(step * t.grad_accum + micro, accelerator.process_index,
+                                accelerator.num_processes).to(accelerator.device)
             # The teacher pass first: the student's forward must be the last one, since the aux
             # loss and the routing stats are read from the modules afterwards.
             teacher = None
@@ -288,6 +313,8 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
             accelerator.log({"eval/perplexity": result["perplexity"], "eval/projected_cost": result["projected_cost"],
                              "eval/entropy": result["entropy"]}, step=state.step)
             if t.hard_switch == "entropy" and result["entropy"] < t.hard_below_entropy:
+                state.hard = True
+            if t.hard_switch == "uncertainty" and result["mean_uncertainty"] < t.hard_below_uncertainty:
                 state.hard = True
         if state.step % t.save_every == 0 and state.step < t.steps:
             last_checkpoint = _save_checkpoint(accelerator, out / "checkpoints" / f"step-{state.step:06d}")

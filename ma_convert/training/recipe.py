@@ -50,9 +50,10 @@ class TrainingConfig:
     temperature_end: float = 1.0
     transfer_steps: int = 0  # attention-transfer warm-up: MSE of each cheap expert's output to the full expert's
     transfer_weight: float = 1.0
-    hard_switch: str = "steps"  # when training moves from soft to hard routing: "steps", "entropy" or "never"
+    hard_switch: str = "steps"  # soft to hard routing: "steps", "entropy", "uncertainty" or "never"
     hard_at_step: int = 60
     hard_below_entropy: float = 0.3  # "entropy": switch once the eval routing entropy falls below this
+    hard_below_uncertainty: float = 0.3  # "uncertainty": once the routers' mean uncertainty does
     final_routing: str = "hard"  # routing mode saved with the model: "soft", "hard" or "auto"
     uncertainty_threshold: Optional[float] = None  # with final_routing "auto"
     eval_every: int = 25
@@ -80,8 +81,10 @@ class TrainingConfig:
             _need(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, w, name, value, "a number >= 0")
         _need(self.objective in ("distill", "lm"), w, "objective", self.objective, "'distill' or 'lm'")
         _need(self.cost_ramp in ("cosine", "linear"), w, "cost_ramp", self.cost_ramp, "'cosine' or 'linear'")
-        _need(self.hard_switch in ("steps", "entropy", "never"), w, "hard_switch", self.hard_switch, "'steps', 'entropy' or 'never'")
+        _need(self.hard_switch in ("steps", "entropy", "uncertainty", "never"), w, "hard_switch", self.hard_switch,
+              "'steps', 'entropy', 'uncertainty' or 'never'")
         _need(0 < self.hard_below_entropy <= 1, w, "hard_below_entropy", self.hard_below_entropy, "in (0, 1]")
+        _need(0 < self.hard_below_uncertainty <= 1, w, "hard_below_uncertainty", self.hard_below_uncertainty, "in (0, 1]")
         _need(self.final_routing in ("soft", "hard", "auto"), w, "final_routing", self.final_routing, "'soft', 'hard' or 'auto'")
         _need(
             self.final_routing != "auto" or (self.uncertainty_threshold is not None and 0 < self.uncertainty_threshold <= 1),
