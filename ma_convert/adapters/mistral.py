@@ -10,11 +10,12 @@ it), and the linear expert reads only this step's keys plus its own state.
 from __future__ import annotations
 
 from transformers import MistralConfig, MistralForCausalLM, MistralModel
-from transformers.models.mistral.modeling_mistral import MistralAttention, apply_rotary_pos_emb
+from transformers.models.mistral.modeling_mistral import MistralAttention
 
 from ..modeling.attention import RoutedAttentionMixin
 from ..modeling.base import MetaCausalLMMixin, MetaInitMixin
 from .base import ArchitectureAdapter
+from .llama import MetaLlamaAttention
 
 
 class MaMistralConfig(MistralConfig):
@@ -22,19 +23,10 @@ class MaMistralConfig(MistralConfig):
 
 
 class MetaMistralAttention(RoutedAttentionMixin, MistralAttention):
-    """MistralAttention with Meta-Attention routing; projections and RoPE exactly as the original."""
+    """MistralAttention with Meta-Attention routing. Its projections and RoPE are LLaMA's, op for op,
+    so it shares the LLaMA forward; the window lives in the full expert (`full_window`)."""
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        out = self.routed_attention(
-            hidden_states, query, key, value, attention_mask=attention_mask,
-            past_key_values=past_key_values, position_ids=kwargs.get("position_ids"), scaling=self.scaling,
-        )
-        return self.o_proj(out), None
+    forward = MetaLlamaAttention.forward
 
 
 class MaMistralModel(MetaInitMixin, MistralModel):
