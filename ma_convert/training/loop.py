@@ -310,8 +310,10 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
         progress.set_postfix(loss=f"{record['loss']:.3f}", cost=f"{stats.projected_cost:.2f}", hard=state.hard)
         if state.step % t.eval_every == 0 or state.step == t.steps:
             result = evaluate(model, eval_blocks, t.batch_size, accelerator)
+            per_layer = {f"eval/layer_{i:02d}/{k}": layer[k] for i, layer in enumerate(result["layer_stats"])
+                         for k in ("projected_cost", "entropy")}
             accelerator.log({"eval/perplexity": result["perplexity"], "eval/projected_cost": result["projected_cost"],
-                             "eval/entropy": result["entropy"]}, step=state.step)
+                             "eval/entropy": result["entropy"], **per_layer}, step=state.step)
             if t.hard_switch == "entropy" and result["entropy"] < t.hard_below_entropy:
                 state.hard = True
             if t.hard_switch == "uncertainty" and result["mean_uncertainty"] < t.hard_below_uncertainty:
