@@ -202,7 +202,9 @@ class MetaAttention(nn.Module):
         """
         b, _, t, _ = q.shape
         out = None
-        sparse = not self.training
+        # Dense runs are for gradients through soft or straight-through weights; forced routes
+        # have none, so they skip the experts no token goes to (the teacher pass of distillation).
+        sparse = not self.training or self.forced_expert is not None
         for i, expert in enumerate(self.experts):
             if not isinstance(expert, HeadAttentionExpert):
                 continue

@@ -141,7 +141,7 @@ class BatchSource:
 def evaluate(model, blocks, batch_size: int, accelerator, forced: Optional[str] = None) -> dict:
     """Perplexity over the eval blocks (routed, or forced to one expert) and the routing stats."""
     inner = accelerator.unwrap_model(model)
-    was_training = inner.training
+    was_training = any(m.training for m in meta_attention_modules(inner))
     inner.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = blocks[rank::world]
@@ -158,7 +158,8 @@ def evaluate(model, blocks, batch_size: int, accelerator, forced: Optional[str] 
         total += lm_loss(logits, ids).double().cpu() * ids[:, 1:].numel()
         count += ids[:, 1:].numel()
     sums = accelerator.reduce(torch.tensor([total.item(), float(count)], device=accelerator.device), "sum")
-    inner.train(was_training)
+    if was_training:
+        train_routers_only(inner)
     result = {"perplexity": math.exp(sums[0].item() / max(sums[1].item(), 1.0))}
     if layers is not None:
         overall = RoutingStats.aggregate(layers)
@@ -170,6 +171,15 @@ def evaluate(model, blocks, batch_size: int, accelerator, forced: Optional[str] 
             expert_fractions=overall.expert_fractions,
         )
     return result
+
+
+def train_routers_only(model) -> None:
+    """Training mode for the Meta-Attention modules (posterior sampling, Gumbel routing) and eval
+    mode for the frozen rest: the base model's own dropout would only add noise to the teacher and
+    the student alike."""
+    model.eval()
+    for module in meta_attention_modules(model):
+        module.train()
 
 
 def _save_checkpoint(accelerator, folder: Path, keep: int = 2) -> Path:
@@ -255,7 +265,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
             f"routed {before['routed']['perplexity']:.2f} at projected cost {before['routed']['projected_cost']:.2f}"
         )
 
-    model.train()
+    train_routers_only(inner)
     last_checkpoint = latest_checkpoint(out)
     progress = tqdm(total=t.steps, initial=state.step, desc="router finetune", disable=not accelerator.is_local_main_process)
     history = []
