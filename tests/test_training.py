@@ -77,6 +77,16 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(source, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    straight, resumed = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("straight", "killed"))
+    assert resumed["perplexity"] == straight["perplexity"]  # the "before" numbers survive the kill
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+
+
+def test_stopping_on_a_checkpoint_step_and_the_final_temperature(source, tmp_path):
+    assert finetune(recipe(source, tmp_path / "run", temperature_start=2.0, temperature_end=0.5), stop_after=2)["stopped_at"] == 2
+    finetune(recipe(source, tmp_path / "run", temperature_start=2.0, temperature_end=0.5), resume=True)
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["meta_attention"]["attention"]["temperature"] == pytest.approx(0.5)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(source, tmp_path, monkeypatch):
@@ -113,6 +123,14 @@ def test_bad_recipes_name_the_problem(source, tmp_path):
         Recipe.from_dict({"training": {"lr": -1}})
     with pytest.raises(ValueError, match="uncertainty_threshold"):
         Recipe.from_dict({"training": {"final_routing": "auto"}})
+    with pytest.raises(ValueError, match="uncertainty_threshold"):
+        Recipe.from_dict({"training": {"uncertainty_threshold": 7}})
+    with pytest.raises(ValueError, match="hard_below_entropy='0.3'"):
+        Recipe.from_dict({"training": {"hard_below_entropy": "0.3"}})
+    with pytest.raises(ValueError, match="steps=True"):
+        Recipe.from_dict({"training": {"steps": True}})
+    with pytest.raises(ValueError, match=r"model.meta_attention.*window_sise \(did you mean window_size\?\)"):
+        Recipe.from_dict({"model": {"meta_attention": {"window_sise": 8}}})
     too_long = recipe(source, tmp_path / "long")
     too_long.data.seq_len = 512  # the tiny model has 128 positions
     with pytest.raises(ValueError, match="128"):

@@ -11,7 +11,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -44,12 +44,16 @@ class TrainState:
 
     step: int = 0
     hard: bool = False
+    before: dict = field(default_factory=dict)  # the evaluation before training, for the results and card
+    history: list = field(default_factory=list)
+    seconds: float = 0.0  # training time so far, across resumes
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "hard": self.hard}
+        return {"step": self.step, "hard": self.hard, "before": self.before, "history": self.history, "seconds": self.seconds}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.hard = int(state["step"]), bool(state["hard"])
+        self.before, self.history, self.seconds = state["before"], state["history"], float(state["seconds"])
 
 
 def embedded_smollm2() -> Path:
@@ -162,6 +166,8 @@ def evaluate(model, blocks, batch_size: int, accelerator, forced: Optional[str] 
         train_routers_only(inner)
     result = {"perplexity": math.exp(sums[0].item() / max(sums[1].item(), 1.0))}
     if layers is not None:
+        # Each process saw its share of the eval blocks: the statistics are sums, so they add up.
+        layers = [RoutingStats(accelerator.reduce(s._sums, "sum"), s.costs) for s in layers]
         overall = RoutingStats.aggregate(layers)
         result.update(
             layer_stats=[s.to_dict() for s in layers],
@@ -241,22 +247,23 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
     model.to(accelerator.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays out of prepare(): Accelerate would step it once per process per step,
+    # running an N-GPU schedule N times too fast. It is checkpointed all the same.
+    model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(state, scheduler)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(recipe.to_yaml())
     if t.log_with:
         accelerator.init_trackers("router_finetune", config=_flat_hparams(recipe.to_dict()))
 
-    before = {}
     if resume:
         accelerator.load_state(str(latest_checkpoint(out)))
         accelerator.print(f"resumed from {latest_checkpoint(out)} at step {state.step}")
     else:
-        before = {
+        state.before = before = {
             "original": evaluate(model, eval_blocks, t.batch_size, accelerator, forced="full")["perplexity"],
             "routed": evaluate(model, eval_blocks, t.batch_size, accelerator),
         }
@@ -268,18 +275,19 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
     train_routers_only(inner)
     last_checkpoint = latest_checkpoint(out)
     progress = tqdm(total=t.steps, initial=state.step, desc="router finetune", disable=not accelerator.is_local_main_process)
-    history = []
-    started = time.perf_counter()
+    history, before = state.history, state.before
+    started = time.perf_counter() - state.seconds
     while state.step < t.steps and (stop_after is None or state.step < stop_after):
         step = state.step
         if t.hard_switch == "steps" and step >= t.hard_at_step:
             state.hard = True
         set_routing_mode(inner, "hard" if state.hard else "soft")
         cost_lambda = ramp(t.cost_ramp, step, t.cost_ramp_steps, t.cost_lambda_start, t.cost_lambda_end)
-        temperature = ramp("cosine", step, t.steps, t.temperature_start, t.temperature_end)
+        temperature = ramp("cosine", step, max(t.steps - 1, 1), t.temperature_start, t.temperature_end)
         set_objective_weights(inner, kl_weight=t.kl_weight, cost_lambda=cost_lambda, temperature=temperature)
         transfer = step < t.transfer_steps
         set_transfer_capture(inner, transfer)
+        step_loss, step_task = 0.0, 0.0
         for micro in range(t.grad_accum):
             ids = batches.batch(step * t.grad_accum + micro, accelerator.process_index,
                                 accelerator.num_processes).to(accelerator.device)
@@ -304,6 +312,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
                         f"the last good checkpoint is {last_checkpoint or 'none (none was saved yet)'}"
                     )
                 accelerator.backward(loss / t.grad_accum)
+                step_loss, step_task = step_loss + loss.detach() / t.grad_accum, step_task + task.detach() / t.grad_accum
         accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -311,7 +320,8 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
         state.step += 1
         stats = RoutingStats.aggregate(routing_stats(inner))
         # Logged losses are means over the processes, so N-GPU curves compare with 1-GPU ones.
-        loss_mean, task_mean = accelerator.reduce(torch.stack([loss.detach(), task.detach()]), "mean").tolist()
+        loss_mean, task_mean = accelerator.reduce(torch.stack([step_loss, step_task]), "mean").tolist()
+        state.seconds = time.perf_counter() - started
         record = {"loss": loss_mean, "task": task_mean, "cost_lambda": cost_lambda, "temperature": temperature,
                   "projected_cost": stats.projected_cost, "entropy": stats.entropy, "hard": float(state.hard)}
         history.append(record)
@@ -332,7 +342,9 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
             last_checkpoint = _save_checkpoint(accelerator, out / "checkpoints" / f"step-{state.step:06d}")
     progress.close()
     if stop_after is not None and state.step < t.steps:
-        last_checkpoint = _save_checkpoint(accelerator, out / "checkpoints" / f"step-{state.step:06d}")
+        folder = out / "checkpoints" / f"step-{state.step:06d}"
+        if last_checkpoint != folder:  # unless this step's checkpoint was just written
+            last_checkpoint = _save_checkpoint(accelerator, folder)
         accelerator.end_training()
         return {"stopped_at": state.step, "checkpoint": str(last_checkpoint)}
 
@@ -342,7 +354,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
         "base_model": base,
         "trainable_parameters": sum(p.numel() for p in inner.parameters() if p.requires_grad),
         "steps": t.steps,
-        "train_seconds": time.perf_counter() - started,
+        "train_seconds": state.seconds,
         "perplexity": {
             "original": before.get("original"),
             "routed, before finetune": before.get("routed", {}).get("perplexity"),

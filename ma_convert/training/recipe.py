@@ -20,6 +20,14 @@ def _need(ok: bool, where: str, name: str, value: Any, allowed: str) -> None:
         raise ValueError(f"recipe {where}.{name}={value!r} is invalid: must be {allowed}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass
 class ModelConfig:
     source: str = "smollm2"  # a converted folder, an original folder / Hub id / .gguf, or "smollm2" (the embedded GGUF)
@@ -27,7 +35,11 @@ class ModelConfig:
     meta_attention: dict = field(default_factory=dict)  # MetaAttnConfig fields, used when `source` is not converted yet
 
     def __post_init__(self) -> None:
+        from ..core.config import MetaAttnConfig
+
         _need(self.dtype in ("float32", "bfloat16", "float16"), "model", "dtype", self.dtype, "float32, bfloat16 or float16")
+        _need(isinstance(self.meta_attention, dict), "model", "meta_attention", self.meta_attention, "a mapping")
+        _reject_unknown("recipe model.meta_attention", self.meta_attention, {f.name for f in dataclasses.fields(MetaAttnConfig)})
 
 
 @dataclass
@@ -69,26 +81,31 @@ class TrainingConfig:
         w = "training"
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "lora_rank", "lora_alpha"):
             value = getattr(self, name)
-            _need(isinstance(value, int) and value >= 1, w, name, value, "an integer >= 1")
+            _need(_is_int(value) and value >= 1, w, name, value, "an integer >= 1")
         for name in ("warmup_steps", "cost_ramp_steps", "transfer_steps", "hard_at_step", "seed"):
             value = getattr(self, name)
-            _need(isinstance(value, int) and value >= 0, w, name, value, "an integer >= 0")
+            _need(_is_int(value) and value >= 0, w, name, value, "an integer >= 0")
         for name in ("lr", "distill_temperature", "temperature_start", "temperature_end", "max_grad_norm"):
             value = getattr(self, name)
-            _need(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, w, name, value, "a number > 0")
+            _need(_is_number(value) and value > 0, w, name, value, "a number > 0")
         for name in ("weight_decay", "kl_weight", "cost_lambda_start", "cost_lambda_end", "transfer_weight"):
             value = getattr(self, name)
-            _need(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, w, name, value, "a number >= 0")
+            _need(_is_number(value) and value >= 0, w, name, value, "a number >= 0")
+        for name in ("hard_below_entropy", "hard_below_uncertainty"):
+            value = getattr(self, name)
+            _need(_is_number(value) and 0 < value <= 1, w, name, value, "a number in (0, 1]")
+        for name in ("lora",):
+            _need(isinstance(getattr(self, name), bool), w, name, getattr(self, name), "true or false")
         _need(self.objective in ("distill", "lm"), w, "objective", self.objective, "'distill' or 'lm'")
         _need(self.cost_ramp in ("cosine", "linear"), w, "cost_ramp", self.cost_ramp, "'cosine' or 'linear'")
         _need(self.hard_switch in ("steps", "entropy", "uncertainty", "never"), w, "hard_switch", self.hard_switch,
               "'steps', 'entropy', 'uncertainty' or 'never'")
-        _need(0 < self.hard_below_entropy <= 1, w, "hard_below_entropy", self.hard_below_entropy, "in (0, 1]")
-        _need(0 < self.hard_below_uncertainty <= 1, w, "hard_below_uncertainty", self.hard_below_uncertainty, "in (0, 1]")
         _need(self.final_routing in ("soft", "hard", "auto"), w, "final_routing", self.final_routing, "'soft', 'hard' or 'auto'")
         _need(
-            self.final_routing != "auto" or (self.uncertainty_threshold is not None and 0 < self.uncertainty_threshold <= 1),
-            w, "uncertainty_threshold", self.uncertainty_threshold, "a number in (0, 1] with final_routing 'auto'",
+            (self.uncertainty_threshold is None and self.final_routing != "auto")
+            or (_is_number(self.uncertainty_threshold) and 0 < self.uncertainty_threshold <= 1 and self.final_routing == "auto"),
+            w, "uncertainty_threshold", self.uncertainty_threshold,
+            "a number in (0, 1] with final_routing 'auto', and unset otherwise",
         )
         _need(self.mixed_precision in ("no", "bf16", "fp16"), w, "mixed_precision", self.mixed_precision, "'no', 'bf16' or 'fp16'")
         _need(self.log_with in (None, "tensorboard"), w, "log_with", self.log_with, "None or 'tensorboard'")
