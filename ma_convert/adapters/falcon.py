@@ -87,16 +87,8 @@ class FalconAdapter(ArchitectureAdapter):
 
     @classmethod
     def derived_fields(cls, config):
-        heads = config.num_attention_heads
-        return {
-            "d_model": config.hidden_size,
-            "n_heads": heads,
-            "n_kv_heads": falcon_kv_heads(config),
-            "head_dim": config.hidden_size // heads,
-            "max_positions": config.max_position_embeddings,
-            "full_window": None,
-            "causal": True,
-        }
+        # Falcon's kv head count depends on its layout (multi-query, grouped, or one per head).
+        return {**super().derived_fields(config), "n_kv_heads": falcon_kv_heads(config)}
 
 
 MaFalconForCausalLM.adapter = FalconAdapter

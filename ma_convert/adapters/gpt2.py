@@ -63,19 +63,6 @@ class GPT2Adapter(ArchitectureAdapter):
         return [block.attn for block in model.transformer.h]
 
     @classmethod
-    def derived_fields(cls, config: Any) -> dict:
-        heads = config.n_head
-        return {
-            "d_model": config.n_embd,
-            "n_heads": heads,
-            "n_kv_heads": heads,
-            "head_dim": config.n_embd // heads,
-            "max_positions": config.n_positions,
-            "full_window": None,
-            "causal": True,
-        }
-
-    @classmethod
     def attention_dropout(cls, config: Any) -> float:
         return float(config.attn_pdrop or 0.0)  # GPT-2's name for it
 
