@@ -9,7 +9,6 @@ randomly placed tokens, batch 1, inference (eval, no_grad). Prints medians and t
 from __future__ import annotations
 
 import argparse
-import ma_convert
 import platform
 import statistics
 import time
@@ -17,6 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import ma_convert
 from ma_convert import MetaAttentionLayer, MetaAttnConfig, force_expert
 
 

@@ -213,9 +213,11 @@ def _env(args: argparse.Namespace) -> int:
         print("devices        cpu only")
     print(f"torch threads  {torch.get_num_threads()}")
     from .adapters import supported_architectures
-    from .core.config import BACKENDS
+    from .kernels.backends import backend_status
 
-    print(f"backends       {', '.join(BACKENDS)}")
+    print("backends")
+    for name, status in backend_status().items():
+        print(f"  {name:<12} {status}")
     print(f"architectures  {', '.join(supported_architectures())}")
     return 0
 

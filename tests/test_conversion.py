@@ -5,8 +5,8 @@ import copy
 
 import pytest
 import torch
-
 from arch_cases import all_cases
+
 from ma_convert import convert, force_expert, routing_stats, set_routing_mode
 from ma_convert.core.meta_attention import MetaAttention
 
@@ -161,3 +161,25 @@ def test_unsupported_caches_and_masks_are_refused():
         packed = torch.cat([torch.arange(6), torch.arange(6)]).unsqueeze(0)  # two sequences in one row
         with pytest.raises(NotImplementedError, match="packed sequences"):
             model(input_ids=ids[:1], position_ids=packed, use_cache=False)
+
+
+def test_kv_cache_grows_in_place_during_decoding():
+    """Decode steps write into spare room of the cache instead of copying it (DynamicLayer's
+    torch.cat); the cached keys stay exactly what concatenation would give."""
+    case = next(c for c in all_cases() if c.name == "llama-gqa")
+    model = converted(case.make("sdpa"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :5], use_cache=True).past_key_values
+        layer = cache.layers[0]
+        expected = [layer.keys.clone()]
+        pointers = set()
+        for t in range(5, 9):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            pointers.add(layer.keys.data_ptr())
+        full = model(input_ids=ids, use_cache=True).past_key_values.layers[0].keys
+    assert len(pointers) == 1  # one buffer after the first step: no copy per step
+    assert layer.keys.shape == full.shape and layer.keys.shape[2] == 9
+    torch.testing.assert_close(layer.keys, full)
+    torch.testing.assert_close(layer.keys[:, :, :5], expected[0])
+    assert out.logits.isfinite().all()

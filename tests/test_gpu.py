@@ -48,7 +48,7 @@ def test_expert_on_cuda_matches_reference(dtype, name, gathered):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_routed_layer_on_cuda_matches_cpu(dtype):
-    cfg = MetaAttnConfig(d_model=256, n_heads=8, n_kv_heads=2, window_size=64)
+    cfg = MetaAttnConfig(d_model=256, n_heads=8, n_kv_heads=2, window_size=64, dense_below=0)
     layer = MetaAttentionLayer(cfg).eval()
     x = torch.randn(2, 700, 256)
     routes = torch.randint(0, 3, (2, 700))

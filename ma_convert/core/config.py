@@ -15,8 +15,8 @@ PRIORS = ("compute", "uniform")
 FEATURE_MAPS = ("elu", "hedgehog")
 UNCERTAIN_ROUTES = ("full", "soft")
 ROUTING_MODES = ("soft", "hard", "auto")
-# Backends with a working implementation in this version; the fast GPU paths add to this list.
-BACKENDS = ("auto", "torch")
+# Kernel backends (see ma_convert.kernels.backends): "auto" picks Triton on CUDA, torch elsewhere.
+BACKENDS = ("auto", "torch", "sdpa", "triton", "flex", "fla", "flash_attn", "xformers")
 
 
 @dataclass
@@ -48,6 +48,10 @@ class MetaAttnConfig:
     feature_map: str = "hedgehog"  # linear expert: learnable "hedgehog" or fixed "elu" (ELU+1)
     dropout: float = 0.0  # attention-probability dropout of the softmax experts, training only
     backend: str = "auto"
+    # GPU fast path, hard routing: a prompt shorter than this runs every token on the full expert
+    # (one dense SDPA call, the original attention), which is faster there than any gathering.
+    # None: the measured crossover (ma_convert.kernels.routed.DENSE_BELOW); 0: always route.
+    dense_below: Optional[int] = None
 
     # --- router --------------------------------------------------------------------------
     router: str = "bayesian"  # "bayesian" (Dirichlet posterior) or "softmax" (prior-free ablation)
@@ -139,6 +143,8 @@ class MetaAttnConfig:
         need(self.feature_map in FEATURE_MAPS, "feature_map", f"one of {FEATURE_MAPS}")
         need(is_num(self.dropout) and 0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
         need(self.backend in BACKENDS, "backend", f"one of {BACKENDS}")
+        need(self.dense_below is None or (is_int(self.dense_below) and self.dense_below >= 0), "dense_below",
+             "None or an int >= 0")
         need(self.router in ROUTERS, "router", f"one of {ROUTERS}")
         need(is_int(self.controller_hidden) and self.controller_hidden >= 1, "controller_hidden", "an integer >= 1")
         need(is_num(self.temperature) and self.temperature > 0, "temperature", "a number > 0")

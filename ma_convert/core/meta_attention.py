@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.backends import check_backend, resolve_backend
 from .config import ROUTING_MODES, UNCERTAIN_ROUTES, MetaAttnConfig
 from .controller import RouterOutput, build_router
 from .dispatch import gather_bias_rows, gather_queries, group_tokens, scatter_weighted
@@ -44,6 +45,8 @@ class RecurrentInputs:
     value: torch.Tensor
     key_mask: Optional[torch.Tensor]
     state: Optional[tuple[torch.Tensor, torch.Tensor]]
+    # Set by a fast path that already computed the state after this step (else the caller does).
+    next_state: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
 def gumbel_top_k(logits: torch.Tensor, k: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +74,7 @@ class MetaAttention(nn.Module):
                 f"MetaAttnConfig.expert_costs has {cfg.n_experts} entries but {len(experts)} experts were "
                 f"given; give one cost per expert"
             )
+        check_backend(cfg.backend)  # a requested kernel library that is missing fails here, early
         self.cfg = cfg
         self.experts = nn.ModuleList(experts)
         self.router = build_router(cfg, len(experts))
@@ -200,6 +204,18 @@ class MetaAttention(nn.Module):
         gradient needs every output); at inference an expert runs on all tokens only when all of
         them route to it, on none when none do, and otherwise on its gathered tokens alone.
         """
+        fast = self._fast_path(q, k, v, weights, scale, causal, key_mask, attn_bias, recurrent)
+        if fast is not None:
+            return fast
+        forced = self.forced_expert
+        if isinstance(forced, int) and isinstance(self.experts[forced], HeadAttentionExpert):
+            # One expert for every token: its output is the result (no weights, no host syncs).
+            expert = self.experts[forced]
+            keys, values, call = self._expert_inputs(expert, k, v, scale, causal, key_mask, recurrent)
+            part = expert.attend(q, keys, values, None, attn_bias=attn_bias, **call)
+            if self.capture_expert_outputs:
+                self.last_expert_outputs[forced] = part
+            return part
         b, _, t, _ = q.shape
         out = None
         # Dense runs are for gradients through soft or straight-through weights; forced routes
@@ -212,10 +228,7 @@ class MetaAttention(nn.Module):
             selected = w != 0 if sparse else None
             if selected is not None and not bool(selected.any()):
                 continue
-            keys, values, call = k, v, dict(scale=scale, causal=causal, key_mask=key_mask)
-            if recurrent is not None and expert.recurrent:
-                keys, values = recurrent.key, recurrent.value
-                call.update(key_mask=recurrent.key_mask, state=recurrent.state)
+            keys, values, call = self._expert_inputs(expert, k, v, scale, causal, key_mask, recurrent)
             if selected is None or bool(selected.all()):
                 part = expert.attend(q, keys, values, None, attn_bias=attn_bias, **call)
                 if self.capture_expert_outputs:
@@ -237,6 +250,42 @@ class MetaAttention(nn.Module):
                 out = torch.zeros_like(q)
             scatter_weighted(out, part, tokens, w)
         return out if out is not None else torch.zeros_like(q)
+
+    @staticmethod
+    def _expert_inputs(expert, k, v, scale, causal, key_mask, recurrent):
+        """Keys, values and keyword arguments an expert attends with: a recurrent expert reads
+        this step's keys plus its state when a cache holds the past."""
+        call = dict(scale=scale, causal=causal, key_mask=key_mask)
+        if recurrent is not None and expert.recurrent:
+            call.update(key_mask=recurrent.key_mask, state=recurrent.state)
+            return recurrent.key, recurrent.value, call
+        return k, v, call
+
+    def _one_expert_per_token(self) -> bool:
+        """Inference with hard top-1 routes: every token's weight is 1 on exactly one expert."""
+        if self.training:
+            return False
+        if self.forced_expert is not None:
+            return True
+        uncertain_ok = self.routing_mode == "hard" or (self.routing_mode == "auto" and self.uncertain_route == "full")
+        return self.hard_top_k == 1 and uncertain_ok
+
+    def _fast_path(self, q, k, v, weights, scale, causal, key_mask, attn_bias, recurrent) -> Optional[torch.Tensor]:
+        """The GPU kernels of `ma_convert.kernels` when the backend and the call allow (else None)."""
+        if not q.is_cuda or not self._one_expert_per_token():
+            return None
+        backend = resolve_backend(self.cfg.backend, q.device)
+        if backend in ("torch", "sdpa"):
+            return None
+        if isinstance(self.forced_expert, int) and self.forced_expert == self.full_index and q.shape[2] > 1:
+            return None  # a prompt all full: the plain SDPA call of the reference path is the original
+        try:  # absolute: a remote-code copy of this file runs without the package, on the torch path
+            from ma_convert.kernels import routed
+        except ImportError:
+            return None
+        if routed.unsupported_reason(self, q, causal=causal, key_mask=key_mask, attn_bias=attn_bias) is not None:
+            return None
+        return routed.routed_heads(self, q, k, v, weights, scale=scale, backend=backend, recurrent=recurrent)
 
     # ------------------------------------------------------------------ forward
     def forward(

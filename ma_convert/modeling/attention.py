@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from ..core.masks import BLOCKED_AT
 from ..core.meta_attention import MetaAttention, RecurrentInputs
@@ -91,6 +92,42 @@ def _keep_state(layer, state) -> None:
     setattr(layer, STATE_ATTRIBUTE, state)
 
 
+def append_to_cache(past_key_values, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
+    """`past_key_values.update`, but a dynamic layer grows in place: keys and values live in a
+    buffer with spare room, so a decode step writes one token instead of copying the whole cache
+    (`torch.cat` in `DynamicLayer.update` costs O(cached tokens) per step).
+
+    The layer's `keys`/`values` stay views of the tokens seen so far, so everything else that
+    reads them is unchanged; if anything replaced them (beam reordering, offloading), the buffer
+    is rebuilt from them on the next step.
+    """
+    layer = past_key_values.layers[layer_idx] if layer_idx < len(getattr(past_key_values, "layers", ())) else None
+    if type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys.numel() == 0:
+        return past_key_values.update(key, value, layer_idx)
+    old, new = layer.keys.shape[-2], key.shape[-2]
+    buffers = getattr(layer, "_ma_buffers", None)
+    fits = (
+        buffers is not None
+        and buffers[0].data_ptr() == layer.keys.data_ptr()
+        and buffers[1].data_ptr() == layer.values.data_ptr()
+        and buffers[0].shape[:2] == key.shape[:2]
+        and buffers[0].shape[2] >= old + new
+    )
+    if not fits:
+        capacity = old + new + max(256, (old + new) // 4)  # amortised growth, 25% spare
+        buffers = tuple(
+            torch.empty(*x.shape[:2], capacity, x.shape[3], dtype=x.dtype, device=x.device)
+            for x in (layer.keys, layer.values)
+        )
+        buffers[0][:, :, :old].copy_(layer.keys)
+        buffers[1][:, :, :old].copy_(layer.values)
+        layer._ma_buffers = buffers
+    buffers[0][:, :, old : old + new].copy_(key)
+    buffers[1][:, :, old : old + new].copy_(value)
+    layer.keys, layer.values = buffers[0][:, :, : old + new], buffers[1][:, :, : old + new]
+    return layer.keys, layer.values
+
+
 class RoutedAttentionMixin:
     """Adds Meta-Attention routing to a Hugging Face attention module (which owns `self.meta`)."""
 
@@ -120,7 +157,7 @@ class RoutedAttentionMixin:
                 raise NotImplementedError(
                     "Meta-Attention does not support static KV caches yet; use the default dynamic cache"
                 )
-            key, value = past_key_values.update(key, value, self.layer_idx)
+            key, value = append_to_cache(past_key_values, self.layer_idx, key, value)
         b, _, t, _ = query.shape
         key_mask = key_mask_from_hf(attention_mask, t, key.shape[2], self.meta.cfg.full_window)
         new_key_mask = None if key_mask is None else key_mask[:, -t:]
@@ -146,7 +183,10 @@ class RoutedAttentionMixin:
             recurrent=recurrent,
         )
         if layer is not None:
-            s, z = linear.advance_state(new_key, new_value, new_key_mask, recurrent.state)
+            if recurrent.next_state is not None:  # the fast path computed it on the way
+                s, z = recurrent.next_state
+            else:
+                s, z = linear.advance_state(new_key, new_value, new_key_mask, recurrent.state)
             seen = getattr(layer, STATE_ATTRIBUTE, (None, None, 0))[2]
             _keep_state(layer, (s, z, seen + t))
         return heads.transpose(1, 2).reshape(b, t, -1)

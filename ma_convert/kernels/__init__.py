@@ -1,0 +1,1 @@
+"""GPU fast paths for routed attention (torch + Triton; no transformers)."""

@@ -1,0 +1,234 @@
+"""Triton kernels for the linear expert under hard routing.
+
+out_i = phi(q_i) . S_i / phi(q_i) . z_i, S_i = sum_{j<=i} phi(k_j) v_j^T, z_i = sum_{j<=i} phi(k_j).
+
+- `key_features_and_states`: one pass over the keys per kv head (no GQA repeats) computes phi(k)
+  and each chunk's sum of phi(k) v^T in fp32; a running sum over chunks turns them into the state
+  before every chunk (and after the last, for the cache).
+- `routed_linear_prefill` serves only the tokens routed to the linear expert: a block of them
+  (sorted by position) reads the state at the chunk of its first token, then walks the keys from
+  that chunk to its last token quadratically. Its queries' feature map (ELU+1 or Hedgehog) runs
+  inside the kernel, on the gathered queries only; outputs go straight to their rows of `out`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..core.experts.linear import HedgehogFeatureMap
+
+CHUNK = 128  # keys per state chunk: a block of queries walks at most one chunk plus its own span
+
+
+@triton.jit
+def _phi(x, HEDGEHOG: tl.constexpr, NEGATIVE: tl.constexpr):
+    """One half of the feature map on fp32 rows: softmax(+-x) (Hedgehog) or elu(x) + 1."""
+    if HEDGEHOG:
+        if NEGATIVE:
+            x = -x
+        e = tl.exp(x - tl.max(x, 1)[:, None])
+        return e / tl.sum(e, 1)[:, None]
+    else:
+        return tl.where(x > 0, x + 1.0, tl.exp(x))
+
+
+@triton.jit
+def _key_features_and_chunk_states(
+    k_ptr, v_ptr, w_ptr, phik_ptr, s_ptr, z_ptr,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    n_kv_heads, n_keys, n_chunks,
+    HEDGEHOG: tl.constexpr, FEAT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """For one chunk of keys and one half of the features (Hedgehog has two: softmax of +-kW):
+    phi(k) (stored in k's dtype) and the chunk's sums phi(k)^T v and phi(k), in fp32."""
+    pid_bh = tl.program_id(0)
+    c = tl.program_id(1)
+    half = tl.program_id(2)
+    b = pid_bh // n_kv_heads
+    h = pid_bh % n_kv_heads
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    if HEDGEHOG:
+        w = tl.load(w_ptr + h * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+    acc = tl.zeros([BLOCK_D, BLOCK_D], tl.float32)
+    z = tl.zeros([BLOCK_D], tl.float32)
+    for t0 in range(c * CHUNK_SIZE, (c + 1) * CHUNK_SIZE, BLOCK_T):
+        t = t0 + offs_t
+        ok = (t < n_keys)[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + b * stride_kb + h * stride_kh + t[:, None] * stride_kt + offs_d[None, :], mask=ok, other=0.0)
+        if HEDGEHOG:
+            x = tl.dot(k, w.to(k.dtype))
+            x = tl.where(d_ok[None, :], x, tl.where(half == 0, float("-inf"), float("inf")))
+            phi = tl.where(half == 0, _phi(x, True, False), _phi(x, True, True))
+        else:
+            phi = _phi(k.to(tl.float32), False, False)
+        phi = tl.where(ok, phi, 0.0).to(k.dtype)  # keys past the end add nothing
+        tl.store(phik_ptr + ((pid_bh * n_keys + t[:, None]) * FEAT + half * HEAD_DIM + offs_d[None, :]), phi, mask=ok)
+        v = tl.load(v_ptr + b * stride_vb + h * stride_vh + t[:, None] * stride_vt + offs_d[None, :], mask=ok, other=0.0)
+        acc += tl.dot(tl.trans(phi), v.to(k.dtype))
+        z += tl.sum(phi.to(tl.float32), 0)
+    row = (pid_bh * (n_chunks + 1) + c + 1) * FEAT + half * HEAD_DIM + offs_d  # slot 0: the carried state
+    tl.store(s_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=d_ok[:, None] & d_ok[None, :])
+    tl.store(z_ptr + row, z, mask=d_ok)
+
+
+def key_features_and_states(k_map: torch.nn.Module, k: torch.Tensor, v: torch.Tensor, state=None):
+    """phi(k) (B, Hkv, Tk, F) in k's dtype; the fp32 states before every chunk, S (B, Hkv, nC + 1, F, d)
+    and z (B, Hkv, nC + 1, F) (the last slot: after all keys); and the state after all keys.
+    `state` = (S0, z0) summarises earlier keys."""
+    b, h, t, d = k.shape
+    hedgehog = isinstance(k_map, HedgehogFeatureMap)
+    feat = 2 * d if hedgehog else d
+    n_chunks = triton.cdiv(t, CHUNK)
+    block_d = max(16, triton.next_power_of_2(d))
+    phi_k = torch.empty(b, h, t, feat, device=k.device, dtype=k.dtype)
+    s = torch.empty(b, h, n_chunks + 1, feat, d, device=k.device, dtype=torch.float32)
+    z = torch.empty(b, h, n_chunks + 1, feat, device=k.device, dtype=torch.float32)
+    w = k_map.weight.contiguous() if hedgehog else k
+    _key_features_and_chunk_states[(b * h, n_chunks, 2 if hedgehog else 1)](
+        k, v, w, phi_k, s, z,
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        h, t, n_chunks,
+        HEDGEHOG=hedgehog, FEAT=feat, HEAD_DIM=d, BLOCK_D=block_d, CHUNK_SIZE=CHUNK, BLOCK_T=64,
+        num_warps=4, num_stages=2,
+    )
+    # Slot 0 holds the carried state; a running sum over slots makes slot c the state before chunk c.
+    s[:, :, 0] = 0 if state is None else state[0]
+    z[:, :, 0] = 0 if state is None else state[1]
+    s.cumsum_(2)
+    z.cumsum_(2)
+    s_final, z_final = s[:, :, -1].clone(), z[:, :, -1].clone()
+    return phi_k, s, z, (s_final, z_final)
+
+
+@triton.jit
+def _intra_half(phi_lp, pk_base, kpos, k_ok, offs_f, stride_pt, F_OFFSET: tl.constexpr, HEAD_DIM: tl.constexpr):
+    pk = tl.load(pk_base + kpos[None, :] * stride_pt + (F_OFFSET + offs_f[:, None]),
+                 mask=k_ok[None, :] & (offs_f[:, None] < HEAD_DIM), other=0.0)
+    return tl.dot(phi_lp, pk)
+
+
+@triton.jit
+def _routed_linear_prefill(
+    q_ptr, w_ptr, phik_ptr, v_ptr, s_ptr, z_ptr, out_ptr, perm_ptr, seg_start_ptr, seg_count_ptr,
+    stride_qb, stride_qt, stride_qh,
+    stride_pb, stride_ph, stride_pt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_ot, stride_oh,
+    stride_permb, stride_sb,
+    n_q_heads, group, n_slots, key_offset, expert,
+    HEDGEHOG: tl.constexpr, FEAT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_blk = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_q_heads
+    h = pid_bh % n_q_heads
+    hkv = h // group
+    seg_start = tl.load(seg_start_ptr + b * stride_sb + expert)
+    count = tl.load(seg_count_ptr + b * stride_sb + expert)
+    if pid_blk * BLOCK_M >= count:
+        return
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    rank = pid_blk * BLOCK_M + offs_m
+    row_ok = rank < count
+    token = tl.load(perm_ptr + b * stride_permb + seg_start + rank, mask=row_ok, other=0)
+    qpos = token + key_offset
+    lo_pos = tl.min(tl.where(row_ok, qpos, 1 << 30), 0)
+    hi_pos = tl.max(tl.where(row_ok, qpos, -1), 0)
+
+    q = tl.load(q_ptr + b * stride_qb + token[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if HEDGEHOG:  # x W_h for this head, then softmax of both signs
+        w = tl.load(w_ptr + h * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+        x = tl.dot(q, w.to(q.dtype))
+        x = tl.where(d_ok[None, :], x, float("-inf"))
+        phi_a = _phi(x, True, False)
+        phi_b = _phi(tl.where(d_ok[None, :], x, float("inf")), True, True)
+    else:
+        phi_a = tl.where(d_ok[None, :], _phi(q.to(tl.float32), False, False), 0.0)
+        phi_b = phi_a
+
+    # The state before the block's first chunk.
+    c0 = lo_pos // CHUNK_SIZE
+    sz = (b * (n_q_heads // group) + hkv) * n_slots + c0
+    s_base = s_ptr + sz * FEAT * HEAD_DIM
+    s_a = tl.load(s_base + offs_d[:, None] * HEAD_DIM + offs_d[None, :], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+    z_a = tl.load(z_ptr + sz * FEAT + offs_d, mask=d_ok, other=0.0)
+    num = tl.dot(phi_a, s_a)
+    den = tl.sum(phi_a * z_a[None, :], 1)
+    if HEDGEHOG:
+        s_b = tl.load(s_base + (HEAD_DIM + offs_d[:, None]) * HEAD_DIM + offs_d[None, :],
+                      mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+        z_b = tl.load(z_ptr + sz * FEAT + HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+        num += tl.dot(phi_b, s_b)
+        den += tl.sum(phi_b * z_b[None, :], 1)
+
+    # Keys from that chunk's start to each query, quadratically.
+    pk_base = phik_ptr + b * stride_pb + hkv * stride_ph
+    v_base = v_ptr + b * stride_vb + hkv * stride_vh
+    phi_a_lp = phi_a.to(q.dtype)
+    phi_b_lp = phi_b.to(q.dtype)
+    for n0 in range(c0 * CHUNK_SIZE, hi_pos + 1, BLOCK_N):
+        kpos = n0 + offs_n
+        k_ok = kpos <= hi_pos
+        s = _intra_half(phi_a_lp, pk_base, kpos, k_ok, offs_d, stride_pt, 0, HEAD_DIM)
+        if HEDGEHOG:
+            s += _intra_half(phi_b_lp, pk_base, kpos, k_ok, offs_d, stride_pt, HEAD_DIM, HEAD_DIM)
+        s = tl.where(kpos[None, :] <= qpos[:, None], s, 0.0)
+        vv = tl.load(v_base + kpos[:, None] * stride_vt + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        num += tl.dot(s.to(q.dtype), vv.to(q.dtype))
+        den += tl.sum(s, 1)
+    out = num / tl.maximum(den, 1e-6)[:, None]
+    tl.store(out_ptr + b * stride_ob + token[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def routed_linear_prefill(
+    q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    states: tuple[torch.Tensor, torch.Tensor],
+    out: torch.Tensor,
+    perm: torch.Tensor,
+    seg_start: torch.Tensor,
+    seg_count: torch.Tensor,
+    expert: int,
+    *,
+    q_map_weight,
+    block_m: int = 32,
+    block_n: int = 64,
+) -> None:
+    """Write the linear expert's outputs for its tokens into `out` (B, T, Hq, d), in place.
+
+    q (B, Hq, T, d): all queries (only the expert's are read); phi_k (B, Hkv, Tk, F) and v: the
+    keys this call attends over, the queries being their last T; states: `prefix_states`' S and z;
+    q_map_weight (Hq, d, d) for Hedgehog, None for ELU+1.
+    """
+    b, hq, t, d = q.shape
+    hkv, tk = phi_k.shape[1], phi_k.shape[2]
+    hedgehog = q_map_weight is not None
+    w = q_map_weight.contiguous() if hedgehog else q  # unused for ELU
+    grid = (triton.cdiv(t, block_m), b * hq)
+    _routed_linear_prefill[grid](
+        q, w, phi_k, v, states[0], states[1], out, perm, seg_start, seg_count,
+        q.stride(0), q.stride(2), q.stride(1),
+        phi_k.stride(0), phi_k.stride(1), phi_k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        perm.stride(0), seg_start.stride(0),
+        hq, hq // hkv, states[0].shape[2], tk - t, expert,
+        HEDGEHOG=hedgehog, FEAT=phi_k.shape[-1], HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CHUNK_SIZE=CHUNK,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2,
+    )

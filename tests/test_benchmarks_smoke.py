@@ -1,0 +1,67 @@
+"""The GPU benchmarks run end to end on the CPU at tiny sizes (torch reference path), and write their results."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str):
+    """Import a benchmark script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def positive_finite(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_bench_attention_cpu(tmp_path):
+    data = load("bench_attention").main([
+        "--device", "cpu", "--seq-lens", "256", "512", "--heads", "4", "--kv-heads", "2", "--head-dim", "32",
+        "--window", "64", "--backends", "torch", "auto", "no-such-backend", "--warmup", "1", "--repeats", "2",
+        "--out-dir", str(tmp_path),
+    ])
+    md, js = tmp_path / "attention_cpu.md", tmp_path / "attention_cpu.json"
+    assert md.is_file() and js.is_file()
+    saved = json.loads(js.read_text())
+    assert saved["environment"]["torch"] and saved["environment"]["command"].startswith("python benchmarks/")
+    for row in saved["results"]:
+        assert positive_finite(row["sdpa"]["median_ms"])
+        for name in ("torch", "auto"):
+            entry = row["backends"][name]
+            assert entry["status"] == "ok" and positive_finite(entry["ratio_vs_sdpa"])
+            assert entry["finite"] and entry["all_full_rel_err_vs_sdpa"] < 1e-5
+        assert row["backends"]["auto"]["rel_err_vs_torch"] < 1e-5  # on the CPU auto is the torch path
+        assert row["backends"]["no-such-backend"]["status"] == "unavailable"  # reported, not fatal
+    assert "unavailable" in md.read_text()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "attention_cpu.png").stat().st_size > 0
+    assert data["files"]["json"] == str(js)
+
+
+def test_bench_e2e_cpu(tmp_path):
+    data = load("bench_e2e").main([
+        "--small", "--device", "cpu", "--seq-len", "128", "--decode-batch", "4", "--decode-context", "64",
+        "--decode-steps", "2", "--decode-warmup", "1", "--warmup", "1", "--repeats", "2", "--window", "16",
+        "--out-dir", str(tmp_path),
+    ])
+    assert (tmp_path / "e2e_cpu-small.md").is_file()
+    saved = json.loads((tmp_path / "e2e_cpu-small.json").read_text())
+    results = saved["results"]
+    assert results["sanity"]["int_full_max_abs_diff"] == 0.0
+    assert results["sanity"]["per_token_full_max_abs_diff"] == 0.0
+    for key in ("P3", "P4", "P5"):
+        assert positive_finite(results["summary"][key]["value"]), (key, results["summary"][key])
+    for key in ("converted_mixed", "converted_full", "converted_all_linear", "converted_all_local", "converted_router"):
+        assert positive_finite(results["decode"][key]["median_ms"]), key
+    assert sum(results["prefill"]["converted_router"]["mix"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert data["results"]["summary"] == results["summary"]
