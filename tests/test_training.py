@@ -105,6 +105,33 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(source, tmp_path, mon
     assert not (tmp_path / "run" / "model").exists()
 
 
+def test_a_non_finite_gradient_skips_the_update(source, tmp_path, monkeypatch):
+    """A finite loss whose gradient is NaN (Dirichlet sampling at tiny concentrations did this on
+    SmolLM2) skips that update instead of writing NaN into the routers."""
+
+    class NanGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan")
+
+    calls = {"n": 0}
+    real = objective.distillation_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return NanGradient.apply(loss) if calls["n"] == 3 else loss
+
+    monkeypatch.setattr("ma_convert.training.loop.distillation_loss", poisoned)
+    results = finetune(recipe(source, tmp_path / "run"))
+    assert results["skipped_updates"] == 1
+    assert all(torch.isfinite(v).all() for v in meta_weights(tmp_path / "run").values())
+
+
 def test_existing_output_and_missing_checkpoint(source, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "something").write_text("x")

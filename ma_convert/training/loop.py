@@ -47,13 +47,16 @@ class TrainState:
     before: dict = field(default_factory=dict)  # the evaluation before training, for the results and card
     history: list = field(default_factory=list)
     seconds: float = 0.0  # training time so far, across resumes
+    skipped: int = 0  # updates skipped for a non-finite gradient
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "hard": self.hard, "before": self.before, "history": self.history, "seconds": self.seconds}
+        return {"step": self.step, "hard": self.hard, "before": self.before, "history": self.history,
+                "seconds": self.seconds, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.hard = int(state["step"]), bool(state["hard"])
         self.before, self.history, self.seconds = state["before"], state["history"], float(state["seconds"])
+        self.skipped = int(state.get("skipped", 0))
 
 
 def embedded_smollm2() -> Path:
@@ -313,7 +316,12 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
                     )
                 accelerator.backward(loss / t.grad_accum)
                 step_loss, step_task = step_loss + loss.detach() / t.grad_accum, step_task + task.detach() / t.grad_accum
-        accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+        grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+        if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+            # A finite loss can still give a non-finite gradient (Dirichlet sampling at tiny
+            # concentrations): skip the update rather than write NaN into the routers.
+            optimizer.zero_grad()
+            state.skipped += 1
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
@@ -354,6 +362,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
         "base_model": base,
         "trainable_parameters": sum(p.numel() for p in inner.parameters() if p.requires_grad),
         "steps": t.steps,
+        "skipped_updates": state.skipped,
         "train_seconds": state.seconds,
         "perplexity": {
             "original": before.get("original"),

@@ -1,0 +1,1 @@
+"""Evaluation helpers: passkey retrieval, lm-eval tasks."""
