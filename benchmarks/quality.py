@@ -59,6 +59,9 @@ def parse_args(argv):
     p.add_argument("--kl-weight", type=float, default=0.01)
     p.add_argument("--cost-lambda", type=float, default=0.05, help="final weight of the expected-cost penalty")
     p.add_argument("--eval-tokens", type=int, default=200_000, help="per held-out set")
+    p.add_argument("--retrieval-docs", type=int, default=0,
+                   help="add this many long-range retrieval documents (ma_convert.eval.passkey.retrieval_documents, "
+                        "about --seq-len tokens each) to the training text")
     p.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 2048, 4096])
     p.add_argument("--passkey-keys", type=int, default=2, help="keys per depth (5 depths)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -106,6 +109,12 @@ def prepare_data(args) -> dict[str, Path]:
     train += [topics[k] for k in pydoc_topics("train")]
     if args.shakespeare.is_file():
         train += [p for p in args.shakespeare.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    if args.retrieval_docs:
+        from ma_convert.eval.passkey import retrieval_documents
+
+        # About 0.75 words per token; filler from the training articles only.
+        wiki_train = [a for i, a in enumerate(articles) if i % 4 != 3]
+        train += retrieval_documents(wiki_train, args.retrieval_docs, int(args.seq_len * 0.75))
     files = {
         "train": (folder / "train.txt", train),
         "wikitext": (folder / "eval_wikitext.txt", held_wiki),

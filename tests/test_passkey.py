@@ -199,3 +199,20 @@ def test_tiny_converted_model_end_to_end():
     for result in table.values():
         assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 2
         assert all(isinstance(o["output"], str) and o["output"] for o in result["outputs"])
+
+
+def test_retrieval_documents_for_training_differ_from_the_evaluation():
+    from ma_convert.eval.passkey import QUESTION, retrieval_documents
+
+    filler = ["The river runs through the old town and past the mill. Many boats were built there in the past."]
+    docs = retrieval_documents(filler, n_docs=20, words=60, seed=3)
+    assert len(docs) == 20 and docs == retrieval_documents(filler, n_docs=20, words=60, seed=3)
+    for doc in docs:
+        keys = re.findall(r"\d{6}", doc)
+        assert len(keys) == 2 and keys[0] == keys[1]  # stated once, answered once at the end
+        assert doc.rstrip(".").endswith(keys[0])
+        assert QUESTION not in doc and "pass key" not in doc  # not the evaluation's phrasing
+        assert len(doc.split()) >= 60
+    assert len({re.findall(r"\d{6}", d)[0] for d in docs}) > 15
+    with pytest.raises(ValueError, match="filler"):
+        retrieval_documents(["Too short."], 1, 10)

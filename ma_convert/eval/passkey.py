@@ -233,3 +233,42 @@ def passkey_table(
             results[n] = passkey_accuracy(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                           batch_size=batch_size, progress=bar)
     return results
+
+
+# ------------------------------------------------------------------------------ training documents
+TRAIN_NEEDLES = (
+    "Remember this number: {key}.",
+    "The code for the vault is {key}.",
+    "Note that the secret value is {key}.",
+)
+TRAIN_QUESTIONS = (
+    "Which number did you have to remember? It was {key}.",
+    "What is the code for the vault? The code is {key}.",
+    "What was the secret value? The secret value was {key}.",
+)
+
+
+def retrieval_documents(filler: Sequence[str], n_docs: int, words: int, seed: int = 1) -> list[str]:
+    """Long-range training documents: a number stated once at a random depth in `filler` text (real
+    sentences, not the evaluation's), asked for and answered at the end. Training on them rewards the
+    router for keeping exact attention on the tokens that must look far back.
+
+    Phrasing, filler and keys (6 digits) all differ from `make_passkey_prompts`', so the evaluation
+    stays unseen. `words` is the rough length of each document in words.
+    """
+    rng = random.Random(seed)
+    sentences = [s.strip() + "." for text in filler for s in text.split(". ") if len(s.split()) >= 4]
+    if not sentences:
+        raise ValueError("retrieval_documents needs filler text with sentences of 4 words or more")
+    docs = []
+    for _ in range(n_docs):
+        key = str(rng.randrange(100_000, 1_000_000))
+        kind = rng.randrange(len(TRAIN_NEEDLES))
+        body, count = [], 0
+        while count < words:
+            sentence = rng.choice(sentences)
+            body.append(sentence)
+            count += len(sentence.split())
+        body.insert(rng.randrange(len(body) + 1), TRAIN_NEEDLES[kind].format(key=key))
+        docs.append(" ".join(body) + " " + TRAIN_QUESTIONS[kind].format(key=key))
+    return docs
