@@ -114,8 +114,7 @@ def runs_all_full(meta: MetaAttention, t: int, device) -> bool:
         return False
     from ma_convert.kernels import routed
 
-    dense_below = routed.DENSE_BELOW if meta.cfg.dense_below is None else meta.cfg.dense_below
-    return t < dense_below
+    return t < routed.short_prompt_limit(meta.cfg)
 
 
 def warn(message: str) -> None:

@@ -4,9 +4,9 @@
 one expert (hard top-1 routing, or forced routes) and the inputs allow it (CUDA, fp16/bf16, no
 padding mask or additive bias, the three built-in experts). It picks the kernels:
 
-- prefill (T > 1): tokens are sorted by (expert, position) on the GPU, once; one Triton launch
-  runs the full and local experts on their tokens and one runs the linear expert, each reading its
-  queries and writing its outputs in place. No host sync, except to decide the dense fallback.
+- prefill (T > 1): tokens are sorted by (expert, position) on the GPU, once; one Triton launch per
+  expert (full, local, linear) runs it on its own tokens, reading their queries and writing their
+  outputs in place. No host sync, except to decide the mostly-full mode.
 - short prompts (below `DENSE_BELOW` tokens, or `MetaAttnConfig.dense_below`): gathering cannot
   beat one dense call there, so every token runs on the full expert, one causal SDPA (or
   flash-attn / xFormers) call: the original model's attention, at its speed. Set `dense_below=0`
@@ -28,6 +28,7 @@ from ..core.experts.full import FullAttention
 from ..core.experts.linear import HedgehogFeatureMap, LinearAttention
 from ..core.experts.local import LocalAttention
 from . import triton_linear, triton_softmax
+from .dense import dense_causal_attention
 from .triton_softmax import NO_WINDOW
 
 # Prompts shorter than this run all tokens on the full expert, one SDPA call (MetaAttnConfig.dense_below
@@ -54,6 +55,8 @@ class ExpertTable:
                 if type(expert) is cls:
                     setattr(self, name, i)
         n = len(meta.experts)
+        # The kernels serve exactly the three built-in experts.
+        self.supported = n == 3 and None not in (self.full, self.linear, self.local)
         windows, sinks = [0] * n, [0] * n
         if self.full is not None:
             windows[self.full] = meta.experts[self.full].window or NO_WINDOW
@@ -69,10 +72,6 @@ class ExpertTable:
             if i is not None
         }
 
-    @staticmethod
-    def supports(meta) -> bool:
-        kinds = sorted(type(e).__name__ for e in meta.experts)
-        return kinds == ["FullAttention", "LinearAttention", "LocalAttention"]
 
 
 def _table(meta, device: torch.device) -> ExpertTable:
@@ -82,9 +81,15 @@ def _table(meta, device: torch.device) -> ExpertTable:
     return cache[device]
 
 
+def short_prompt_limit(cfg) -> int:
+    """Prompts shorter than this run all-full on the fast path (`MetaAttnConfig.dense_below`, else
+    the measured `DENSE_BELOW`)."""
+    return DENSE_BELOW if cfg.dense_below is None else cfg.dense_below
+
+
 def unsupported_reason(meta, q: torch.Tensor, *, causal: bool, key_mask, attn_bias) -> Optional[str]:
     """Why the fast path cannot serve this call (None: it can)."""
-    if not ExpertTable.supports(meta):
+    if not _table(meta, q.device).supported:
         return "the fast path serves the three built-in experts only"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return "the fast path runs in fp16/bf16"
@@ -118,15 +123,12 @@ def routed_heads(
     """
     table = _table(meta, q.device)
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    b, hq, t, d = q.shape
+    t = q.shape[2]
     if t == 1 and recurrent is not None and recurrent.state is not None:
         return _decode(meta, table, q, k, v, _as_routes(routes), scale, recurrent)
-    dense_below = DENSE_BELOW if meta.cfg.dense_below is None else meta.cfg.dense_below
-    if 1 < t < dense_below and k.shape[2] == t and table.full is not None:
+    if 1 < t < short_prompt_limit(meta.cfg) and k.shape[2] == t and table.full is not None:
         # A short prompt: all of it on the full expert, the original attention in one call. The
         # cache's linear state is still advanced by the caller (every token feeds it).
-        from .dense import dense_causal_attention
-
         return dense_causal_attention(q, k, v, scale=scale, backend=backend, window=meta.experts[table.full].window)
     return _prefill(meta, table, q, k, v, _as_routes(routes), scale, backend, recurrent)
 
@@ -165,8 +167,6 @@ def _prefill(meta, table, q, k, v, routes, scale, backend, recurrent):
     if table.full is not None and k.shape[2] == t:
         dense_full = int(counts[:, table.full].max()) > MOSTLY_FULL * t  # one host sync
     if dense_full:
-        from .dense import dense_causal_attention
-
         full = dense_causal_attention(q, k, v, scale=scale, backend=backend, window=meta.experts[table.full].window)
         out.copy_(full.transpose(1, 2))
     if backend == "flex":

@@ -1,8 +1,9 @@
 """Triton kernels for the softmax experts (full and local) under hard routing.
 
 Prefill: every query token has one expert. Tokens are sorted by (expert, position) once per layer
-(`perm`), and each expert's tokens form one segment of it. One launch runs every softmax expert:
-a program takes a block of its expert's tokens, reads their queries straight from q (the gather is
+(`perm`), and each expert's tokens form one segment of it. A launch runs the softmax experts in
+its `expert_meta` (the caller launches one per expert, each with its own tile settings): a program
+takes a block of its expert's tokens, reads their queries straight from q (the gather is
 fused), walks only the keys those queries may see (causal, and the window for local), and writes
 the outputs straight into their rows of `out` (the scatter is fused). Segment sizes stay on the
 GPU: programs past the end of their segment exit, so no host sync is needed.
