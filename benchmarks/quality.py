@@ -55,11 +55,17 @@ def parse_args(argv):
     # allows up to ~2M. A batch of 2 because training runs every expert densely: 4 x 2048 ran out of 80 GB.
     p.add_argument("--train-tokens", type=int, default=1_000_000)
     p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (--batch-size each)")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--kl-weight", type=float, default=0.01)
-    p.add_argument("--cost-lambda", type=float, default=0.05, help="final weight of the expected-cost penalty")
+    # The KL is summed over the 30 layers like the cost; at 0.01 it outweighed the distillation signal and
+    # routing settled on the prior's mean (first H100 run), so the prior now regularises, not decides.
+    p.add_argument("--kl-weight", type=float, default=1e-3)
+    p.add_argument("--cost-target", type=float, default=0.28,
+                   help="projected-cost budget (recipe training.cost_target, dual ascent); 0: a fixed --cost-lambda")
+    p.add_argument("--cost-lambda", type=float, default=0.02,
+                   help="with --cost-target 0: the expected-cost weight, ramped up over the first half")
     p.add_argument("--eval-tokens", type=int, default=200_000, help="per held-out set")
-    p.add_argument("--retrieval-docs", type=int, default=0,
+    p.add_argument("--retrieval-docs", type=int, default=100,
                    help="add this many long-range retrieval documents (ma_convert.eval.passkey.retrieval_documents, "
                         "about --seq-len tokens each) to the training text")
     p.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 2048, 4096])
@@ -69,12 +75,15 @@ def parse_args(argv):
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--tag", help="file-name tag (default: the device name)")
     p.add_argument("--small", action="store_true", help="CPU smoke: T=256, 20k train tokens, short evals")
+    p.add_argument("--baseline-from", type=Path, help="take the original's and forced-full rows from an earlier run's "
+                   "quality_*.json with the same settings instead of measuring them again (saves GPU minutes)")
     p.add_argument("--merge", type=Path, nargs="+", help="combine earlier runs' quality_*.json (one variant each) "
                    "into one table; runs nothing")
     args = p.parse_args(argv)
     if args.small:
         args.seq_len, args.train_tokens, args.batch_size, args.eval_tokens = 256, 20_000, 4, 4096
         args.passkey_lengths, args.passkey_keys = [512], 1
+        args.retrieval_docs = min(args.retrieval_docs, 8)
     if args.gguf is None:
         from ma_convert.training.loop import embedded_smollm2
 
@@ -182,7 +191,7 @@ def finetune_variant(name: str, args, data: dict[str, Path]):
     from ma_convert.training.loop import finetune
     from ma_convert.training.recipe import ModelConfig, Recipe, TrainingConfig
 
-    steps = max(1, args.train_tokens // (args.seq_len * args.batch_size))
+    steps = max(1, args.train_tokens // (args.seq_len * args.batch_size * args.grad_accum))
     recipe = Recipe(
         output_dir=str(args.work_dir / name),
         model=ModelConfig(source=args.gguf, dtype="float32",
@@ -190,21 +199,34 @@ def finetune_variant(name: str, args, data: dict[str, Path]):
         data=DataConfig(source=str(data["train"]), eval_source=str(data["wikitext"]), seq_len=args.seq_len,
                         max_train_tokens=args.train_tokens, max_eval_tokens=min(args.eval_tokens, 16 * args.seq_len)),
         training=TrainingConfig(
-            steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, steps // 20),
+            steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup_steps=max(1, steps // 20),
             objective="distill", kl_weight=args.kl_weight, cost_lambda_start=0.0, cost_lambda_end=args.cost_lambda,
-            cost_ramp_steps=max(1, steps // 2), transfer_steps=max(1, steps // 6), hard_switch="steps",
+            cost_ramp_steps=max(1, steps // 2), cost_target=args.cost_target or None,
+            transfer_steps=max(1, steps // 6), hard_switch="steps",
             hard_at_step=int(steps * 0.75), final_routing="hard", eval_every=steps, save_every=steps + 1,
             mixed_precision="no", log_with=None, seed=0,
         ),
     )
     started = time.perf_counter()
-    results = finetune(recipe, overwrite=True)
+    # TF32 matmuls for the finetune only (about 2x faster on an H100); evaluation stays in full fp32.
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        results = finetune(recipe, overwrite=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     results["wall_seconds"] = time.perf_counter() - started
-    results["train_tokens"] = steps * args.seq_len * args.batch_size
+    results["train_tokens"] = steps * args.seq_len * args.batch_size * args.grad_accum
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.work_dir / name / "model", dtype=torch.float32)
     return model.to(args.device).eval(), results
+
+
+def row_name(variant: str, args) -> str:
+    """A table row: the variant and what its finetune optimised."""
+    budget = f"cost target {args.cost_target:g}" if args.cost_target else f"cost weight {args.cost_lambda:g}"
+    return f"{variant}, {budget}" + (f", {args.retrieval_docs} retrieval docs" if args.retrieval_docs else "")
 
 
 def merge(args) -> dict:
@@ -214,7 +236,7 @@ def merge(args) -> dict:
     rows = {k: v for k, v in first["rows"].items() if k in ("original", "converted, forced full")}
     details = {}
     for run in runs:
-        rows.update({k: v for k, v in run["rows"].items() if k in VARIANTS})
+        rows.update({k: v for k, v in run["rows"].items() if k not in ("original", "converted, forced full")})
         details.update(run["finetune"])
     for key in ("seq_len", "passkey_lengths", "passkey_keys"):
         setattr(args, key, first["args"][key])
@@ -236,22 +258,31 @@ def main(argv=None) -> dict:
     original, tokenizer = load_original(args)
     sets = {name: eval_blocks(data[name], tokenizer, args) for name in ("wikitext", "pydoc")}
     log(f"held-out blocks of {args.seq_len}: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
-    rows = {"original": {s: perplexity(original, b, args) for s, b in sets.items()}}
-    rows["original"]["passkey"] = passkey(original, tokenizer, args)
-    converted = ma_convert.convert(copy.deepcopy(original), window_size=256)
-    rows["converted, forced full"] = {s: perplexity(converted, b, args, forced="full") for s, b in sets.items()}
-    del converted
+    if args.baseline_from:
+        earlier = json.loads(args.baseline_from.read_text())
+        rows = {k: earlier["rows"][k] for k in ("original", "converted, forced full")}
+    else:
+        rows = {"original": {s: perplexity(original, b, args) for s, b in sets.items()}}
+        rows["original"]["passkey"] = passkey(original, tokenizer, args)
+        converted = ma_convert.convert(copy.deepcopy(original), window_size=256)
+        rows["converted, forced full"] = {s: perplexity(converted, b, args, forced="full") for s, b in sets.items()}
+        del converted
+    del original
     log(json.dumps(rows, indent=1))
     details = {}
-    for name in args.variants:
+    write(args, env, rows, details)  # the baseline alone, in case the finetune is cut off
+    for variant in args.variants:
+        name = row_name(variant, args)
         log(f"\n=== {name}: router finetune ===")
-        model, results = finetune_variant(name, args, data)
+        model, results = finetune_variant(variant, args, data)
         set_routing_mode(model, "hard")
         row = {s: perplexity(model, b, args) for s, b in sets.items()}
         row["passkey"] = passkey(model, tokenizer, args)
         rows[name] = row
-        details[name] = {k: results[k] for k in ("steps", "train_seconds", "wall_seconds", "train_tokens",
+        details[name] = {k: results[k] for k in ("steps", "train_seconds", "wall_seconds", "train_tokens", "skipped_updates",
                                                    "perplexity", "projected_cost", "entropy", "expert_fractions")}
+        details[name]["final_cost_lambda"] = results["history"][-1]["cost_lambda"]
+        details[name]["settings"] = {k: getattr(args, k) for k in ("cost_target", "cost_lambda", "kl_weight", "retrieval_docs", "lr")}
         log(json.dumps(row, indent=1))
         del model
         if args.device.startswith("cuda"):
@@ -302,8 +333,10 @@ def render(args, env, rows, details) -> str:
         "",
         "Router finetunes (recipe API, distillation from the same model forced to full):",
         "",
-        markdown_table(["variant", "steps", "train tokens", "train s", "eval ppl before -> after (recipe's eval)"],
-                       [[n, d["steps"], d["train_tokens"], f"{d['train_seconds']:.0f}",
+        markdown_table(["variant", "steps", "train tokens", "train s", "skipped updates", "final cost weight",
+                        "eval ppl before -> after (recipe's eval)"],
+                       [[n, d["steps"], d["train_tokens"], f"{d['train_seconds']:.0f}", d.get("skipped_updates", "-"),
+                         f"{d['final_cost_lambda']:.4f}" if "final_cost_lambda" in d else "-",
                          f"{d['perplexity']['routed, before finetune']:.2f} -> {d['perplexity']['routed, after finetune']:.2f}"]
                         for n, d in details.items()]),
         "",

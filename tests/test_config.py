@@ -34,6 +34,8 @@ def test_presets(preset):
         ("head_dim", -1),
         ("window_size", 0),
         ("sink_tokens", -1),
+        ("full_tail", -2),
+        ("full_tail", 1.5),
         ("dropout", 1.0),
         ("temperature", 0),
         ("gumbel_temp", -1.0),

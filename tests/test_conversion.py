@@ -183,3 +183,41 @@ def test_kv_cache_grows_in_place_during_decoding():
     torch.testing.assert_close(layer.keys, full)
     torch.testing.assert_close(layer.keys[:, :, :5], expected[0])
     assert out.logits.isfinite().all()
+
+
+def test_full_tail_sends_the_end_of_a_prompt_and_every_generated_token_to_full():
+    case = next(c for c in all_cases() if c.name == "llama-gqa")
+    original = case.make("sdpa").eval()
+    model = converted(original)
+    spread_routing(model)
+    ids = torch.randint(3, case.vocab, (2, 12), generator=torch.Generator().manual_seed(3))
+    modules = [m for m in model.modules() if isinstance(m, MetaAttention)]
+    with torch.no_grad():
+        set_routing_mode(model, "hard", full_tail=12)  # a tail as long as the input: the original, exactly
+        torch.testing.assert_close(model(input_ids=ids).logits, original(input_ids=ids).logits, **TOL)
+        set_routing_mode(model, "hard", full_tail=3)
+        cache = model(input_ids=ids[:, :9], use_cache=True).past_key_values
+        for m in modules:
+            assert (m.last_routes[:, -3:] == m.full_index).all()
+        assert any((m.last_routes[:, :-3] != m.full_index).any() for m in modules)  # the rest stays routed
+        model(input_ids=ids[:, 9:10], past_key_values=cache, use_cache=True)
+        assert all((m.last_routes == m.full_index).all() for m in modules)  # a decode step is the tail
+        set_routing_mode(model, "hard", full_tail=0)
+        model(input_ids=ids)
+        assert any((m.last_routes[:, -3:] != m.full_index).any() for m in modules)
+    with pytest.raises(ValueError, match="full_tail=-1"):
+        set_routing_mode(model, "hard", full_tail=-1)
+
+
+def test_converting_an_eval_model_leaves_it_in_eval_mode():
+    """New Meta-Attention modules take the model's mode: hard routing of an eval model is deterministic."""
+    case = next(c for c in all_cases() if c.name == "llama-gqa")
+    model = convert(case.make("sdpa").eval())
+    modules = [m for m in model.modules() if isinstance(m, MetaAttention)]
+    assert modules and not any(m.training for m in modules)
+    spread_routing(model)
+    set_routing_mode(model, "hard")
+    ids = torch.randint(3, case.vocab, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+    assert all(m.training for m in convert(case.make("sdpa").train()).modules() if isinstance(m, MetaAttention))

@@ -187,7 +187,8 @@ def test_padding_slots_are_ignored(name):
     if name == "linear":
         ref = naive_linear(*linear_features(expert, q, k), v, pos.clamp_min(0))
     else:
-        ref = naive_softmax(q, k, v, allowed_mask(pos.clamp_min(0), t, window=16 if name == "local" else None))
+        window, sinks = (16, expert.sinks) if name == "local" else (None, 0)
+        ref = naive_softmax(q, k, v, allowed_mask(pos.clamp_min(0), t, window=window, sinks=sinks))
     close(got.transpose(1, 2)[real], ref.transpose(1, 2)[real], tol=1e-4)
 
 

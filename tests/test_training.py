@@ -158,6 +158,10 @@ def test_bad_recipes_name_the_problem(source, tmp_path):
         Recipe.from_dict({"training": {"steps": True}})
     with pytest.raises(ValueError, match=r"model.meta_attention.*window_sise \(did you mean window_size\?\)"):
         Recipe.from_dict({"model": {"meta_attention": {"window_sise": 8}}})
+    with pytest.raises(ValueError, match="cost_target=1.5"):
+        Recipe.from_dict({"training": {"cost_target": 1.5}})
+    with pytest.raises(ValueError, match="cost_target_lr=0"):
+        Recipe.from_dict({"training": {"cost_target": 0.3, "cost_target_lr": 0}})
     too_long = recipe(source, tmp_path / "long")
     too_long.data.seq_len = 512  # the tiny model has 128 positions
     with pytest.raises(ValueError, match="128"):
@@ -203,3 +207,34 @@ def test_streaming_data_and_uncertainty_switch_resume_exactly(source, tmp_path):
     a, b = meta_weights(tmp_path / "straight"), meta_weights(tmp_path / "killed")
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def softmax_router_recipe(source, out, **training):
+    """The prior-free router starts uniform, so its hard routes cost more than a tiny budget."""
+    r = recipe(source, out, **training)
+    r.model.meta_attention["router"] = "softmax"
+    return r
+
+
+def test_cost_target_is_dual_ascent_on_the_cost_weight_and_resumes_exactly(source, tmp_path):
+    settings = dict(cost_target=0.2, cost_target_lr=0.5, cost_lambda_start=0.01, steps=8)
+    history = finetune(softmax_router_recipe(source, tmp_path / "run", **settings))["history"]
+    assert history[0]["cost_lambda"] == 0.01  # the start value, not the ramp's
+    for now, after in zip(history, history[1:]):  # the budget is enforced by the update rule itself
+        expected = max(0.0, now["cost_lambda"] + 0.5 * (now["projected_cost"] - 0.2))
+        assert after["cost_lambda"] == pytest.approx(expected, abs=1e-6)
+    assert len({round(r["cost_lambda"], 6) for r in history}) > 2  # it moved with the measured cost
+    finetune(softmax_router_recipe(source, tmp_path / "killed", **settings), stop_after=3)
+    resumed = finetune(softmax_router_recipe(source, tmp_path / "killed", **settings), resume=True)["history"]
+    assert [r["cost_lambda"] for r in resumed] == pytest.approx([r["cost_lambda"] for r in history], abs=1e-9)
+
+
+def test_a_cost_target_pulls_routing_to_the_budget(source, tmp_path):
+    """Without a price, distillation keeps routing costly; a budget far below drives the projected cost
+    down towards it."""
+    common = dict(steps=30, lr=3e-2, hard_at_step=30, transfer_steps=0, eval_every=30, save_every=31)
+    free = finetune(softmax_router_recipe(source, tmp_path / "free", cost_lambda_end=0.0, **common))["history"]
+    budget = finetune(softmax_router_recipe(source, tmp_path / "budget", cost_target=0.2, cost_target_lr=0.5, **common))["history"]
+    tail = lambda h: sum(r["projected_cost"] for r in h[-5:]) / 5  # noqa: E731
+    assert tail(budget) < tail(free) - 0.1
+    assert tail(budget) < 0.35

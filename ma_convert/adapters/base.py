@@ -74,6 +74,9 @@ class ArchitectureAdapter:
             settings["dropout"] = cls.attention_dropout(config)
         if derived["full_window"] is not None and "window_size" not in given and "window_size" not in overrides:
             settings["window_size"] = min(settings.get("window_size", defaults["window_size"]), derived["full_window"])
+        sinks_given = "sink_tokens" in overrides or settings.get("sink_tokens", defaults["sink_tokens"]) != defaults["sink_tokens"]
+        if derived["full_window"] is not None and not sinks_given:
+            settings["sink_tokens"] = 0  # see below: a sliding-window model's cache has no first keys
         meta = MetaAttnConfig.from_dict({**settings, **derived})
         if meta.n_experts != 3:  # converted models route among the three built-in experts
             raise ValueError(

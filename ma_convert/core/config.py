@@ -44,7 +44,10 @@ class MetaAttnConfig:
     expert_costs: list = field(default_factory=lambda: [1.0, 0.15, 0.30])
     full_window: Optional[int] = None  # full expert: the base model's own attention window (Mistral), if any
     window_size: int = 256  # local expert: each query sees its last `window_size` keys
-    sink_tokens: int = 0  # local expert: the first keys every query may also see
+    # local expert: the first keys every query may also see. Pretrained models park attention mass on
+    # them (StreamingLLM's sinks); without them a window loses that mass, e.g. SmolLM2-135M forced to
+    # local (W=256, T=2048) has perplexity 45.8 with 0 sinks and 24.9 with 4 (original 20.6).
+    sink_tokens: int = 4
     feature_map: str = "hedgehog"  # linear expert: learnable "hedgehog" or fixed "elu" (ELU+1)
     dropout: float = 0.0  # attention-probability dropout of the softmax experts, training only
     backend: str = "auto"
@@ -73,6 +76,10 @@ class MetaAttnConfig:
     gumbel_temp: float = 1.0
     uncertainty_threshold: Optional[float] = None
     uncertain_route: str = "full"  # where tokens above the threshold go: "full" or "soft"
+    # Hard and auto routing at inference: the last `full_tail` tokens of every forward (the end of a prompt, and so every
+    # generated token) go to the full expert whatever the router says. Reading a fact back from far
+    # away happens there, and a learned router at a tight budget loses it (benchmarks/results/quality.md).
+    full_tail: int = 0
 
     def __post_init__(self) -> None:
         self.expert_costs = [float(c) for c in self.expert_costs]
@@ -146,6 +153,7 @@ class MetaAttnConfig:
         need(self.dense_below is None or (is_int(self.dense_below) and self.dense_below >= 0), "dense_below",
              "None or an int >= 0")
         need(self.router in ROUTERS, "router", f"one of {ROUTERS}")
+        need(is_int(self.full_tail) and self.full_tail >= 0, "full_tail", "an integer >= 0")
         need(is_int(self.controller_hidden) and self.controller_hidden >= 1, "controller_hidden", "an integer >= 1")
         need(is_num(self.temperature) and self.temperature > 0, "temperature", "a number > 0")
         need(is_num(self.concentration_eps) and self.concentration_eps > 0, "concentration_eps", "a number > 0")

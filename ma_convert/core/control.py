@@ -56,10 +56,15 @@ def set_routing_mode(
     *,
     uncertainty_threshold: Optional[float] = None,
     uncertain_route: Optional[str] = None,
+    full_tail: Optional[int] = None,
 ) -> None:
-    """Switch every Meta-Attention module to "soft", "hard" or "auto" routing, without reloading."""
+    """Switch every Meta-Attention module to "soft", "hard" or "auto" routing, without reloading.
+
+    `full_tail`: at inference, the last this-many tokens of every forward (so every generated token)
+    go to the full expert (`MetaAttnConfig.full_tail`)."""
     for m in _require_modules(model):
-        m.set_routing_mode(mode, uncertainty_threshold=uncertainty_threshold, uncertain_route=uncertain_route)
+        m.set_routing_mode(mode, uncertainty_threshold=uncertainty_threshold, uncertain_route=uncertain_route,
+                           full_tail=full_tail)
 
 
 def routing_stats(model: nn.Module) -> list[RoutingStats]:

@@ -87,6 +87,7 @@ class MetaAttention(nn.Module):
         self.gumbel_temp = cfg.gumbel_temp
         self.uncertainty_threshold = cfg.uncertainty_threshold
         self.uncertain_route = cfg.uncertain_route
+        self.full_tail = cfg.full_tail
         # An expert index for every token, or a (B|1, T) LongTensor of per-token indices.
         self.forced_expert: Optional[int | torch.Tensor] = None
         # Objective weights live on the module so training schedules can move them.
@@ -112,7 +113,12 @@ class MetaAttention(nn.Module):
         raise ValueError(f"unknown expert {expert!r}; this layer's experts are {names} (or their indices)")
 
     def set_routing_mode(
-        self, mode: str, *, uncertainty_threshold: Optional[float] = None, uncertain_route: Optional[str] = None
+        self,
+        mode: str,
+        *,
+        uncertainty_threshold: Optional[float] = None,
+        uncertain_route: Optional[str] = None,
+        full_tail: Optional[int] = None,
     ) -> None:
         if mode not in ROUTING_MODES:
             raise ValueError(f"routing mode {mode!r} is invalid: must be one of {ROUTING_MODES}")
@@ -124,8 +130,12 @@ class MetaAttention(nn.Module):
             if uncertain_route not in UNCERTAIN_ROUTES:
                 raise ValueError(f"uncertain_route={uncertain_route!r} is invalid: must be one of {UNCERTAIN_ROUTES}")
             self.uncertain_route = uncertain_route
+        if full_tail is not None and not (isinstance(full_tail, int) and not isinstance(full_tail, bool) and full_tail >= 0):
+            raise ValueError(f"full_tail={full_tail!r} is invalid: must be an integer >= 0")
         if mode == "auto" and self.uncertainty_threshold is None:
             raise ValueError("routing mode 'auto' needs an uncertainty_threshold in (0, 1]")
+        if full_tail is not None:
+            self.full_tail = full_tail
         self.routing_mode = mode
 
     # ------------------------------------------------------------------ routing
@@ -162,6 +172,11 @@ class MetaAttention(nn.Module):
             else:
                 weights = torch.where(uncertain, r.mean, weights)
                 chosen = chosen | uncertain
+        if self.full_tail:
+            tail = (torch.arange(t, device=x.device) >= t - self.full_tail)[:, None]
+            full = torch.arange(k, device=x.device) == self.full_index
+            weights = torch.where(tail, full.to(weights.dtype), weights)
+            chosen = torch.where(tail, full, chosen)
         return weights, chosen, r
 
     def aux_loss(self, r: Optional[RouterOutput], valid: Optional[torch.Tensor]) -> torch.Tensor:

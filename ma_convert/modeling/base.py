@@ -190,4 +190,6 @@ def install_meta_attention(model: nn.Module, cfg: MetaAttnConfig, adapter, inner
     for attention in adapter.attention_modules(model):
         reference = next(attention.parameters())
         attention.__class__ = adapter.attention_class
-        attention.meta = MetaAttention(cfg).to(device=reference.device, dtype=reference.dtype)
+        # A new module starts in training mode; it takes the model's, so a converted eval model routes
+        # as at inference (no Gumbel sampling) without another .eval().
+        attention.meta = MetaAttention(cfg).to(device=reference.device, dtype=reference.dtype).train(attention.training)

@@ -48,15 +48,17 @@ class TrainState:
     history: list = field(default_factory=list)
     seconds: float = 0.0  # training time so far, across resumes
     skipped: int = 0  # updates skipped for a non-finite gradient
+    cost_lambda: Optional[float] = None  # the dual variable of training.cost_target
 
     def state_dict(self) -> dict:
         return {"step": self.step, "hard": self.hard, "before": self.before, "history": self.history,
-                "seconds": self.seconds, "skipped": self.skipped}
+                "seconds": self.seconds, "skipped": self.skipped, "cost_lambda": self.cost_lambda}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.hard = int(state["step"]), bool(state["hard"])
         self.before, self.history, self.seconds = state["before"], state["history"], float(state["seconds"])
         self.skipped = int(state.get("skipped", 0))
+        self.cost_lambda = state.get("cost_lambda")
 
 
 def embedded_smollm2() -> Path:
@@ -285,7 +287,10 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
         if t.hard_switch == "steps" and step >= t.hard_at_step:
             state.hard = True
         set_routing_mode(inner, "hard" if state.hard else "soft")
-        cost_lambda = ramp(t.cost_ramp, step, t.cost_ramp_steps, t.cost_lambda_start, t.cost_lambda_end)
+        if t.cost_target is None:
+            cost_lambda = ramp(t.cost_ramp, step, t.cost_ramp_steps, t.cost_lambda_start, t.cost_lambda_end)
+        else:
+            cost_lambda = t.cost_lambda_start if state.cost_lambda is None else state.cost_lambda
         temperature = ramp("cosine", step, max(t.steps - 1, 1), t.temperature_start, t.temperature_end)
         set_objective_weights(inner, kl_weight=t.kl_weight, cost_lambda=cost_lambda, temperature=temperature)
         transfer = step < t.transfer_steps
@@ -327,6 +332,10 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
         optimizer.zero_grad()
         state.step += 1
         stats = RoutingStats.aggregate(routing_stats(inner))
+        if t.cost_target is not None:
+            # Dual ascent on the budget, with the projected cost averaged over the processes.
+            cost = accelerator.reduce(torch.tensor(stats.projected_cost, device=accelerator.device), "mean").item()
+            state.cost_lambda = max(0.0, cost_lambda + t.cost_target_lr * (cost - t.cost_target))
         # Logged losses are means over the processes, so N-GPU curves compare with 1-GPU ones.
         loss_mean, task_mean = accelerator.reduce(torch.stack([step_loss, step_task]), "mean").tolist()
         state.seconds = time.perf_counter() - started
@@ -396,6 +405,7 @@ def export(model, tokenizer, folder: Path, recipe: Recipe, results: dict) -> Pat
         hard_routing=module.routing_mode != "soft",
         uncertainty_threshold=module.uncertainty_threshold if module.routing_mode == "auto" else None,
         temperature=float(module.router.temperature),
+        full_tail=module.full_tail,
     )
     block["attention"] = attention
     model.config.meta_attention = block

@@ -58,6 +58,12 @@ class TrainingConfig:
     cost_lambda_end: float = 0.05
     cost_ramp_steps: int = 50
     cost_ramp: str = "cosine"  # "cosine" or "linear"
+    # A budget instead of a price: with cost_target set, the cost weight starts at cost_lambda_start and
+    # follows dual ascent, lambda += cost_target_lr * (projected cost - cost_target) each step (floored
+    # at 0), so routing settles at the target cost with the quality the task loss can keep there.
+    # The ramp settings are then unused.
+    cost_target: Optional[float] = None
+    cost_target_lr: float = 0.02
     temperature_start: float = 1.0
     temperature_end: float = 1.0
     transfer_steps: int = 0  # attention-transfer warm-up: MSE of each cheap expert's output to the full expert's
@@ -91,6 +97,10 @@ class TrainingConfig:
         for name in ("weight_decay", "kl_weight", "cost_lambda_start", "cost_lambda_end", "transfer_weight"):
             value = getattr(self, name)
             _need(_is_number(value) and value >= 0, w, name, value, "a number >= 0")
+        _need(self.cost_target is None or (_is_number(self.cost_target) and 0 < self.cost_target <= 1), w,
+              "cost_target", self.cost_target, "unset, or a projected cost in (0, 1]")
+        _need(_is_number(self.cost_target_lr) and self.cost_target_lr > 0, w, "cost_target_lr", self.cost_target_lr,
+              "a number > 0")
         for name in ("hard_below_entropy", "hard_below_uncertainty"):
             value = getattr(self, name)
             _need(_is_number(value) and 0 < value <= 1, w, name, value, "a number in (0, 1]")
