@@ -2,7 +2,7 @@
 with every token forced to one expert, or with full attention kept in some layers only.
 
 No training: the ceiling and floor a router finetune works between, and the effect of the local
-expert's attention sinks. CPU, about 6 minutes on 2 cores.
+expert's attention sinks. CPU, about 8 minutes on 2 cores.
 
     python benchmarks/forced_routing.py
 """
