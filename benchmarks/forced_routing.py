@@ -31,7 +31,6 @@ def main(argv=None) -> list:
     p.add_argument("--blocks", type=int, default=6, help="held-out WikiText blocks of 2048 tokens")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args, rest = p.parse_known_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     qargs = quality.parse_args(["--device", "cpu", "--batch-size", "1", "--work-dir", "outputs/forced_routing",
                                 "--eval-tokens", str(args.blocks * 2048), "--retrieval-docs", "0", *rest])
     data = quality.prepare_data(qargs)

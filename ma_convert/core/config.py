@@ -76,9 +76,10 @@ class MetaAttnConfig:
     gumbel_temp: float = 1.0
     uncertainty_threshold: Optional[float] = None
     uncertain_route: str = "full"  # where tokens above the threshold go: "full" or "soft"
-    # Hard and auto routing at inference: the last `full_tail` tokens of every forward (the end of a prompt, and so every
-    # generated token) go to the full expert whatever the router says. Reading a fact back from far
-    # away happens there, and a learned router at a tight budget loses it (benchmarks/results/quality.md).
+    # Hard and auto routing at inference: the last `full_tail` tokens of every forward (the end of a
+    # prompt, and so every generated token) go to the full expert whatever the router says. Reading a
+    # fact back from far away happens there, and a learned router at a tight budget loses it
+    # (benchmarks/results/quality.md).
     full_tail: int = 0
 
     def __post_init__(self) -> None:
