@@ -65,3 +65,8 @@ def test_bench_e2e_cpu(tmp_path):
         assert positive_finite(results["decode"][key]["median_ms"]), key
     assert sum(results["prefill"]["converted_router"]["mix"].values()) == pytest.approx(1.0, abs=1e-3)
     assert data["results"]["summary"] == results["summary"]
+
+
+def test_bench_train_step_cpu():
+    result = load("bench_train_step").main(["--device", "cpu", "--layers", "1", "--seq-len", "64", "--steps", "1"])
+    assert positive_finite(result["median_s"]) and positive_finite(result["tokens_per_s"])

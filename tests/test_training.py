@@ -238,3 +238,43 @@ def test_a_cost_target_pulls_routing_to_the_budget(source, tmp_path):
     tail = lambda h: sum(r["projected_cost"] for r in h[-5:]) / 5  # noqa: E731
     assert tail(budget) < tail(free) - 0.1
     assert tail(budget) < 0.35
+
+
+def test_layerwise_attention_transfer_trains_only_the_cheap_experts(source):
+    """The loss re-runs each trainable cheap expert on the heads of a forced-full pass: gradients
+    reach the Hedgehog maps only, and a few steps on one batch bring the linear expert closer to full."""
+    import ma_convert
+    from ma_convert.core.control import meta_attention_modules
+
+    model = ma_convert.convert(LlamaForCausalLM.from_pretrained(source), window_size=8).train()
+    for name, param in model.named_parameters():
+        param.requires_grad_(".meta." in name)
+    ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=3e-2)
+    losses = []
+    for _ in range(8):
+        objective.set_transfer_capture(model, True, heads=True)
+        objective.teacher_logits(model, ids)
+        loss = objective.layerwise_transfer_loss(model)
+        optimizer.zero_grad()
+        loss.backward()
+        if not losses:
+            with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+            assert with_grad and all(".experts.1." in n for n in with_grad), with_grad  # the linear expert only
+        optimizer.step()
+        losses.append(loss.item())
+    assert 0 < losses[-1] < 0.9 * losses[0]
+    objective.set_transfer_capture(model, False)
+    assert all(m.last_heads is None and not m.capture_heads for m in meta_attention_modules(model))
+
+
+def test_expert_pretrain_steps_come_before_routing(source, tmp_path):
+    results = finetune(recipe(source, tmp_path / "run", steps=5, expert_pretrain_steps=3, transfer_steps=0,
+                              hard_at_step=5))
+    history = results["history"]
+    assert [r.get("expert_pretrain", 0.0) for r in history] == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert all(r["transfer"] > 0 for r in history[:3]) and "projected_cost" not in history[0]
+    assert all("projected_cost" in r for r in history[3:])
+    with pytest.raises(ValueError, match="expert_pretrain_steps"):
+        recipe(source, tmp_path / "bad", steps=3, expert_pretrain_steps=3)

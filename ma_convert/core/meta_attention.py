@@ -98,6 +98,9 @@ class MetaAttention(nn.Module):
         # Attention-transfer training reads every expert's dense output of the last forward.
         self.capture_expert_outputs = False
         self.last_expert_outputs: dict[int, torch.Tensor] = {}
+        # Layer-wise attention transfer re-runs the cheap experts on the heads the teacher pass saw.
+        self.capture_heads = False
+        self.last_heads: Optional[dict] = None
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -334,6 +337,9 @@ class MetaAttention(nn.Module):
         self.last_stats = RoutingStats.from_routing(mean, chosen, uncertainty, self.costs, query_valid)
         # The expert each token is routed to (the highest-weight one it runs on; soft: argmax of the mean).
         self.last_routes = torch.where(chosen, weights.detach(), -1.0).argmax(-1)
+        if self.capture_heads:
+            self.last_heads = dict(q=q.detach(), k=k.detach(), v=v.detach(), scale=scale, causal=causal,
+                                   key_mask=key_mask, attn_bias=attn_bias)
         heads = self.run_experts(
             q, k, v, weights, scale=scale, causal=causal, key_mask=key_mask, attn_bias=attn_bias, recurrent=recurrent
         )

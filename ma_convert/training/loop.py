@@ -23,6 +23,7 @@ from .data import build_datasets
 from .objective import (
     aux_loss,
     distillation_loss,
+    layerwise_transfer_loss,
     lm_loss,
     ramp,
     set_objective_weights,
@@ -293,12 +294,20 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
             cost_lambda = t.cost_lambda_start if state.cost_lambda is None else state.cost_lambda
         temperature = ramp("cosine", step, max(t.steps - 1, 1), t.temperature_start, t.temperature_end)
         set_objective_weights(inner, kl_weight=t.kl_weight, cost_lambda=cost_lambda, temperature=temperature)
+        pretrain = step < t.expert_pretrain_steps
         transfer = step < t.transfer_steps
-        set_transfer_capture(inner, transfer)
+        set_transfer_capture(inner, transfer or pretrain, heads=pretrain)
         step_loss, step_task = 0.0, 0.0
         for micro in range(t.grad_accum):
             ids = batches.batch(step * t.grad_accum + micro, accelerator.process_index,
                                 accelerator.num_processes).to(accelerator.device)
+            if pretrain:
+                with inner.disable_adapter() if t.lora else contextlib.nullcontext():
+                    teacher_logits(inner, ids)  # the forced-full pass whose heads and outputs the experts learn from
+                loss = layerwise_transfer_loss(inner)
+                accelerator.backward(loss / t.grad_accum)
+                step_loss, step_task = step_loss + loss.detach() / t.grad_accum, step_task + loss.detach() / t.grad_accum
+                continue
             # The teacher pass first: the student's forward must be the last one, since the aux
             # loss and the routing stats are read from the modules afterwards.
             teacher = None
@@ -321,6 +330,11 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
                     )
                 accelerator.backward(loss / t.grad_accum)
                 step_loss, step_task = step_loss + loss.detach() / t.grad_accum, step_task + task.detach() / t.grad_accum
+        if pretrain and accelerator.num_processes > 1:
+            # The pass ran outside the DDP wrapper (no_grad teacher), so DDP did not average these gradients.
+            for param in model.parameters():
+                if param.grad is not None:
+                    param.grad = accelerator.reduce(param.grad, "mean")
         grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
         if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
             # A finite loss can still give a non-finite gradient (Dirichlet sampling at tiny
@@ -332,7 +346,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
         optimizer.zero_grad()
         state.step += 1
         stats = RoutingStats.aggregate(routing_stats(inner))
-        if t.cost_target is not None:
+        if t.cost_target is not None and not pretrain:
             # Dual ascent on the budget, with the projected cost averaged over the processes.
             cost = accelerator.reduce(torch.tensor(stats.projected_cost, device=accelerator.device), "mean").item()
             state.cost_lambda = max(0.0, cost_lambda + t.cost_target_lr * (cost - t.cost_target))
@@ -341,6 +355,8 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
         state.seconds = time.perf_counter() - started
         record = {"loss": loss_mean, "task": task_mean, "cost_lambda": cost_lambda, "temperature": temperature,
                   "projected_cost": stats.projected_cost, "entropy": stats.entropy, "hard": float(state.hard)}
+        if pretrain:  # no routing ran: the loss is the attention-transfer loss, and there is no routing to log
+            record = {"loss": loss_mean, "transfer": loss_mean, "expert_pretrain": 1.0}
         history.append(record)
         accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state.step)
         progress.update(1)

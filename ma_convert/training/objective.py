@@ -50,10 +50,41 @@ def transfer_loss(model) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def set_transfer_capture(model, on: bool) -> None:
+def set_transfer_capture(model, on: bool, *, heads: bool = False) -> None:
+    """Capture every expert's dense output of the next forward (and, with `heads`, its Q/K/V)."""
     for module in meta_attention_modules(model):
         module.capture_expert_outputs = on
-        module.last_expert_outputs = {}
+        module.capture_heads = on and heads
+        module.last_expert_outputs, module.last_heads = {}, None
+
+
+def layerwise_transfer_loss(model) -> torch.Tensor:
+    """Attention transfer, one layer at a time: each trainable cheap expert re-attends the heads a
+    forced-full (teacher) pass captured, and is scored by its MSE to the full expert's output there,
+    relative to that output's mean square (so every layer weighs the same).
+
+    Inputs are detached, so nothing but the experts' own parameters (the Hedgehog feature maps)
+    gets a gradient, and no student forward or backward through the model is needed.
+    """
+    losses = []
+    for module in meta_attention_modules(model):
+        heads, target = module.last_heads, module.last_expert_outputs.get(module.full_index)
+        if heads is None or target is None:
+            continue
+        target = target.detach().float()
+        scale = target.pow(2).mean().clamp_min(1e-12)
+        for i, expert in enumerate(module.experts):
+            if i == module.full_index or not any(p.requires_grad for p in expert.parameters()):
+                continue
+            out = expert.attend(heads["q"], heads["k"], heads["v"], None, scale=heads["scale"], causal=heads["causal"],
+                                key_mask=heads["key_mask"], attn_bias=heads["attn_bias"])
+            losses.append(F.mse_loss(out.float(), target) / scale)
+    if not losses:
+        raise RuntimeError(
+            "attention transfer found no cheap expert with trainable parameters (the linear expert has them with "
+            "feature_map='hedgehog'), or no forced-full pass was captured"
+        )
+    return torch.stack(losses).mean()
 
 
 def aux_loss(model) -> torch.Tensor:

@@ -68,6 +68,10 @@ class TrainingConfig:
     temperature_end: float = 1.0
     transfer_steps: int = 0  # attention-transfer warm-up: MSE of each cheap expert's output to the full expert's
     transfer_weight: float = 1.0
+    # Attention transfer before routing: the first N steps train only the cheap experts' parameters
+    # (the Hedgehog feature maps), layer by layer, to reproduce the full expert's output on the heads
+    # of a forced-full pass. No student pass, so a step costs about one inference forward.
+    expert_pretrain_steps: int = 0
     hard_switch: str = "steps"  # soft to hard routing: "steps", "entropy", "uncertainty" or "never"
     hard_at_step: int = 60
     hard_below_entropy: float = 0.3  # "entropy": switch once the eval routing entropy falls below this
@@ -88,7 +92,7 @@ class TrainingConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "lora_rank", "lora_alpha"):
             value = getattr(self, name)
             _need(_is_int(value) and value >= 1, w, name, value, "an integer >= 1")
-        for name in ("warmup_steps", "cost_ramp_steps", "transfer_steps", "hard_at_step", "seed"):
+        for name in ("warmup_steps", "cost_ramp_steps", "transfer_steps", "expert_pretrain_steps", "hard_at_step", "seed"):
             value = getattr(self, name)
             _need(_is_int(value) and value >= 0, w, name, value, "an integer >= 0")
         for name in ("lr", "distill_temperature", "temperature_start", "temperature_end", "max_grad_norm"):
@@ -106,6 +110,8 @@ class TrainingConfig:
             _need(_is_number(value) and 0 < value <= 1, w, name, value, "a number in (0, 1]")
         for name in ("lora",):
             _need(isinstance(getattr(self, name), bool), w, name, getattr(self, name), "true or false")
+        _need(self.expert_pretrain_steps < self.steps, w, "expert_pretrain_steps", self.expert_pretrain_steps,
+              f"fewer than training.steps ({self.steps}), so that routing is trained too")
         _need(self.objective in ("distill", "lm"), w, "objective", self.objective, "'distill' or 'lm'")
         _need(self.cost_ramp in ("cosine", "linear"), w, "cost_ramp", self.cost_ramp, "'cosine' or 'linear'")
         _need(self.hard_switch in ("steps", "entropy", "uncertainty", "never"), w, "hard_switch", self.hard_switch,

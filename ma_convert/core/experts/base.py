@@ -127,6 +127,11 @@ def softmax_attention(
     to key 0 and are zeroed afterwards.
     """
     gqa = q.shape[1] != k.shape[1]
+    if gqa and q.is_cuda:
+        # SDPA's memory-efficient kernel takes masks but not enable_gqa; with it, a masked GQA call
+        # falls back to the unfused math path (several kernels and a T x Tk score matrix per call).
+        groups = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), False
     if attn_bias is None and not may_empty_rows:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
     if attn_bias is not None:  # keys a bias sets to -inf are masked keys too
