@@ -208,7 +208,7 @@ def finetune_variant(name: str, args, data: dict[str, Path]):
         training=TrainingConfig(
             steps=pretrain + steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
             warmup_steps=max(1, steps // 20), objective="distill", kl_weight=args.kl_weight, cost_lambda_start=0.0,
-            cost_lambda_end=args.cost_lambda, cost_ramp_steps=pretrain + max(1, steps // 2),
+            cost_lambda_end=args.cost_lambda, cost_ramp_steps=max(1, steps // 2),
             cost_target=args.cost_target or None, expert_pretrain_steps=pretrain,
             transfer_steps=pretrain + max(1, steps // 6), hard_switch="steps",
             hard_at_step=pretrain + int(steps * 0.75), final_routing="hard", eval_every=pretrain + steps,

@@ -278,3 +278,22 @@ def test_expert_pretrain_steps_come_before_routing(source, tmp_path):
     assert all("projected_cost" in r for r in history[3:])
     with pytest.raises(ValueError, match="expert_pretrain_steps"):
         recipe(source, tmp_path / "bad", steps=3, expert_pretrain_steps=3)
+
+
+def test_routing_schedules_start_after_attention_transfer():
+    """Without transfer steps the learning rate follows transformers' cosine-with-warm-up schedule; with
+    them, the routing phase still gets the whole schedule (warm-up from 0, decay to 0)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from ma_convert.training.loop import lr_factor
+    from ma_convert.training.recipe import TrainingConfig
+
+    plain = TrainingConfig(steps=40, warmup_steps=5, hard_at_step=30)
+    reference = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 5, 40)
+    expected = [reference.lr_lambdas[0](s) for s in range(40)]
+    assert [lr_factor(s, plain) for s in range(40)] == pytest.approx(expected, abs=1e-12)
+    staged = TrainingConfig(steps=50, warmup_steps=5, hard_at_step=40, expert_pretrain_steps=10)
+    assert [lr_factor(s, staged) for s in range(10, 50)] == pytest.approx(expected, abs=1e-12)
+    assert 0 < lr_factor(0, staged) <= lr_factor(9, staged) == 1.0  # transfer: own warm-up, then flat
+    with pytest.raises(ValueError, match="hard_at_step"):
+        TrainingConfig(steps=50, hard_at_step=5, expert_pretrain_steps=10)

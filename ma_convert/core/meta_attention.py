@@ -337,9 +337,9 @@ class MetaAttention(nn.Module):
         self.last_stats = RoutingStats.from_routing(mean, chosen, uncertainty, self.costs, query_valid)
         # The expert each token is routed to (the highest-weight one it runs on; soft: argmax of the mean).
         self.last_routes = torch.where(chosen, weights.detach(), -1.0).argmax(-1)
-        if self.capture_heads:
-            self.last_heads = dict(q=q.detach(), k=k.detach(), v=v.detach(), scale=scale, causal=causal,
-                                   key_mask=key_mask, attn_bias=attn_bias)
+        # Kept only while capturing: the heads of a generation step would pin its KV cache.
+        self.last_heads = dict(q=q.detach(), k=k.detach(), v=v.detach(), scale=scale, causal=causal,
+                               key_mask=key_mask, attn_bias=attn_bias) if self.capture_heads else None
         heads = self.run_experts(
             q, k, v, weights, scale=scale, causal=causal, key_mask=key_mask, attn_bias=attn_bias, recurrent=recurrent
         )

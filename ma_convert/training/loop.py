@@ -185,6 +185,20 @@ def evaluate(model, blocks, batch_size: int, accelerator, forced: Optional[str] 
     return result
 
 
+def lr_factor(step: int, t) -> float:
+    """The learning-rate multiplier: linear warm-up, then cosine decay to 0, over the routing steps.
+    Attention-transfer steps before them (`expert_pretrain_steps`) get their own warm-up and a flat rate,
+    so the routers still start from the whole schedule."""
+    pre = t.expert_pretrain_steps
+    if step < pre:
+        return min(1.0, (step + 1) / (t.warmup_steps + 1))
+    step, total = step - pre, t.steps - pre
+    if step < t.warmup_steps:
+        return step / max(1, t.warmup_steps)
+    progress = (step - t.warmup_steps) / max(1, total - t.warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
 def train_routers_only(model) -> None:
     """Training mode for the Meta-Attention modules (posterior sampling, Gumbel routing) and eval
     mode for the frozen rest: the base model's own dropout would only add noise to the teacher and
@@ -223,7 +237,6 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
 
     t = recipe.training
     out = Path(recipe.output_dir)
@@ -252,7 +265,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
         model = add_lora(model, adapter_for(model.config.model_type).lora_targets, t.lora_rank, t.lora_alpha)
     model.to(accelerator.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
     # The scheduler stays out of prepare(): Accelerate would step it once per process per step,
     # running an N-GPU schedule N times too fast. It is checkpointed all the same.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -285,14 +298,16 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
     started = time.perf_counter() - state.seconds
     while state.step < t.steps and (stop_after is None or state.step < stop_after):
         step = state.step
+        routing_step = max(0, step - t.expert_pretrain_steps)  # the routing schedules start after attention transfer
         if t.hard_switch == "steps" and step >= t.hard_at_step:
             state.hard = True
         set_routing_mode(inner, "hard" if state.hard else "soft")
         if t.cost_target is None:
-            cost_lambda = ramp(t.cost_ramp, step, t.cost_ramp_steps, t.cost_lambda_start, t.cost_lambda_end)
+            cost_lambda = ramp(t.cost_ramp, routing_step, t.cost_ramp_steps, t.cost_lambda_start, t.cost_lambda_end)
         else:
             cost_lambda = t.cost_lambda_start if state.cost_lambda is None else state.cost_lambda
-        temperature = ramp("cosine", step, max(t.steps - 1, 1), t.temperature_start, t.temperature_end)
+        routing_steps = t.steps - t.expert_pretrain_steps
+        temperature = ramp("cosine", routing_step, max(routing_steps - 1, 1), t.temperature_start, t.temperature_end)
         set_objective_weights(inner, kl_weight=t.kl_weight, cost_lambda=cost_lambda, temperature=temperature)
         pretrain = step < t.expert_pretrain_steps
         transfer = step < t.transfer_steps
@@ -305,6 +320,9 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
                 with inner.disable_adapter() if t.lora else contextlib.nullcontext():
                     teacher_logits(inner, ids)  # the forced-full pass whose heads and outputs the experts learn from
                 loss = layerwise_transfer_loss(inner)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(f"the attention-transfer loss is {loss.item()} in step {step + 1}; "
+                                             f"the last good checkpoint is {last_checkpoint or 'none (none was saved yet)'}")
                 accelerator.backward(loss / t.grad_accum)
                 step_loss, step_task = step_loss + loss.detach() / t.grad_accum, step_task + loss.detach() / t.grad_accum
                 continue
@@ -360,7 +378,10 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
         history.append(record)
         accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state.step)
         progress.update(1)
-        progress.set_postfix(loss=f"{record['loss']:.3f}", cost=f"{stats.projected_cost:.2f}", hard=state.hard)
+        if pretrain:
+            progress.set_postfix(transfer=f"{record['loss']:.3f}")
+        else:
+            progress.set_postfix(loss=f"{record['loss']:.3f}", cost=f"{stats.projected_cost:.2f}", hard=state.hard)
         if state.step % t.eval_every == 0 or state.step == t.steps:
             result = evaluate(model, eval_blocks, t.batch_size, accelerator)
             per_layer = {f"eval/layer_{i:02d}/{k}": layer[k] for i, layer in enumerate(result["layer_stats"])

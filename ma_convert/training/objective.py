@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.control import collect_aux_losses, force_expert, meta_attention_modules
+from ..core.experts import HeadAttentionExpert
 from ..core.objective import cosine_ramp, linear_ramp
 
 
@@ -74,7 +75,8 @@ def layerwise_transfer_loss(model) -> torch.Tensor:
         target = target.detach().float()
         scale = target.pow(2).mean().clamp_min(1e-12)
         for i, expert in enumerate(module.experts):
-            if i == module.full_index or not any(p.requires_grad for p in expert.parameters()):
+            trainable = any(p.requires_grad for p in expert.parameters())
+            if i == module.full_index or not trainable or not isinstance(expert, HeadAttentionExpert):
                 continue
             out = expert.attend(heads["q"], heads["k"], heads["v"], None, scale=heads["scale"], causal=heads["causal"],
                                 key_mask=heads["key_mask"], attn_bias=heads["attn_bias"])

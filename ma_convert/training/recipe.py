@@ -70,7 +70,9 @@ class TrainingConfig:
     transfer_weight: float = 1.0
     # Attention transfer before routing: the first N steps train only the cheap experts' parameters
     # (the Hedgehog feature maps), layer by layer, to reproduce the full expert's output on the heads
-    # of a forced-full pass. No student pass, so a step costs about one inference forward.
+    # of a forced-full pass. No student pass, so a step costs about one inference forward. They count
+    # in `steps`, `hard_at_step` and `transfer_steps`; the learning-rate schedule, the cost ramp and the
+    # temperature ramp start after them.
     expert_pretrain_steps: int = 0
     hard_switch: str = "steps"  # soft to hard routing: "steps", "entropy", "uncertainty" or "never"
     hard_at_step: int = 60
@@ -112,6 +114,8 @@ class TrainingConfig:
             _need(isinstance(getattr(self, name), bool), w, name, getattr(self, name), "true or false")
         _need(self.expert_pretrain_steps < self.steps, w, "expert_pretrain_steps", self.expert_pretrain_steps,
               f"fewer than training.steps ({self.steps}), so that routing is trained too")
+        _need(self.hard_switch != "steps" or self.hard_at_step >= self.expert_pretrain_steps, w, "hard_at_step",
+              self.hard_at_step, f"at least expert_pretrain_steps ({self.expert_pretrain_steps}): no routing runs before")
         _need(self.objective in ("distill", "lm"), w, "objective", self.objective, "'distill' or 'lm'")
         _need(self.cost_ramp in ("cosine", "linear"), w, "cost_ramp", self.cost_ramp, "'cosine' or 'linear'")
         _need(self.hard_switch in ("steps", "entropy", "uncertainty", "never"), w, "hard_switch", self.hard_switch,

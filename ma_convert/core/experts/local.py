@@ -25,7 +25,8 @@ class LocalAttention(HeadAttentionExpert):
         self.dropout = cfg.dropout
 
     def attend(self, q, k, v, q_pos=None, *, scale=None, causal=True, key_mask=None, attn_bias=None):
-        if q_pos is None:
+        dense = q_pos is None
+        if dense:
             q_pos = dense_positions(q.shape[2], k.shape[2], q.shape[0], q.device)
         return blocked_softmax_attention(
             q,
@@ -42,7 +43,8 @@ class LocalAttention(HeadAttentionExpert):
             # On the CPU small query blocks keep each block's key span close to the window (FLOPs
             # dominate); on a GPU, launches do: 64-query blocks made a SmolLM2 training step
             # launch-bound (960 attention calls, 10x the GPU's own time), so blocks are large there.
-            block=64 if q.device.type == "cpu" else 1024,
+            # Gathered (routed) queries keep small blocks everywhere: a block spans its first to last position.
+            block=1024 if dense and q.device.type != "cpu" else 64,
         )
 
     def extra_repr(self) -> str:
