@@ -79,12 +79,7 @@ def main(argv=None) -> dict:
                        [[tail] + [f"{rows[tail][str(n)]:.2f}" for n in args.lengths]
                         + [f"{cost[tail][str(n)]:.3f}" for n in args.lengths] for tail in args.tails]),
         "",
-        environment_markdown(env),
-        "",
-        "```",
-        "python benchmarks/passkey_tail.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "```",
-        "",
+        environment_markdown(env),  # ends with the command line
     ]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"passkey_tail_{device_tag(torch.device('cpu'))}.md"

@@ -383,13 +383,11 @@ def render(args, env, rows, details, commands=None) -> str:
                          " -> ".join(f"{x:.3f}" for x in d["expert_pretrain_loss"]) if d.get("expert_pretrain_loss") else "-"]
                         for n, d in details.items()]),
         "",
-        environment_markdown(env) if commands is None else environment_markdown({**env, "command": "\n".join(commands)}),
-        "",
-        "```",
-        "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
-        "```",
-        "",
+        environment_markdown(env),  # ends with the command line
     ]
+    if commands is not None:  # a merge: each run's command, then the merge's own
+        lines[-1] = environment_markdown({**env, "command": "\n".join(commands)})
+        lines += ["```", "python benchmarks/quality.py " + " ".join(sys.argv[1:]), "```", ""]
     return "\n".join(lines)
 
 

@@ -363,25 +363,24 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
         scheduler.step()
         optimizer.zero_grad()
         state.step += 1
-        stats = RoutingStats.aggregate(routing_stats(inner))
-        if t.cost_target is not None and not pretrain:
-            # Dual ascent on the budget, with the projected cost averaged over the processes.
-            cost = accelerator.reduce(torch.tensor(stats.projected_cost, device=accelerator.device), "mean").item()
-            state.cost_lambda = max(0.0, cost_lambda + t.cost_target_lr * (cost - t.cost_target))
         # Logged losses are means over the processes, so N-GPU curves compare with 1-GPU ones.
         loss_mean, task_mean = accelerator.reduce(torch.stack([step_loss, step_task]), "mean").tolist()
         state.seconds = time.perf_counter() - started
-        record = {"loss": loss_mean, "task": task_mean, "cost_lambda": cost_lambda, "temperature": temperature,
-                  "projected_cost": stats.projected_cost, "entropy": stats.entropy, "hard": float(state.hard)}
         if pretrain:  # no routing ran: the loss is the attention-transfer loss, and there is no routing to log
             record = {"loss": loss_mean, "transfer": loss_mean, "expert_pretrain": 1.0}
+            progress.set_postfix(transfer=f"{loss_mean:.3f}")
+        else:
+            stats = RoutingStats.aggregate(routing_stats(inner))
+            if t.cost_target is not None:
+                # Dual ascent on the budget, with the projected cost averaged over the processes.
+                cost = accelerator.reduce(torch.tensor(stats.projected_cost, device=accelerator.device), "mean").item()
+                state.cost_lambda = max(0.0, cost_lambda + t.cost_target_lr * (cost - t.cost_target))
+            record = {"loss": loss_mean, "task": task_mean, "cost_lambda": cost_lambda, "temperature": temperature,
+                      "projected_cost": stats.projected_cost, "entropy": stats.entropy, "hard": float(state.hard)}
+            progress.set_postfix(loss=f"{loss_mean:.3f}", cost=f"{stats.projected_cost:.2f}", hard=state.hard)
         history.append(record)
         accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state.step)
         progress.update(1)
-        if pretrain:
-            progress.set_postfix(transfer=f"{record['loss']:.3f}")
-        else:
-            progress.set_postfix(loss=f"{record['loss']:.3f}", cost=f"{stats.projected_cost:.2f}", hard=state.hard)
         if state.step % t.eval_every == 0 or state.step == t.steps:
             result = evaluate(model, eval_blocks, t.batch_size, accelerator)
             per_layer = {f"eval/layer_{i:02d}/{k}": layer[k] for i, layer in enumerate(result["layer_stats"])
