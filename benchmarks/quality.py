@@ -67,6 +67,12 @@ def parse_args(argv):
     p.add_argument("--expert-pretrain-tokens", type=int, default=0,
                    help="layer-wise attention transfer for the linear expert before routing (training.expert_pretrain_steps), "
                         "on top of --train-tokens")
+    p.add_argument("--linear-window", type=int, default=0,
+                   help="the linear expert's exact window (MetaAttnConfig.linear_window; 0: pure kernel attention)")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="also train peft LoRA of this rank on the shared attention projections (training.lora; "
+                        "merged on export, so full tokens no longer use the original weights); 0: off")
+    p.add_argument("--lora-lr", type=float, default=1e-3, help="with --lora: the LoRA matrices' learning rate")
     p.add_argument("--full-tail", type=int, default=0,
                    help="also measure passkey with full_tail=N (the prompt's last N tokens and every generated one full)")
     p.add_argument("--eval-tokens", type=int, default=200_000, help="per held-out set")
@@ -202,7 +208,8 @@ def finetune_variant(name: str, args, data: dict[str, Path]):
     recipe = Recipe(
         output_dir=str(args.work_dir / name),
         model=ModelConfig(source=args.gguf, dtype="float32",
-                          meta_attention=dict(VARIANTS[name], max_positions=8192, dense_below=0)),
+                          meta_attention=dict(VARIANTS[name], max_positions=8192, dense_below=0,
+                                                             linear_window=args.linear_window)),
         data=DataConfig(source=str(data["train"]), eval_source=str(data["wikitext"]), seq_len=args.seq_len,
                         max_train_tokens=args.train_tokens + args.expert_pretrain_tokens, max_eval_tokens=min(args.eval_tokens, 16 * args.seq_len)),
         training=TrainingConfig(
@@ -214,6 +221,8 @@ def finetune_variant(name: str, args, data: dict[str, Path]):
             hard_at_step=pretrain + int(steps * 0.75), final_routing="hard", eval_every=pretrain + steps,
             save_every=pretrain + steps + 1,
             mixed_precision="no", log_with=None, seed=0,
+            lora=bool(args.lora), lora_rank=args.lora or 8, lora_alpha=2 * (args.lora or 8),
+            lora_lr=args.lora_lr if args.lora else None,
         ),
     )
     started = time.perf_counter()
@@ -242,6 +251,11 @@ def row_name(variant: str, args) -> str:
     budget = f"cost target {args.cost_target:g}" if args.cost_target else f"cost weight {args.cost_lambda:g}"
     if args.expert_pretrain_tokens:
         budget += f", {args.expert_pretrain_tokens / 1e6:g}M-token attention transfer"
+    if args.linear_window:
+        budget += f", hybrid linear expert (window {args.linear_window})"
+    if args.lora:
+        budget += f", LoRA r={args.lora}"
+    budget += f", {args.train_tokens / 1e6:g}M routing tokens"
     return f"{variant}, {budget}" + (f", {args.retrieval_docs} retrieval docs" if args.retrieval_docs else "")
 
 
@@ -306,7 +320,8 @@ def main(argv=None) -> dict:
                                                    "expert_pretrain_tokens", "expert_pretrain_loss") if k in results}
         details[name]["final_cost_lambda"] = results["history"][-1]["cost_lambda"]
         details[name]["settings"] = {k: getattr(args, k) for k in ("cost_target", "cost_lambda", "kl_weight", "retrieval_docs", "lr",
-                                                                   "expert_pretrain_tokens", "full_tail")}
+                                                                   "expert_pretrain_tokens", "full_tail", "lora", "lora_lr",
+                                                                   "linear_window")}
         log(json.dumps(row, indent=1))
         del model
         if args.device.startswith("cuda"):

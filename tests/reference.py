@@ -59,3 +59,30 @@ def naive_linear(phi_q, phi_k, v, q_pos, causal=True, key_mask=None):
             den = torch.einsum("hf,hf->h", phi_q[bi, :, qi], z)
             out[bi, :, qi] = num / den.clamp_min(1e-6).unsqueeze(-1)
     return out
+
+
+def naive_hybrid(q, k, v, phi_q, phi_k, log_weight, q_pos, window, sinks, scale=None, key_mask=None):
+    """The hybrid linear expert written out: weights exp(q.k * scale) on the last `window` keys and
+    the first `sinks`, exp(log_weight_h) phi(q).phi(k) on the other earlier keys, one normalisation."""
+    k, v, phi_k = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1]), repeat_kv(phi_k, q.shape[1])
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    j = torch.arange(k.shape[2])[None, None, None, :]
+    i = q_pos[:, None, :, None]
+    visible = (j <= i) & (i >= 0)
+    if key_mask is not None:
+        visible = visible & key_mask[:, None, None, :]
+    exact = visible & ((i - j < window) | (j < sinks))
+    far = visible & ~exact
+    out = torch.zeros(q.shape)
+    for bi in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            for n in range(q.shape[2]):
+                e, f = exact[bi, 0, n], far[bi, 0, n]
+                if not (e.any() or f.any()):
+                    continue
+                scores = (k[bi, h] @ q[bi, h, n]) * scale
+                top = scores[e].max() if e.any() else torch.tensor(0.0)
+                weights = torch.where(e, torch.exp(scores - top), 0.0)
+                weights = weights + torch.where(f, torch.exp(log_weight[h] - top) * (phi_k[bi, h] @ phi_q[bi, h, n]), 0.0)
+                out[bi, h, n] = weights @ v[bi, h] / weights.sum().clamp_min(1e-6)
+    return out

@@ -46,6 +46,8 @@ def test_presets(preset):
         ("router", "mlp"),
         ("prior", "flat"),
         ("feature_map", "relu"),
+        ("linear_window", -1),
+        ("linear_window", 2.5),
         ("backend", "cuda"),
         ("beta0", 0),
         ("kl_weight", -1),

@@ -95,6 +95,36 @@ def test_weights_are_preserved(case):
 def test_cached_decoding_equals_recomputation_under_mixed_hard_routing(case):
     model = converted(case.make("sdpa"))
     spread_routing(model)
+    assert_cached_decoding_equals_recomputation(model, case)
+
+
+def perturb_linear_experts(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".experts.1." in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_hybrid_linear_expert_decodes_as_it_recomputes(case):
+    """The linear expert with an exact window reads the KV cache when decoding (no state)."""
+    original = case.make("sdpa")
+    if getattr(original.config, "sliding_window", None) is not None:  # a cache that drops old keys: refused
+        with pytest.raises(ValueError, match="linear_window=3 cannot be used with a sliding-window model"):
+            converted(original, linear_window=3)
+        return
+    model = converted(original, linear_window=3)
+    spread_routing(model)
+    perturb_linear_experts(model)
+    assert_cached_decoding_equals_recomputation(model, case)
+    with torch.no_grad():
+        ids, mask = batch(case, "none")
+        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(**kwargs), model.generate(**kwargs, use_cache=False))
+
+
+def assert_cached_decoding_equals_recomputation(model, case):
     set_routing_mode(model, "hard")
     ids, mask = batch(case, "left")
     prompt = 7

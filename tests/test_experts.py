@@ -5,7 +5,7 @@ import torch
 
 from ma_convert import MetaAttnConfig, build_expert, list_experts, register_expert
 from ma_convert.experts import AttentionExpert, HeadAttentionExpert
-from reference import allowed_mask, naive_linear, naive_softmax
+from reference import allowed_mask, naive_hybrid, naive_linear, naive_softmax
 
 B, HQ, D = 2, 4, 16
 
@@ -243,3 +243,69 @@ def test_full_expert_keeps_the_base_models_window():
     close(full.attend(q, k, v), naive_softmax(q, k, v, allowed_mask(pos, t, window=32)))
     with pytest.raises(ValueError, match="window_size"):
         cfg_for(2, full_window=8, window_size=16)
+
+
+def hybrid_expert(hkv, window, sinks):
+    """The linear expert with an exact window, moved off its initialisation."""
+    lin = build_expert("linear", cfg_for(hkv, linear_window=window, sink_tokens=sinks))
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return lin
+
+
+@pytest.mark.parametrize("hkv", [4, 2])
+@pytest.mark.parametrize("window,sinks", [(1, 0), (5, 2), (70, 4)])
+def test_hybrid_linear_dense_matches_naive(hkv, window, sinks):
+    t = 150
+    q, k, v = heads(t, hkv)
+    lin = hybrid_expert(hkv, window, sinks)
+    phi_q, phi_k = linear_features(lin, q, k)
+    pos = torch.arange(t).expand(B, t)
+    got = lin.attend(q, k, v, scale=0.3)
+    close(got, naive_hybrid(q, k, v, phi_q, phi_k, lin.log_weight.detach(), pos, window, sinks, scale=0.3), tol=1e-4)
+    got.sum().backward()  # every parameter takes part: the maps through the kernel part, the weight through both
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lin.parameters())
+
+
+def test_hybrid_linear_gathered_masked_and_padded():
+    t, n = 120, 40
+    q, k, v = heads(t, 2, n)
+    pos = random_positions(t, n)
+    pos[0, -3:] = -1  # padding slots
+    key_mask = torch.rand(B, t) > 0.2
+    lin = hybrid_expert(2, 6, 3)
+    with torch.no_grad():
+        phi_q, phi_k = linear_features(lin, q, k)
+        got = lin.attend(q, k, v, pos, key_mask=key_mask)
+        want = naive_hybrid(q, k, v, phi_q, phi_k, lin.log_weight, pos, 6, 3, key_mask=key_mask)
+    close(got, want, tol=1e-4)
+    assert (got[0, :, -3:] == 0).all()
+
+
+def test_hybrid_linear_with_a_window_over_every_key_is_softmax_attention():
+    t = 50
+    q, k, v = heads(t, 2)
+    lin = hybrid_expert(2, t, 0)
+    pos = torch.arange(t).expand(B, t)
+    with torch.no_grad():
+        close(lin.attend(q, k, v), naive_softmax(q, k, v, allowed_mask(pos, t)), tol=1e-5)
+
+
+def test_hybrid_linear_chunks_long_query_runs_the_same(monkeypatch):
+    q, k, v = heads(90, 2)
+    lin = hybrid_expert(2, 8, 2)
+    with torch.no_grad():
+        whole = lin.attend(q, k, v)
+        monkeypatch.setattr(type(lin), "query_chunk", 16)
+        close(lin.attend(q, k, v), whole, tol=1e-6)
+
+
+def test_hybrid_linear_is_causal_only_and_keeps_no_state():
+    lin = hybrid_expert(2, 4, 0)
+    assert not lin.recurrent and build_expert("linear", cfg_for(2)).recurrent
+    q, k, v = heads(10, 2)
+    with pytest.raises(ValueError, match="causally"):
+        lin.attend(q, k, v, causal=False)
+    with pytest.raises(ValueError, match="linear_window"):
+        cfg_for(2, linear_window=4, causal=False)

@@ -258,3 +258,14 @@ def test_decode_step_replays_in_a_cuda_graph():
         expected, expected_state = step(*new)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(next_state[0], expected_state[0])
+
+
+def test_fast_path_refuses_the_hybrid_linear_expert():
+    """Its kernels have no exact window: a linear_window model stays on the torch path (also on a GPU)."""
+    plain = make_layer(4, 2, 16)
+    cfg = plain.cfg.replace(linear_window=8)
+    hybrid = MetaAttention(cfg).eval()
+    q = torch.randn(1, 4, 32, 16, dtype=torch.bfloat16, device=DEVICE)
+    assert routed().unsupported_reason(plain.to(DEVICE), q, causal=True, key_mask=None, attn_bias=None) is None
+    reason = routed().unsupported_reason(hybrid.to(DEVICE), q, causal=True, key_mask=None, attn_bias=None)
+    assert reason is not None and "linear_window" in reason

@@ -160,3 +160,24 @@ def test_sequence_longer_than_the_positions_is_refused():
     limit = model.config.max_position_embeddings
     with pytest.raises(ValueError, match=f"at most {limit} positions"):
         model(torch.zeros(1, limit + 1, dtype=torch.long))
+
+
+def test_hybrid_linear_expert_saves_and_reloads(tmp_path):
+    """linear_window travels in config.json and the per-head weights in the checkpoint; a fresh
+    model initialises them to 0 (equal weight for the kernel part)."""
+    case = next(c for c in CASES if c.name == "llama-gqa")
+    model = convert(copy.deepcopy(case.make("sdpa")), linear_window=3).eval()
+    spread_routing(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".meta." in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path / "hybrid")
+    assert json.loads((tmp_path / "hybrid" / "config.json").read_text())["meta_attention"]["attention"]["linear_window"] == 3
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hybrid").eval()
+    ids = torch.randint(3, case.vocab, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    fresh = AutoModelForCausalLM.from_config(reloaded.config)
+    weights = [p for n, p in fresh.named_parameters() if n.endswith("log_weight")]
+    assert weights and all(torch.equal(w, torch.zeros_like(w)) for w in weights)

@@ -194,6 +194,28 @@ def test_lora_on_the_projections_is_merged_on_export(source, tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "model")  # a plain converted model again
 
 
+def test_lora_learning_rate_is_its_own_parameter_group(source, tmp_path):
+    from ma_convert.training.loop import parameter_groups
+    from ma_convert.training.params import add_lora, freeze_all_but_routers_and_experts
+    from ma_convert.training.recipe import TrainingConfig
+
+    with pytest.raises(ValueError, match="lora_lr"):
+        TrainingConfig(lora_lr=0)
+    r = recipe(source, tmp_path / "groups", lora=True, lora_rank=4, lr=1e-2, lora_lr=1e-4)
+    from ma_convert.training.loop import load_model
+
+    model, _ = load_model(r)
+    freeze_all_but_routers_and_experts(model)
+    model = add_lora(model, r".*\.self_attn\.(q_proj|k_proj|v_proj|o_proj)", 4, 8)
+    meta, lora = parameter_groups(model, r.training)
+    assert (meta["lr"], lora["lr"]) == (1e-2, 1e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert lora["params"] and all("lora_" in names[id(p)] for p in lora["params"])
+    assert meta["params"] and all(".meta." in names[id(p)] for p in meta["params"])
+    (single,) = parameter_groups(model, recipe(source, tmp_path / "one", lora=True, lr=1e-2).training)
+    assert single["lr"] == 1e-2 and len(single["params"]) == len(meta["params"]) + len(lora["params"])
+
+
 def test_streaming_data_and_uncertainty_switch_resume_exactly(source, tmp_path):
     def streamed(out):
         r = recipe(source, out, hard_switch="uncertainty", hard_below_uncertainty=1.0, eval_every=2)

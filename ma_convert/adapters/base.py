@@ -89,4 +89,11 @@ class ArchitectureAdapter:
                 f"sink_tokens={meta.sink_tokens} cannot be used with a sliding-window model "
                 f"(sliding_window={meta.full_window}): its KV cache drops the first tokens; leave sink_tokens at 0"
             )
+        if meta.full_window is not None and meta.linear_window:
+            # The hybrid's kernel part reads the keys that left its window from the KV cache.
+            raise ValueError(
+                f"linear_window={meta.linear_window} cannot be used with a sliding-window model "
+                f"(sliding_window={meta.full_window}): its KV cache drops the old keys the hybrid reads; leave "
+                "linear_window at 0 (the pure linear expert keeps its own state)"
+            )
         return meta

@@ -89,8 +89,11 @@ def short_prompt_limit(cfg) -> int:
 
 def unsupported_reason(meta, q: torch.Tensor, *, causal: bool, key_mask, attn_bias) -> Optional[str]:
     """Why the fast path cannot serve this call (None: it can)."""
-    if not _table(meta, q.device).supported:
+    table = _table(meta, q.device)
+    if not table.supported:
         return "the fast path serves the three built-in experts only"
+    if meta.experts[table.linear].window:
+        return "the fast path's linear kernels have no exact window (linear_window > 0)"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return "the fast path runs in fp16/bf16"
     if not causal or key_mask is not None or attn_bias is not None:

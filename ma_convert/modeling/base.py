@@ -23,7 +23,7 @@ import torch.nn as nn
 from ..core.config import FORMAT_VERSION, MetaAttnConfig
 from ..core.controller import DirichletRouter, SoftmaxRouter
 from ..core.objective import prior_concentration
-from ..core.experts.linear import HedgehogFeatureMap
+from ..core.experts.linear import HedgehogFeatureMap, LinearAttention
 from ..core.meta_attention import MetaAttention
 
 # The format of the config's `meta_attention` block (the MetaAttnConfig inside has its own).
@@ -80,6 +80,10 @@ def init_meta_weights(module: nn.Module) -> bool:
     if isinstance(module, SoftmaxRouter):
         _fill(module.fc2.weight, torch.randn_like(module.fc2.weight) * 0.02)
         _fill(module.fc2.bias, torch.zeros_like(module.fc2.bias))
+        return True
+    if isinstance(module, LinearAttention):
+        if module.log_weight is not None:
+            _fill(module.log_weight, torch.zeros_like(module.log_weight))
         return True
     if isinstance(module, HedgehogFeatureMap):
         _fill(module.weight, torch.eye(module.weight.shape[-1]).expand_as(module.weight))

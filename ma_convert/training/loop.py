@@ -31,7 +31,7 @@ from .objective import (
     teacher_logits,
     transfer_loss,
 )
-from .params import add_lora, assert_only_routers_and_experts_train, freeze_all_but_routers_and_experts
+from .params import LORA_MARK, add_lora, assert_only_routers_and_experts_train, freeze_all_but_routers_and_experts
 from .recipe import Recipe
 
 
@@ -199,6 +199,16 @@ def lr_factor(step: int, t) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def parameter_groups(model, t) -> list[dict]:
+    """The trainable parameters as optimizer groups: routers and experts at `lr`, LoRA matrices at
+    `lora_lr` when it is set (the schedule scales both)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if t.lora_lr is None:
+        return [{"params": [p for _, p in trainable], "lr": t.lr}]
+    lora = [p for n, p in trainable if LORA_MARK in n]
+    return [{"params": [p for n, p in trainable if LORA_MARK not in n], "lr": t.lr}, {"params": lora, "lr": t.lora_lr}]
+
+
 def train_routers_only(model) -> None:
     """Training mode for the Meta-Attention modules (posterior sampling, Gumbel routing) and eval
     mode for the frozen rest: the base model's own dropout would only add noise to the teacher and
@@ -264,7 +274,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
 
         model = add_lora(model, adapter_for(model.config.model_type).lora_targets, t.lora_rank, t.lora_alpha)
     model.to(accelerator.device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, t), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
     # The scheduler stays out of prepare(): Accelerate would step it once per process per step,
     # running an N-GPU schedule N times too fast. It is checkpointed all the same.
@@ -318,7 +328,8 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
                                 accelerator.num_processes).to(accelerator.device)
             if pretrain:
                 with inner.disable_adapter() if t.lora else contextlib.nullcontext():
-                    teacher_logits(inner, ids)  # the forced-full pass whose heads and outputs the experts learn from
+                    # The forced-full pass whose heads and outputs the experts learn from; its logits are unused.
+                    teacher_logits(inner, ids, logits_to_keep=1)
                 loss = layerwise_transfer_loss(inner)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(f"the attention-transfer loss is {loss.item()} in step {step + 1}; "

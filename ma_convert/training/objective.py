@@ -30,10 +30,12 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
 
 
 @torch.no_grad()
-def teacher_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """The original model's logits: the same weights with every token routed to full attention."""
+def teacher_logits(model, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+    """The original model's logits: the same weights with every token routed to full attention.
+    `logits_to_keep` (transformers' argument; 0: all) spares the vocabulary projection when only the
+    pass's attention heads are wanted."""
     with force_expert(model, "full"):
-        return model(input_ids=ids).logits
+        return model(input_ids=ids, logits_to_keep=logits_to_keep).logits
 
 
 def transfer_loss(model) -> torch.Tensor:

@@ -87,6 +87,7 @@ class TrainingConfig:
     lora: bool = False  # peft LoRA on the shared attention projections too, merged into them on export
     lora_rank: int = 8
     lora_alpha: int = 16
+    lora_lr: Optional[float] = None  # the LoRA matrices' learning rate (unset: `lr`, the routers' and experts')
     log_with: Optional[str] = "tensorboard"
 
     def __post_init__(self) -> None:
@@ -110,6 +111,8 @@ class TrainingConfig:
         for name in ("hard_below_entropy", "hard_below_uncertainty"):
             value = getattr(self, name)
             _need(_is_number(value) and 0 < value <= 1, w, name, value, "a number in (0, 1]")
+        _need(self.lora_lr is None or (_is_number(self.lora_lr) and self.lora_lr > 0), w, "lora_lr", self.lora_lr,
+              "unset, or a number > 0")
         for name in ("lora",):
             _need(isinstance(getattr(self, name), bool), w, name, getattr(self, name), "true or false")
         _need(self.expert_pretrain_steps < self.steps, w, "expert_pretrain_steps", self.expert_pretrain_steps,

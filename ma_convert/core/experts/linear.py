@@ -3,6 +3,10 @@
 out_i = phi(q_i) . S_i / phi(q_i) . z_i, with S_i = sum_{j<=i} phi(k_j) v_j^T and z_i = sum_{j<=i} phi(k_j).
 The state is accumulated per kv head (no GQA repeats) in float32, chunk by chunk: within a chunk
 the quadratic form, across chunks the running state.
+
+With `linear_window` W > 0 the expert is a hybrid: query i weighs the last W keys and the sink
+tokens by exp(q_i . k_j * scale) and the older keys by exp(a_h) phi(q_i) . phi(k_j), normalised
+together (a_h a learnable per-head log-weight).
 """
 
 from __future__ import annotations
@@ -89,6 +93,12 @@ class LinearAttention(HeadAttentionExpert):
             self.k_map: nn.Module = HedgehogFeatureMap(cfg.kv_heads, cfg.d_head)
         else:
             self.q_map = self.k_map = ELUFeatureMap()
+        self.window = cfg.linear_window
+        self.sinks = cfg.sink_tokens if self.window else 0
+        # A hybrid's kernel part covers keys that left the window, so it reads the KV cache when
+        # decoding (as the softmax experts do) instead of keeping a state.
+        self.recurrent = not self.window
+        self.log_weight = nn.Parameter(torch.zeros(cfg.n_heads)) if self.window else None
 
     def features(self, q, k, key_mask):
         """float32 features: phi(q) as (B, Hkv, G, N, F) and masked phi(k) as (B, Hkv, Tk, F)."""
@@ -100,12 +110,18 @@ class LinearAttention(HeadAttentionExpert):
             phi_k = phi_k * key_mask[:, None, :, None].to(phi_k.dtype)
         return phi_q, phi_k
 
-    recurrent = True
-
     def attend(self, q, k, v, q_pos=None, *, scale=None, causal=True, key_mask=None, attn_bias=None, state=None):
         """As `HeadAttentionExpert.attend`; `state` = (S, z) summarises the keys before `k` (a cache)."""
         b, hq, n, d = q.shape
         tk = k.shape[2]
+        if self.window:
+            if not causal or state is not None:
+                raise ValueError("the hybrid linear expert (linear_window > 0) attends causally over all keys, without a state")
+            if q_pos is None:
+                q_pos = torch.arange(tk - n, tk, device=q.device).expand(b, n)
+            return torch.cat([self._hybrid(q[:, :, i : i + self.query_chunk], k, v, q_pos[:, i : i + self.query_chunk],
+                                           d**-0.5 if scale is None else scale, key_mask)
+                              for i in range(0, n, self.query_chunk)], dim=2).to(q.dtype)
         phi_q, phi_k = self.features(q, k, key_mask)
         vf = v.float()
         if state is not None and not causal:
@@ -120,6 +136,39 @@ class LinearAttention(HeadAttentionExpert):
                 q_pos = torch.arange(tk - n, tk, device=q.device).expand(b, n)
             out = self._causal(phi_q, phi_k, vf, q_pos, state)
         return out.reshape(b, hq, n, d).to(q.dtype)
+
+    query_chunk = 2048  # hybrid: queries per pass, bounding the gathered window keys' memory
+
+    def _hybrid(self, q, k, v, q_pos, scale, key_mask):
+        """The hybrid's output for queries at key indices q_pos (B, N; -1: padding): exact over
+        the sinks and the window, gathered per query; kernel attention over the keys before."""
+        b, hq, n, d = q.shape
+        hkv, tk = k.shape[1], k.shape[2]
+        w, s = self.window, self.sinks
+        phi_q, phi_k = self.features(q, k, key_mask)
+        phi_k = phi_k * (torch.arange(tk, device=k.device) >= s)[:, None].to(phi_k.dtype)  # sinks are exact
+        # Keys sinks .. p-W: causal kernel attention for a query sitting W keys earlier.
+        lin = self._causal(phi_q, phi_k, v.float(), torch.where(q_pos >= 0, q_pos - w, -1), normalise=False)
+        num_lin, den_lin = lin[..., :-1], lin[..., -1]
+        pos = q_pos[..., None]
+        idx = torch.cat([torch.arange(s, device=q.device).expand(b, n, s), pos - w + 1 + torch.arange(w, device=q.device)], -1)
+        valid = (idx >= 0) & (idx <= pos) & (pos >= 0)
+        valid[..., :s] &= idx[..., :s] <= pos - w  # a sink inside the window counts once
+        idx = idx.clamp(0, tk - 1)
+        if key_mask is not None:
+            valid &= key_mask.gather(1, idx.flatten(1)).view_as(idx).bool()
+        flat = idx.flatten(1)[:, None, :, None].expand(b, hkv, n * (s + w), d)
+        keys = k.float().gather(2, flat).view(b, hkv, n, s + w, d)
+        values = v.float().gather(2, flat).view(b, hkv, n, s + w, d)
+        scores = torch.einsum("bhgnd,bhnkd->bhgnk", q.float().view(b, hkv, hq // hkv, n, d), keys) * scale
+        scores = scores.masked_fill(~valid[:, None, None], float("-inf"))
+        top = scores.amax(-1)
+        top = torch.where(torch.isfinite(top), top, 0.0)  # a query with no exact key (padding)
+        weights = torch.exp(scores - top[..., None])
+        far = torch.exp(self.log_weight.float().view(1, hkv, hq // hkv, 1) - top)  # exp(a_h), on the same scale
+        num = torch.einsum("bhgnk,bhnkd->bhgnd", weights, values) + far[..., None] * num_lin
+        den = weights.sum(-1) + far * den_lin
+        return (num / den.clamp_min(_DEN_EPS).unsqueeze(-1)).reshape(b, hq, n, d)
 
     def advance_state(self, k, v, key_mask=None, state=None):
         """The state after keys k, v (B, Hkv, T, d): S = S0 + sum phi(k) v^T, z = z0 + sum phi(k)."""
@@ -147,8 +196,9 @@ class LinearAttention(HeadAttentionExpert):
             s, z = s + state[0].unsqueeze(2), z + state[1].unsqueeze(2)
         return kc, vc, s, z
 
-    def _causal(self, phi_q, phi_k, v, q_pos, state=None):
-        """Causal outputs for queries at key indices `q_pos` (None: every key is a query).
+    def _causal(self, phi_q, phi_k, v, q_pos, state=None, normalise=True):
+        """Causal outputs for queries at key indices `q_pos` (None: every key is a query); with
+        `normalise` False, the numerator with the denominator as one more channel.
 
         Queries are bucketed by the chunk they fall in, m slots per chunk (m = the fullest chunk's
         count, C when every key is a query). Each bucket reads its chunk's prefix state and the
@@ -180,7 +230,8 @@ class LinearAttention(HeadAttentionExpert):
         scores = torch.einsum("bhgnmf,bhncf->bhgnmc", buckets, kc) * visible[:, None, None]
         num = num + torch.einsum("bhgnmc,bhncd->bhgnmd", scores, vc)
         den = den + scores.sum(-1)
-        out = (num / den.clamp_min(_DEN_EPS).unsqueeze(-1)).flatten(3, 4)
+        out = num / den.clamp_min(_DEN_EPS).unsqueeze(-1) if normalise else torch.cat([num, den.unsqueeze(-1)], -1)
+        out = out.flatten(3, 4)
         if slot is None:
             return out[:, :, :, :n]
         out = F.pad(out, (0, 0, 0, 1))  # the padding slot's output: zeros
