@@ -5,10 +5,10 @@ blocks, with Q/K/V captured from a forced-full pass of SmolLM2-135M-Instruct:
 - the local expert at several windows (4 sink tokens; no parameters, nothing to train);
 - the linear expert (Hedgehog maps) after layer-wise attention transfer, as the recipe's
   `expert_pretrain_steps` trains it;
-- a prototype *hybrid* that is not in the library: exact softmax over the last W keys and the sinks,
-  Hedgehog linear attention over the older keys, one shared normalisation (LoLCATs' sliding window +
-  linear form), with a learnable per-head weight on the linear part. It asks whether a linear expert
-  with a short exact window would be good enough to pay for full-attention tokens at cost 0.15.
+- the hybrid linear expert (`MetaAttnConfig.linear_window=W`): exact softmax over the last W keys and
+  the sinks, Hedgehog linear attention over the older keys, one shared normalisation (LoLCATs' sliding
+  window + linear form), trained the same way. It asks whether a linear expert with a short exact
+  window is good enough to pay for full-attention tokens at cost 0.15.
 
 No forward through the model after the capture, so it is quick on a GPU:
 
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
@@ -34,6 +33,7 @@ import quality  # noqa: E402
 from _common import device_tag, environment, environment_markdown, log, markdown_table, write_results  # noqa: E402
 
 import ma_convert  # noqa: E402
+from ma_convert import build_expert  # noqa: E402
 from ma_convert.core.control import meta_attention_modules  # noqa: E402
 from ma_convert.training.objective import set_transfer_capture, teacher_logits  # noqa: E402
 
@@ -54,32 +54,6 @@ def parse_args(argv):
     qargs = quality.parse_args(["--device", args.device, "--seq-len", str(args.seq_len), "--retrieval-docs", "0",
                                 "--work-dir", "outputs/expert_fidelity", *rest])
     return args, qargs
-
-
-class HybridAttention(nn.Module):
-    """Prototype: softmax over the last `window` keys and the first `sinks`, Hedgehog linear attention
-    over the keys in between, normalised together. Plain quadratic form: a measurement, not a kernel."""
-
-    def __init__(self, linear_expert: nn.Module, n_heads: int, window: int, sinks: int) -> None:
-        super().__init__()
-        self.q_map, self.k_map = copy.deepcopy(linear_expert.q_map), copy.deepcopy(linear_expert.k_map)
-        self.log_weight = nn.Parameter(torch.zeros(n_heads))  # the linear part's weight against exp(scores)
-        self.window, self.sinks = window, sinks
-
-    def forward(self, q, k, v, scale):
-        group = q.shape[1] // k.shape[1]
-        phi_q, phi_k = self.q_map(q.float()), self.k_map(k.float()).repeat_interleave(group, 1)
-        k, v = k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
-        t = q.shape[2]
-        i, j = torch.arange(t, device=q.device)[:, None], torch.arange(t, device=q.device)[None]
-        causal = j <= i
-        exact = causal & ((i - j < self.window) | (j < self.sinks))
-        scores = (q.float() @ k.transpose(-1, -2) * scale).masked_fill(~exact, float("-inf"))
-        top = scores.amax(-1, keepdim=True)  # every query sees itself, so finite
-        weights = torch.exp(scores - top)
-        far = (phi_q @ phi_k.transpose(-1, -2)) * (causal & ~exact)
-        weights = weights + far * torch.exp(self.log_weight[None, :, None, None] - top)
-        return (weights @ v) / weights.sum(-1, keepdim=True)
 
 
 def relative_mse(out: torch.Tensor, target: torch.Tensor) -> float:
@@ -141,12 +115,12 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             row["linear"] = sum(relative_mse(linear.attend(q, k, v, None, scale=s), t) for q, k, v, s, t in evaluation) / len(evaluation)
         for window in args.hybrid_windows:
-            hybrid = HybridAttention(module.experts[module.expert_index("linear")], blocks[0][0].shape[1], window,
-                                     module.experts[module.expert_index("local")].sinks).to(device)
+            hybrid = build_expert("linear", module.cfg.replace(linear_window=window)).to(device)
             with torch.enable_grad():
-                fit(hybrid, list(hybrid.parameters()), blocks, args)
+                fit(lambda q, k, v, s: hybrid.attend(q, k, v, None, scale=s), list(hybrid.parameters()), blocks, args)
             with torch.no_grad():
-                row[f"hybrid W={window}"] = sum(relative_mse(hybrid(q, k, v, s), t) for q, k, v, s, t in evaluation) / len(evaluation)
+                row[f"hybrid W={window}"] = sum(relative_mse(hybrid.attend(q, k, v, None, scale=s), t)
+                                                for q, k, v, s, t in evaluation) / len(evaluation)
         rows.append(row)
         log(f"layer {layer}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "layer")
             + f" ({time.perf_counter() - started:.0f} s)")
@@ -162,8 +136,8 @@ def main(argv=None) -> dict:
         "",
         f"Relative MSE to the full expert's output (0 = exact) on {args.eval_blocks} held-out WikiText blocks of "
         f"{args.seq_len} tokens. Local: 4 sink tokens, no parameters. Linear and hybrid: {args.steps} attention-"
-        f"transfer steps (Adam, lr {args.lr:g}) on {args.train_blocks} training blocks. The hybrid is a prototype "
-        "(exact window + sinks, linear attention beyond, shared normalisation), not a library expert.",
+        f"transfer steps (Adam, lr {args.lr:g}) on {args.train_blocks} training blocks. Hybrid: the linear expert with "
+        "`linear_window=W` (exact window + sinks, linear attention beyond, shared normalisation).",
         "",
         markdown_table(["layer"] + columns, table),
         "",

@@ -119,9 +119,7 @@ class LinearAttention(HeadAttentionExpert):
                 raise ValueError("the hybrid linear expert (linear_window > 0) attends causally over all keys, without a state")
             if q_pos is None:
                 q_pos = torch.arange(tk - n, tk, device=q.device).expand(b, n)
-            return torch.cat([self._hybrid(q[:, :, i : i + self.query_chunk], k, v, q_pos[:, i : i + self.query_chunk],
-                                           d**-0.5 if scale is None else scale, key_mask)
-                              for i in range(0, n, self.query_chunk)], dim=2).to(q.dtype)
+            return self._hybrid(q, k, v, q_pos, d**-0.5 if scale is None else scale, key_mask).to(q.dtype)
         phi_q, phi_k = self.features(q, k, key_mask)
         vf = v.float()
         if state is not None and not causal:
@@ -137,19 +135,35 @@ class LinearAttention(HeadAttentionExpert):
             out = self._causal(phi_q, phi_k, vf, q_pos, state)
         return out.reshape(b, hq, n, d).to(q.dtype)
 
-    query_chunk = 2048  # hybrid: queries per pass, bounding the gathered window keys' memory
+    query_chunk = 2048  # hybrid: queries per pass of the exact part, bounding its gathered keys' memory
 
     def _hybrid(self, q, k, v, q_pos, scale, key_mask):
-        """The hybrid's output for queries at key indices q_pos (B, N; -1: padding): exact over
-        the sinks and the window, gathered per query; kernel attention over the keys before."""
+        """The hybrid's output for queries at key indices q_pos (B, N; -1: padding): kernel attention
+        over the keys before the window, once; the exact part over the sinks and the window, gathered
+        per query, a chunk of queries at a time."""
         b, hq, n, d = q.shape
         hkv, tk = k.shape[1], k.shape[2]
-        w, s = self.window, self.sinks
         phi_q, phi_k = self.features(q, k, key_mask)
-        phi_k = phi_k * (torch.arange(tk, device=k.device) >= s)[:, None].to(phi_k.dtype)  # sinks are exact
+        phi_k = phi_k * (torch.arange(tk, device=k.device) >= self.sinks)[:, None].to(phi_k.dtype)  # sinks are exact
         # Keys sinks .. p-W: causal kernel attention for a query sitting W keys earlier.
-        lin = self._causal(phi_q, phi_k, v.float(), torch.where(q_pos >= 0, q_pos - w, -1), normalise=False)
-        num_lin, den_lin = lin[..., :-1], lin[..., -1]
+        lin = self._causal(phi_q, phi_k, v.float(), torch.where(q_pos >= 0, q_pos - self.window, -1), normalise=False)
+        qf = q.float().view(b, hkv, hq // hkv, n, d)
+        log_weight = self.log_weight.float().view(1, hkv, hq // hkv, 1)
+        out = []
+        for i in range(0, n, self.query_chunk):
+            rows = slice(i, i + self.query_chunk)
+            num, den, top = self._window_part(qf[:, :, :, rows], k, v, q_pos[:, rows], scale, key_mask)
+            far = torch.exp(log_weight - top)  # exp(a_h), on the exact part's scale
+            num = num + far[..., None] * lin[:, :, :, rows, :-1]
+            den = den + far * lin[:, :, :, rows, -1]
+            out.append(num / den.clamp_min(_DEN_EPS).unsqueeze(-1))
+        return torch.cat(out, dim=3).reshape(b, hq, n, d)
+
+    def _window_part(self, q, k, v, q_pos, scale, key_mask):
+        """Unnormalised exact attention of queries (B, Hkv, G, N, d) at q_pos over the sinks and their
+        last `window` keys: numerator, denominator and the score maximum they are scaled by."""
+        b, hkv, _, n, d = q.shape
+        tk, w, s = k.shape[2], self.window, self.sinks
         pos = q_pos[..., None]
         idx = torch.cat([torch.arange(s, device=q.device).expand(b, n, s), pos - w + 1 + torch.arange(w, device=q.device)], -1)
         valid = (idx >= 0) & (idx <= pos) & (pos >= 0)
@@ -160,15 +174,12 @@ class LinearAttention(HeadAttentionExpert):
         flat = idx.flatten(1)[:, None, :, None].expand(b, hkv, n * (s + w), d)
         keys = k.float().gather(2, flat).view(b, hkv, n, s + w, d)
         values = v.float().gather(2, flat).view(b, hkv, n, s + w, d)
-        scores = torch.einsum("bhgnd,bhnkd->bhgnk", q.float().view(b, hkv, hq // hkv, n, d), keys) * scale
+        scores = torch.einsum("bhgnd,bhnkd->bhgnk", q, keys) * scale
         scores = scores.masked_fill(~valid[:, None, None], float("-inf"))
         top = scores.amax(-1)
         top = torch.where(torch.isfinite(top), top, 0.0)  # a query with no exact key (padding)
         weights = torch.exp(scores - top[..., None])
-        far = torch.exp(self.log_weight.float().view(1, hkv, hq // hkv, 1) - top)  # exp(a_h), on the same scale
-        num = torch.einsum("bhgnk,bhnkd->bhgnd", weights, values) + far[..., None] * num_lin
-        den = weights.sum(-1) + far * den_lin
-        return (num / den.clamp_min(_DEN_EPS).unsqueeze(-1)).reshape(b, hq, n, d)
+        return torch.einsum("bhgnk,bhnkd->bhgnd", weights, values), weights.sum(-1), top
 
     def advance_state(self, k, v, key_mask=None, state=None):
         """The state after keys k, v (B, Hkv, T, d): S = S0 + sum phi(k) v^T, z = z0 + sum phi(k)."""
