@@ -50,13 +50,12 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ma_convert.convert import _drop_gguf_quantization
-    from ma_convert.training.loop import embedded_smollm2
+    from ma_convert.sources import drop_gguf_quantization, embedded_smollm2
 
     gguf = Path(args.gguf or embedded_smollm2())
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    _drop_gguf_quantization(model)
+    drop_gguf_quantization(model)
     model = ma_convert.convert(model.eval(), window_size=args.window, max_positions=8192)
     route_everything_to(model, "local")
     env = environment(torch.device("cpu"), "benchmarks/passkey_tail.py", sys.argv[1:] if argv is None else argv)

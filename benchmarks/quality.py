@@ -96,7 +96,7 @@ def parse_args(argv):
         args.passkey_lengths, args.passkey_keys = [512], 1
         args.retrieval_docs = min(args.retrieval_docs, 8)
     if args.gguf is None:
-        from ma_convert.training.loop import embedded_smollm2
+        from ma_convert.sources import embedded_smollm2
 
         args.gguf = str(embedded_smollm2())
     return args
@@ -188,12 +188,12 @@ def passkey(model, tokenizer, args) -> dict:
 def load_original(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ma_convert.convert import _drop_gguf_quantization
+    from ma_convert.sources import drop_gguf_quantization
 
     folder, name = str(Path(args.gguf).parent), Path(args.gguf).name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    _drop_gguf_quantization(model)
+    drop_gguf_quantization(model)
     return model.to(args.device).eval(), tokenizer
 
 

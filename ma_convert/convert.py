@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 from pathlib import Path
 from typing import Any, Optional
 
@@ -10,6 +12,7 @@ import torch.nn as nn
 from .adapters import adapter_for
 from .core.config import MetaAttnConfig
 from .modeling.base import install_meta_attention, meta_attention_block
+from .sources import ModelSource, ModelSourceError, drop_gguf_quantization, error_summary, public_name, resolve_source
 
 
 def convert_config(config: Any, cfg: Optional[MetaAttnConfig] = None, *, base_model: Optional[str] = None, **overrides: Any):
@@ -27,7 +30,7 @@ def convert_config(config: Any, cfg: Optional[MetaAttnConfig] = None, *, base_mo
     values.pop("auto_map", None)
     values["meta_attention"] = meta_attention_block(
         meta_cfg,
-        base_model=base_model or getattr(config, "_name_or_path", None) or None,
+        base_model=public_name(base_model or getattr(config, "_name_or_path", None)),
         base_revision=getattr(config, "_commit_hash", None),
         base_type=config.model_type,
     )
@@ -61,29 +64,6 @@ def convert(
     return model
 
 
-def _resolve_source(src: str | Path) -> tuple[str, dict]:
-    """(path or hub id, from_pretrained kwargs) for a folder, a hub id or a .gguf file."""
-    path = Path(str(src))
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist")
-        return str(path.parent), {"gguf_file": path.name}
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} is neither a model folder nor a .gguf file")
-    return str(src), {}
-
-
-def _drop_gguf_quantization(model: nn.Module) -> None:
-    """A GGUF checkpoint loads dequantized, but transformers keeps it marked as quantized and
-    refuses to save it; the weights are plain tensors, so the mark can go."""
-    if getattr(model, "quantization_method", None) is not None and "gguf" in str(model.quantization_method).lower():
-        model.hf_quantizer = None
-        model.is_quantized = False
-        model.quantization_method = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-
-
 def convert_checkpoint(
     src: str | Path,
     out_dir: str | Path,
@@ -91,43 +71,88 @@ def convert_checkpoint(
     *,
     dtype: Optional[str] = None,
     overwrite: bool = False,
+    base_model: Optional[str] = None,
     verbose: bool = True,
     **overrides: Any,
 ) -> Path:
-    """Convert a checkpoint (local folder, Hub id or .gguf file) and save it to `out_dir`.
+    """Convert a checkpoint (local folder, Hub id or .gguf file) and save it to `out_dir` with a model card.
 
-    Everything that can be checked is checked before any weight is read: the output folder, the
-    source, the architecture and the config. The model is converted in place (no second copy)
-    and written atomically, tokenizer included when the source has one. Returns `out_dir`.
+    Everything that can be checked is checked before any weight is read: the source, the output
+    folder, the dtype, the architecture and the config. The model is converted in place (no second
+    copy) and written atomically, tokenizer included when the source has one. `base_model` names
+    the original in config.json and the card (default: the source's Hub id or file name). Returns `out_dir`.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .hub import atomic_directory, check_output_dir
 
     say = print if verbose else (lambda *a, **k: None)
-    check_output_dir(out_dir, overwrite)
-    source, extra = _resolve_source(src)
+    source = resolve_source(src)
+    sources = [source.local_path] if source.local_path is not None else []
+    check_output_dir(out_dir, overwrite, sources)
     if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
         raise ValueError(f"dtype={dtype!r} is not a torch dtype name (float32, bfloat16, float16)")
     say(f"[1/4] reading the config of {src}")
-    config = AutoConfig.from_pretrained(source, **extra)
+    config = load_config(source)
     convert_config(config, cfg, **overrides)  # unsupported architecture or contradicting config: fail now
     say(f"[2/4] loading the {config.model_type} weights")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype) if dtype else None, **extra)
-    except Exception as error:  # safetensors, torch and hub errors alike: say which file failed
-        raise ValueError(f"could not load the weights of {src}: {type(error).__name__}: {error}") from error
-    _drop_gguf_quantization(model)
+    model = load_model(source, dtype=getattr(torch, dtype) if dtype else None)
     say("[3/4] converting the attention layers")
-    # A local source is recorded as an absolute path, so `verify` finds it from any directory.
-    base = str(Path(str(src)).resolve()) if Path(str(src)).exists() else str(src)
-    convert(model, cfg, base_model=base, **overrides)
+    convert(model, cfg, base_model=base_model or source.name, **overrides)
     say(f"[4/4] writing {out_dir}")
-    with atomic_directory(out_dir, overwrite) as tmp:
+    with _disk_errors(out_dir), atomic_directory(out_dir, overwrite, sources) as tmp:
         model.save_pretrained(tmp)
-        try:
-            AutoTokenizer.from_pretrained(source, **extra).save_pretrained(tmp)
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            say(f"      (no tokenizer saved: {str(error).splitlines()[0]})")
+        tokenizer = load_tokenizer(source)
+        if tokenizer is None:
+            say("      (the source has no tokenizer; none saved)")
+        else:
+            tokenizer.save_pretrained(tmp)
+        from .card import conversion_card_info, render_model_card
+
+        render_model_card(tmp, conversion_card_info(model, source))
     return Path(out_dir)
+
+
+def load_config(source: ModelSource):
+    """The source's transformers config, or a one-line error naming the source."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.location, **source.load_kwargs)
+    except Exception as error:  # OSError, JSON errors, and the config classes' own validation errors
+        where = source.location if source.local_path else f"{source.location} (no such local folder; as a Hub id)"
+        raise ModelSourceError(f"cannot read the config of {where}: {error_summary(error)}") from None
+
+
+def load_model(source: ModelSource, dtype=None):
+    """The source's causal LM (de-quantized if it is a GGUF), or a one-line error naming what failed."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **source.load_kwargs)
+    except Exception as error:  # safetensors, torch and hub errors alike: say which source failed
+        raise ModelSourceError(f"could not load the weights of {source.location}: {type(error).__name__}: "
+                               f"{error_summary(error)}") from None
+    drop_gguf_quantization(model)
+    return model
+
+
+def load_tokenizer(source: ModelSource):
+    """The source's tokenizer, or None when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.location, **source.load_kwargs)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@contextlib.contextmanager
+def _disk_errors(out_dir):
+    """A full disk (or another write error) as a one-line error; the temporary folder is already gone."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise OSError(error.errno, f"no space left on the device while writing {out_dir}; nothing was written") from None
+        raise

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
+from .hub import MARKER
 from .version import __version__
 
 REQUIRED_FILES = ("config.json", "README.md")
@@ -39,6 +40,7 @@ def push_folder(
     token: str | None = None,
     endpoint: str | None = None,
     commit_message: str | None = None,
+    say=lambda *args, **kwargs: None,
 ) -> str:
     """Upload every file of ``folder`` to the model repo ``repo_id``; return the commit URL (the PR URL
     with ``create_pr``).
@@ -55,12 +57,14 @@ def push_folder(
     # An existing PR ref (refs/pr/N) is pushed to as is; any other named revision is a branch.
     branch = revision if revision not in (None, "main") and not revision.startswith("refs/pr/") else None
 
-    api = HfApi(endpoint=endpoint, token=token)
+    api = HfApi(endpoint=endpoint, token=token, library_name="ma-convert", library_version=__version__)
     with _step("create repo", repo_id, folder):
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     if branch is not None:
         with _step("create branch", repo_id, folder):
             api.create_branch(repo_id, branch=branch, repo_type="model", exist_ok=True)
+    say(f"uploading {folder} to {repo_id} (a failing connection is retried with back-off for several minutes "
+        "before it gives up; Ctrl-C stops it, and the Hub keeps nothing half-uploaded)")
     with _step("upload", repo_id, folder):
         commit = api.upload_folder(
             folder_path=folder,
@@ -68,6 +72,7 @@ def push_folder(
             repo_type="model",
             revision=revision,
             create_pr=create_pr,
+            ignore_patterns=[MARKER],  # ma-convert's local bookkeeping, not part of the model
             commit_message=commit_message or f"Upload Meta-Attention model (ma-convert {__version__})",
         )
     return commit.pr_url if create_pr and commit.pr_url else commit.commit_url
@@ -84,5 +89,5 @@ def _step(name: str, repo_id: str, folder: Path) -> Iterator[None]:
         if server and server not in message:
             message = f"{message} (server: {server})"
         raise RuntimeError(
-            f"push to {repo_id!r} failed at step '{name}': {message}\n(the local folder {folder} is unchanged)"
+            f"push to {repo_id!r} failed at step '{name}': {' '.join(message.split())} (the local folder {folder} is unchanged)"
         ) from error

@@ -1,8 +1,13 @@
-"""`verify`: reload a converted folder both ways and check it against itself and its base model."""
+"""`verify`: reload a converted folder and check it against itself, its remote code and its base model.
+
+(a) loads it with ma_convert; (b) loads it as remote code in a fresh interpreter without ma_convert,
+only when the user trusts the folder's code; (c) compares forced-full logits with the base model
+when it is at hand; (d) checks that cached generation equals recomputation, token for token.
+"""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -11,7 +16,10 @@ from typing import Optional
 
 import torch
 
+from .sources import ModelSourceError, error_summary, read_json
+
 SAMPLE_TEXT = "The quick brown fox jumps over the lazy dog. Attention is routed per token, and the full expert is exact."
+GENERATED_TOKENS = 16
 
 # Runs in a fresh interpreter where `import ma_convert` fails: only the folder's remote code is used.
 _REMOTE_LOAD = """
@@ -36,18 +44,12 @@ def _sample_ids(folder: Path, vocab: int) -> torch.Tensor:
         return torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0))
 
 
-def _load_base(base: Optional[str], dtype: torch.dtype):
-    """The base model named in the config, if it is on this machine (folder or .gguf file), in `dtype`."""
-    if not base:
-        return None
-    from transformers import AutoModelForCausalLM
+def _load_base(base: str, dtype: torch.dtype):
+    """The base model from a folder, a .gguf file or a Hub id (already downloaded), in `dtype`."""
+    from .convert import load_model
+    from .sources import resolve_source
 
-    path = Path(base)
-    if path.suffix == ".gguf" and path.is_file():
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
-    if (path / "config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    return None
+    return load_model(resolve_source(base), dtype=dtype).eval()
 
 
 def _agree(a: torch.Tensor, b: torch.Tensor, tolerance: float) -> tuple[float, bool]:
@@ -59,25 +61,53 @@ def _agree(a: torch.Tensor, b: torch.Tensor, tolerance: float) -> tuple[float, b
     return diff, diff <= 1e-2 * b.float().abs().max().item()
 
 
-def verify(folder: str | Path, tolerance: float = 1e-5, say=print) -> bool:
-    """Reload `folder` (a) with ma_convert and (b) as remote code without it; compare their logits,
-    and compare forced-full logits with the base model when it is available. True if all agree."""
+def load_converted(folder: str | Path):
+    """A converted folder loaded with ma_convert, after checking that it is one; one-line errors."""
     from transformers import AutoModelForCausalLM
 
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelSourceError(f"{folder} is not a folder")
+    config = read_json(folder / "config.json")
+    if "meta_attention" not in config:
+        raise ModelSourceError(f"{folder} is not a converted model (its config.json has no meta_attention block)")
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder).eval()
+    except ValueError:
+        raise
+    except Exception as error:  # a damaged weights file fails in safetensors or torch terms: name the folder
+        raise ModelSourceError(f"cannot load the weights in {folder}: {error_summary(error)}") from None
+
+
+def verify(folder: str | Path, *, base: Optional[str] = None, trust_remote_code: bool = False,
+           tolerance: float = 1e-5, say=print) -> bool:
+    """Check a converted folder (see the module docstring). `base` is the original (folder, .gguf
+    file or Hub id) for the forced-full comparison. True if every check that ran agrees."""
     from .core.control import force_expert
+    from .remote_code import stale_remote_code_message
 
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    if "meta_attention" not in config:
-        raise ValueError(f"{folder} is not a converted model (its config.json has no meta_attention block)")
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = load_converted(folder)
     ids = _sample_ids(folder, model.config.vocab_size)
     with torch.no_grad():
         routed = model(ids).logits
         with force_expert(model, "full"):
             full = model(ids).logits
     say(f"(a) loaded with ma_convert: {type(model).__name__}, {ids.shape[1]} tokens")
-    ok = True
+    ok = _check_remote_code(folder, ids, routed, tolerance, trust_remote_code, say)
+    stale = stale_remote_code_message(folder, model.config.model_type)
+    if stale:
+        say(f"    {stale}")
+        ok = False
+    ok &= _check_base(model, full, ids, base, tolerance, say)
+    ok &= _check_cached_generation(model, ids, say)
+    return ok
+
+
+def _check_remote_code(folder: Path, ids, routed, tolerance: float, trusted: bool, say) -> bool:
+    if not trusted:
+        say("(b) remote code not run: it executes the folder's .py files; pass --trust-remote-code to check it")
+        return True
     with tempfile.TemporaryDirectory() as tmp:
         ids_file, out_file = Path(tmp) / "ids.pt", Path(tmp) / "logits.pt"
         torch.save(ids, ids_file)
@@ -87,18 +117,46 @@ def verify(folder: str | Path, tolerance: float = 1e-5, say=print) -> bool:
         )
         if run.returncode != 0:
             say(f"(b) remote-code load FAILED:\n{run.stderr[-2000:]}")
-            ok = False
-        else:
-            diff, good = _agree(torch.load(out_file), routed, tolerance)
-            ok &= good
-            say(f"(b) loaded as remote code without ma_convert: max |logit diff| vs (a) = {diff:.2e} {'ok' if good else 'FAILED'}")
-    base = _load_base(config["meta_attention"].get("base_model"), model.dtype)
+            return False
+        diff, good = _agree(torch.load(out_file, weights_only=True), routed, tolerance)
+    say(f"(b) loaded as remote code without ma_convert: max |logit diff| vs (a) = {diff:.2e} {'ok' if good else 'FAILED'}")
+    return good
+
+
+def _check_base(model, full, ids, base: Optional[str], tolerance: float, say) -> bool:
+    named = model.config.meta_attention.get("base_model")
     if base is None:
-        say("(c) base model not available here: forced-full comparison skipped")
-    else:
-        with torch.no_grad():
-            diff, good = _agree(full, base(ids).logits, tolerance)
-        ok &= good
-        say(f"(c) forced-full vs the base model ({str(model.dtype).replace('torch.', '')}): max |logit diff| = "
-            f"{diff:.2e} {'ok' if good else 'FAILED'}")
-    return ok
+        say(f"(c) forced-full vs the base model skipped: pass --base with the original ({named or 'unnamed'}) to compare")
+        return True
+    with torch.no_grad():
+        diff, good = _agree(full, _load_base(base, model.dtype)(ids).logits, tolerance)
+    say(f"(c) forced-full vs the base model ({str(model.dtype).replace('torch.', '')}): max |logit diff| = "
+        f"{diff:.2e} {'ok' if good else 'FAILED'}")
+    return good
+
+
+def _check_cached_generation(model, ids, say) -> bool:
+    """Greedy generation with the KV cache (and the linear state) equals generation that recomputes
+    every step, in the saved routing mode and forced full."""
+    from .core.control import force_expert
+
+    settings = dict(max_new_tokens=GENERATED_TOKENS, do_sample=False, min_new_tokens=GENERATED_TOKENS,
+                    pad_token_id=model.config.eos_token_id or 0)
+    results = []
+    with torch.no_grad():
+        for label, context in (("routed", None), ("forced full", "full")):
+            with force_expert(model, context) if context else contextlib.nullcontext():
+                cached = model.generate(ids, use_cache=True, **settings)
+                uncached = model.generate(ids, use_cache=False, **settings)
+            same = torch.equal(cached, uncached)
+            results.append(same)
+            where = "" if same else f" (first difference at new token {_first_difference(cached, uncached, ids.shape[1])})"
+            say(f"(d) cached generation = recomputation, {label}, {GENERATED_TOKENS} tokens: "
+                f"{'ok' if same else 'FAILED' + where}")
+    return all(results)
+
+
+def _first_difference(a: torch.Tensor, b: torch.Tensor, prompt: int) -> int:
+    n = min(a.shape[1], b.shape[1])
+    differ = (a[:, :n] != b[:, :n]).any(0).nonzero()
+    return int(differ[0]) - prompt if len(differ) else n - prompt

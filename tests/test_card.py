@@ -174,20 +174,35 @@ def test_missing_base_model_raises(folder, info):
     assert not (folder / "README.md").exists()
 
 
-def test_template_file_is_used_and_matches_embedded_fallback():
-    path = next((p for p in card.TEMPLATE_CANDIDATES if p.is_file()), None)
-    assert path is not None, "model_cards/template.md should be found from a source checkout"
-    assert card.load_template() == path.read_text(encoding="utf-8")
+def test_template_ships_inside_the_package():
+    """The wheel carries the template as package data: it lives under ma_convert/ and pyproject ships it."""
+    import importlib.resources
 
-    def placeholders(text: str) -> set[str]:
-        return {m[1] or m[2] for m in string.Template.pattern.finditer(text) if m[1] or m[2]}
+    import tomllib
 
-    assert placeholders(path.read_text(encoding="utf-8")) == placeholders(card._EMBEDDED_TEMPLATE)
+    assert card.TEMPLATE.is_file() and card.TEMPLATE.parent.parent == Path(card.__file__).parent
+    shipped = importlib.resources.files("ma_convert").joinpath("model_cards/template.md").read_text(encoding="utf-8")
+    assert card.load_template() == shipped
+    pyproject = tomllib.loads((Path(card.__file__).parents[1] / "pyproject.toml").read_text())
+    assert "model_cards/*.md" in pyproject["tool"]["setuptools"]["package-data"]["ma_convert"]
+    placeholders = {m["named"] or m["braced"] for m in string.Template.pattern.finditer(shipped)} - {None}
+    assert {"front_matter", "origin", "perplexity_table", "repo_id"} <= placeholders
 
 
-def test_embedded_fallback_renders(folder, monkeypatch):
-    monkeypatch.setattr(card, "TEMPLATE_CANDIDATES", (folder / "no-such-template.md",))
+def test_a_local_base_model_stays_out_of_the_front_matter(folder):
+    """The Hub links `base_model` to a repo: a local checkpoint's name goes in the text only."""
+    text = render_model_card(folder, full_info(base_model="my-llama-folder"))
+    assert "base_model" not in front_matter(text)
+    assert "`my-llama-folder`" in text
+
+
+def test_origin_and_what_perplexity_was_measured_on(folder):
+    text = render_model_card(folder, full_info(origin="De-quantized from a GGUF file (Q4_1).",
+                                               perplexity_text="pydoc text, in 256-token blocks"))
+    assert "## Origin\n\nDe-quantized from a GGUF file (Q4_1)." in text
+    assert "Measured on pydoc text, in 256-token blocks." in text.split("## Perplexity", 1)[1]
+
+
+def test_tokenizer_snippet_trusts_remote_code(folder):
     text = render_model_card(folder, full_info())
-    assert front_matter(text)["license"] == "apache-2.0"
-    assert len(table_rows(text, "| layer |")) == 3
-    assert "trust_remote_code=True" in text and "import ma_convert" in text
+    assert 'AutoTokenizer.from_pretrained("tester/smollm2-ma", trust_remote_code=True)' in text

@@ -1,14 +1,18 @@
 """Conversion of every supported architecture: exact under forced full routing, weight-preserving,
 and cached generation equal to recomputation under mixed hard routing."""
 
+import contextlib
 import copy
 
 import pytest
 import torch
 from arch_cases import all_cases
+from transformers.cache_utils import Cache
 
 from ma_convert import convert, force_expert, routing_stats, set_routing_mode
+from ma_convert.adapters import adapter_for
 from ma_convert.core.meta_attention import MetaAttention
+from ma_convert.modeling.attention import CACHE_KEYWORDS, cache_argument
 
 CASES = all_cases()
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -96,6 +100,48 @@ def test_cached_decoding_equals_recomputation_under_mixed_hard_routing(case):
     model = converted(case.make("sdpa"))
     spread_routing(model)
     assert_cached_decoding_equals_recomputation(model, case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_attention_gets_the_cache_under_a_keyword_ma_convert_reads(case):
+    """The original model's own attention, in a cached forward: the cache must arrive under a name in
+    CACHE_KEYWORDS. transformers 5.24 renamed it (past_key_values -> cache) and converted models then
+    decoded without a cache; a future rename fails here, loudly."""
+    original = case.make("sdpa")
+    attention = adapter_for(original.config.model_type).attention_modules(original)[0]
+    calls = []
+    attention.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        original(input_ids=batch(case, "none")[0], use_cache=True)
+    names = {name for name, value in calls[0].items() if isinstance(value, Cache)}
+    assert names and names <= set(CACHE_KEYWORDS), f"attention got the cache as {names}, ma_convert reads {CACHE_KEYWORDS}"
+    assert isinstance(cache_argument(calls[0]), Cache)
+
+
+def test_a_cache_under_an_unknown_keyword_is_an_error():
+    from transformers import DynamicCache
+
+    with pytest.raises(TypeError, match="passed the KV cache to attention as 'kv_store'"):
+        cache_argument({"kv_store": DynamicCache(), "position_ids": None})
+    assert cache_argument({"position_ids": None}) is None
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("routing", ["full", "mixed"])
+def test_cached_generation_equals_uncached_generation(case, routing):
+    """generate() with the cache and with use_cache=False give the same tokens and scores, under forced
+    full and under mixed hard routing (the linear state, the local window and the full KV cache in play)."""
+    model = converted(case.make("sdpa"))
+    spread_routing(model, seed=7)
+    set_routing_mode(model, "hard")
+    ids, mask = batch(case, "left")
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                  output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad(), force_expert(model, "full") if routing == "full" else contextlib.nullcontext():
+        cached, uncached = model.generate(**kwargs), model.generate(**kwargs, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.scores, uncached.scores):
+        torch.testing.assert_close(a, b, **TOL)
 
 
 def perturb_linear_experts(model, seed=0):

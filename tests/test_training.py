@@ -6,33 +6,18 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_models import save_tiny_llama
+from transformers import LlamaForCausalLM
 
 from ma_convert.training import objective
 from ma_convert.training.loop import NonFiniteLossError, finetune
 from ma_convert.training.recipe import Recipe
 
 
-def tiny_tokenizer():
-    from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(list(topics.values())[:50], trainers.WordLevelTrainer(vocab_size=120, special_tokens=["<unk>", "<eos>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A tiny original (unconverted) LLaMA with a tokenizer, saved as a folder."""
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
-    model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def recipe(source, out, **training):
@@ -137,8 +122,13 @@ def test_existing_output_and_missing_checkpoint(source, tmp_path):
     (tmp_path / "run" / "something").write_text("x")
     with pytest.raises(FileExistsError, match="--resume"):
         finetune(recipe(source, tmp_path / "run"))
-    with pytest.raises(ValueError, match="no checkpoint"):
+    with pytest.raises(FileExistsError, match="did not write"):  # not a run of ours: never resumed into
         finetune(recipe(source, tmp_path / "run"), resume=True)
+    with pytest.raises(FileExistsError, match="did not write"):  # nor deleted
+        finetune(recipe(source, tmp_path / "run"), overwrite=True)
+    assert (tmp_path / "run" / "something").read_text() == "x"
+    with pytest.raises(RuntimeError, match="no checkpoint"):
+        finetune(recipe(source, tmp_path / "empty"), resume=True)
 
 
 def test_bad_recipes_name_the_problem(source, tmp_path):
@@ -202,9 +192,10 @@ def test_lora_learning_rate_is_its_own_parameter_group(source, tmp_path):
     with pytest.raises(ValueError, match="lora_lr"):
         TrainingConfig(lora_lr=0)
     r = recipe(source, tmp_path / "groups", lora=True, lora_rank=4, lr=1e-2, lora_lr=1e-4)
+    from ma_convert.sources import resolve_source
     from ma_convert.training.loop import load_model
 
-    model, _ = load_model(r)
+    model = load_model(r, resolve_source(r.model.source))
     freeze_all_but_routers_and_experts(model)
     model = add_lora(model, r".*\.self_attn\.(q_proj|k_proj|v_proj|o_proj)", 4, 8)
     meta, lora = parameter_groups(model, r.training)

@@ -41,10 +41,7 @@ class MetaFalconAttention(RoutedAttentionMixin, FalconAttention):
         qkv = fused_qkv.view(batch, seq_len, -1, self.num_heads // self.num_kv_heads + 2, self.head_dim)
         return qkv[:, :, :, :-2].flatten(2, 3), qkv[:, :, :, -2], qkv[:, :, :, -1]
 
-    def forward(
-        self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None, use_cache=False,
-        output_attentions=False, position_embeddings=None, **kwargs,
-    ):
+    def forward(self, hidden_states, alibi, attention_mask, position_embeddings=None, **kwargs):
         query, key, value = self._split_qkv(self.query_key_value(hidden_states))
         batch, t = query.shape[:2]
         query = query.transpose(1, 2).reshape(batch, self.num_heads, t, self.head_dim)
@@ -58,8 +55,8 @@ class MetaFalconAttention(RoutedAttentionMixin, FalconAttention):
             # into (FalconModel.forward); the same op here, as a bias the softmax experts add.
             bias = alibi.view(batch, self.num_heads, 1, -1) / math.sqrt(self.head_dim)
         out = self.routed_attention(
-            hidden_states, query, key, value, attention_mask=attention_mask,
-            past_key_values=layer_past, position_ids=position_ids, scaling=self.inv_norm_factor, attn_bias=bias,
+            hidden_states, query, key, value, attention_mask=attention_mask, call_kwargs=kwargs,
+            scaling=self.inv_norm_factor, attn_bias=bias,
         )
         return self.dense(out), None
 

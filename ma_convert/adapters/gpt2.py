@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
-from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from ..modeling.attention import RoutedAttentionMixin
@@ -25,17 +24,14 @@ class MetaGPT2Attention(RoutedAttentionMixin, GPT2Attention):
     (scaled inside baddbmm): the same scale, so in fp32 the full expert matches it.
     """
 
-    def forward(self, hidden_states, past_key_values=None, attention_mask=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
         query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         key = key.view(shape).transpose(1, 2)
         value = value.view(shape).transpose(1, 2)
         query = query.view(shape).transpose(1, 2)
-        if isinstance(past_key_values, EncoderDecoderCache):  # add_cross_attention: ours is the self-attention half
-            past_key_values = past_key_values.self_attention_cache
         out = self.routed_attention(
-            hidden_states, query, key, value, attention_mask=attention_mask,
-            past_key_values=past_key_values, position_ids=kwargs.get("position_ids"), scaling=self.scaling,
+            hidden_states, query, key, value, attention_mask=attention_mask, call_kwargs=kwargs, scaling=self.scaling
         )
         return self.resid_dropout(self.c_proj(out)), None
 

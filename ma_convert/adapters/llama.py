@@ -17,15 +17,14 @@ class MaLlamaConfig(LlamaConfig):
 class MetaLlamaAttention(RoutedAttentionMixin, LlamaAttention):
     """LlamaAttention with Meta-Attention routing; projections and RoPE exactly as the original."""
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         out = self.routed_attention(
-            hidden_states, query, key, value, attention_mask=attention_mask,
-            past_key_values=past_key_values, position_ids=kwargs.get("position_ids"), scaling=self.scaling,
+            hidden_states, query, key, value, attention_mask=attention_mask, call_kwargs=kwargs, scaling=self.scaling
         )
         return self.o_proj(out), None
 

@@ -18,7 +18,7 @@ class MaPhiConfig(PhiConfig):
 class MetaPhiAttention(RoutedAttentionMixin, PhiAttention):
     """PhiAttention with Meta-Attention routing; projections, q/k LayerNorm and partial RoPE exactly as the original."""
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
@@ -32,8 +32,7 @@ class MetaPhiAttention(RoutedAttentionMixin, PhiAttention):
         query = torch.cat((query_rot, query[..., n:]), dim=-1)
         key = torch.cat((key_rot, key[..., n:]), dim=-1)
         out = self.routed_attention(
-            hidden_states, query, key, value, attention_mask=attention_mask,
-            past_key_values=past_key_values, position_ids=kwargs.get("position_ids"), scaling=self.scaling,
+            hidden_states, query, key, value, attention_mask=attention_mask, call_kwargs=kwargs, scaling=self.scaling
         )
         return self.dense(out), None
 

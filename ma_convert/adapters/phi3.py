@@ -19,7 +19,7 @@ class MaPhi3Config(Phi3Config):
 class MetaPhi3Attention(RoutedAttentionMixin, Phi3Attention):
     """Phi3Attention with Meta-Attention routing; projections and RoPE exactly as the original."""
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         qkv = self.qkv_proj(hidden_states)
         # The fused output is [q heads | k heads | v heads].
@@ -31,8 +31,7 @@ class MetaPhi3Attention(RoutedAttentionMixin, Phi3Attention):
         # Rotates the first cos.shape[-1] dims of each head (partial rotary) and passes the rest.
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         out = self.routed_attention(
-            hidden_states, query, key, value, attention_mask=attention_mask,
-            past_key_values=past_key_values, position_ids=kwargs.get("position_ids"), scaling=self.scaling,
+            hidden_states, query, key, value, attention_mask=attention_mask, call_kwargs=kwargs, scaling=self.scaling
         )
         return self.o_proj(out), None
 

@@ -96,7 +96,9 @@ class DirichletRouter(_RouterMLP):
         total = gamma.sum(-1, keepdim=True)
         mean = gamma / total
         if sample and self.sample_posterior:
-            sample = torch.distributions.Dirichlet(gamma).rsample().clamp_min(1e-12)
+            # No argument validation: non-finite concentrations (a diverged router) give a NaN loss, which
+            # training reports with its last good checkpoint, instead of a ValueError holding the whole tensor.
+            sample = torch.distributions.Dirichlet(gamma, validate_args=False).rsample().clamp_min(1e-12)
         else:
             sample = mean
         k = gamma.shape[-1]

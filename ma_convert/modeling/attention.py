@@ -11,12 +11,36 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache
 
 from ..core.masks import BLOCKED_AT
 from ..core.meta_attention import MetaAttention, RecurrentInputs
 
 STATE_ATTRIBUTE = "ma_linear_state"
+
+# The keyword under which a decoder layer hands its KV cache to attention: `cache` from transformers
+# 5.24 (where `past_key_values` is deprecated until 5.40), `past_key_values` before, `layer_past` in
+# Falcon. Code that reads only one of them silently decodes without a cache on the other versions.
+CACHE_KEYWORDS = ("cache", "past_key_values", "layer_past")
+
+
+def cache_argument(call_kwargs: dict) -> Optional[Cache]:
+    """The KV cache among a layer call's keyword arguments, under whichever name transformers used.
+
+    A cache under a name not in `CACHE_KEYWORDS` (a future rename) is an error, not a silent
+    uncached forward.
+    """
+    cache = next((call_kwargs[name] for name in CACHE_KEYWORDS if call_kwargs.get(name) is not None), None)
+    if cache is None:
+        stray = next((name for name, value in call_kwargs.items() if isinstance(value, Cache)), None)
+        if stray is not None:
+            raise TypeError(
+                f"transformers passed the KV cache to attention as {stray!r}, a name this ma_convert does not read "
+                f"(it reads {', '.join(CACHE_KEYWORDS)}); this transformers release is not supported yet"
+            )
+    if isinstance(cache, EncoderDecoderCache):  # a model with cross-attention: ours is the self-attention half
+        cache = cache.self_attention_cache
+    return cache
 
 
 def key_mask_from_hf(attention_mask, n_queries: int, n_keys: int, window: Optional[int]) -> Optional[torch.Tensor]:
@@ -60,10 +84,10 @@ def key_mask_from_hf(attention_mask, n_queries: int, n_keys: int, window: Option
     return result
 
 
-def _cache_layer(past_key_values, layer_idx: int):
-    layers = getattr(past_key_values, "layers", None)
+def _cache_layer(cache, layer_idx: int):
+    layers = getattr(cache, "layers", None)
     if layers is None or layer_idx >= len(layers):
-        raise TypeError(f"ma_convert needs a transformers Cache with per-layer storage, got {type(past_key_values).__name__}")
+        raise TypeError(f"ma_convert needs a transformers Cache with per-layer storage, got {type(cache).__name__}")
     return layers[layer_idx]
 
 
@@ -92,8 +116,8 @@ def _keep_state(layer, state) -> None:
     setattr(layer, STATE_ATTRIBUTE, state)
 
 
-def append_to_cache(past_key_values, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
-    """`past_key_values.update`, but a dynamic layer grows in place: keys and values live in a
+def append_to_cache(cache, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
+    """`cache.update`, but a dynamic layer grows in place: keys and values live in a
     buffer with spare room, so a decode step writes one token instead of copying the whole cache
     (`torch.cat` in `DynamicLayer.update` costs O(cached tokens) per step).
 
@@ -101,9 +125,9 @@ def append_to_cache(past_key_values, layer_idx: int, key: torch.Tensor, value: t
     reads them is unchanged; if anything replaced them (beam reordering, offloading), the buffer
     is rebuilt from them on the next step.
     """
-    layer = past_key_values.layers[layer_idx] if layer_idx < len(getattr(past_key_values, "layers", ())) else None
+    layer = cache.layers[layer_idx] if layer_idx < len(getattr(cache, "layers", ())) else None
     if type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys.numel() == 0:
-        return past_key_values.update(key, value, layer_idx)
+        return cache.update(key, value, layer_idx)
     old, new = layer.keys.shape[-2], key.shape[-2]
     buffers = getattr(layer, "_ma_buffers", None)
     fits = (
@@ -142,30 +166,34 @@ class RoutedAttentionMixin:
         value: torch.Tensor,
         *,
         attention_mask: Optional[torch.Tensor],
-        past_key_values=None,
-        position_ids: Optional[torch.Tensor] = None,
+        call_kwargs: dict,
         scaling: Optional[float] = None,
         attn_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Update the KV cache with this step's key/value (B, Hkv, T, d), route and attend with
-        query (B, Hq, T, d). Returns (B, T, Hq * d), before the output projection."""
+        query (B, Hq, T, d). Returns (B, T, Hq * d), before the output projection.
+
+        `call_kwargs` are the keyword arguments the decoder layer passed to attention: the cache (under
+        any of `CACHE_KEYWORDS`) and `position_ids` are read from them."""
+        cache = cache_argument(call_kwargs)
+        position_ids = call_kwargs.get("position_ids")
         new_key, new_value = key, value
-        if past_key_values is not None:
-            layers = getattr(past_key_values, "layers", None) or []
+        if cache is not None:
+            layers = getattr(cache, "layers", None) or []
             if self.layer_idx < len(layers) and getattr(layers[self.layer_idx], "is_compileable", False):
                 # Static layers return all max_cache_len slots, not the keys seen so far.
                 raise NotImplementedError(
                     "Meta-Attention does not support static KV caches yet; use the default dynamic cache"
                 )
-            key, value = append_to_cache(past_key_values, self.layer_idx, key, value)
+            key, value = append_to_cache(cache, self.layer_idx, key, value)
         b, _, t, _ = query.shape
         key_mask = key_mask_from_hf(attention_mask, t, key.shape[2], self.meta.cfg.full_window)
         new_key_mask = None if key_mask is None else key_mask[:, -t:]
         linear = next((e for e in self.meta.experts if getattr(e, "recurrent", False)), None)
         recurrent, layer = None, None
-        if past_key_values is not None and linear is not None:
-            layer = _cache_layer(past_key_values, self.layer_idx)
-            state = self._read_state(layer, past_key_values, b, t)
+        if cache is not None and linear is not None:
+            layer = _cache_layer(cache, self.layer_idx)
+            state = self._read_state(layer, cache, b, t)
             recurrent = RecurrentInputs(new_key, new_value, new_key_mask, None if state is None else state[:2])
         if position_ids is None:
             position_ids = torch.arange(key.shape[2] - t, key.shape[2], device=query.device)
@@ -191,9 +219,9 @@ class RoutedAttentionMixin:
             _keep_state(layer, (s, z, seen + t))
         return heads.transpose(1, 2).reshape(b, t, -1)
 
-    def _read_state(self, layer, past_key_values, batch: int, new_tokens: int):
+    def _read_state(self, layer, cache, batch: int, new_tokens: int):
         state = getattr(layer, STATE_ATTRIBUTE, None)
-        seen_by_cache = past_key_values.get_seq_length(self.layer_idx) - new_tokens
+        seen_by_cache = cache.get_seq_length(self.layer_idx) - new_tokens
         seen_by_state = 0 if state is None else state[2]
         if seen_by_state != seen_by_cache or (state is not None and state[0].shape[0] != batch):
             raise RuntimeError(

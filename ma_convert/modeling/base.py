@@ -15,6 +15,8 @@ original parameter keeps its name and its tensor:
 from __future__ import annotations
 
 import importlib
+import warnings
+from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -22,13 +24,14 @@ import torch.nn as nn
 
 from ..core.config import FORMAT_VERSION, MetaAttnConfig
 from ..core.controller import DirichletRouter, SoftmaxRouter
-from ..core.objective import prior_concentration
 from ..core.experts.linear import HedgehogFeatureMap, LinearAttention
 from ..core.meta_attention import MetaAttention
+from ..core.objective import prior_concentration
+from .attention import cache_argument
 
 # The format of the config's `meta_attention` block (the MetaAttnConfig inside has its own).
 BLOCK_FORMAT_VERSION = 1
-CONVERTER_VERSION = "0.1.0"  # kept in step with ma_convert.version by a test
+CONVERTER_VERSION = "0.2.0"  # kept in step with ma_convert.version by a test
 
 
 def meta_attention_block(cfg: MetaAttnConfig, base_model: Optional[str], base_revision: Optional[str], base_type: str) -> dict:
@@ -126,6 +129,8 @@ class MetaCausalLMMixin(MetaInitMixin):
                 f"{pretrained_model_name_or_path} lacks {len(missing)} expected weight(s), e.g. {missing[:3]}; "
                 f"the checkpoint is incomplete or was not saved by ma_convert"
             )
+        _refuse_non_finite_meta_weights(model, pretrained_model_name_or_path)
+        _warn_if_remote_code_is_stale(pretrained_model_name_or_path, model.config.model_type)
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -142,6 +147,27 @@ class MetaCausalLMMixin(MetaInitMixin):
         result = super().save_pretrained(save_directory, *args, **kwargs)
         remote_code.write_remote_code(save_directory, adapter)
         return result
+
+
+def _refuse_non_finite_meta_weights(model, path) -> None:
+    """Routers or experts with NaN/inf weights would route every token to garbage: refuse at load."""
+    bad = [name for name, p in model.named_parameters() if ".meta." in name and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} router/expert weight(s) are not finite (NaN or inf), e.g. {bad[0]}; "
+                         "the checkpoint is damaged: export it again, or resume training from an earlier checkpoint")
+
+
+def _warn_if_remote_code_is_stale(path, model_type: str) -> None:
+    """A local folder exported by an older ma-convert loads fine here, but its remote code may not
+    where ma_convert is missing: say so, and how to fix it."""
+    try:  # a string import, as in save_pretrained: the remote-code copy of this file has no remote_code module
+        remote_code = importlib.import_module("..remote_code", __package__)
+    except (ImportError, ValueError, TypeError):
+        return
+    if Path(str(path)).is_dir():
+        message = remote_code.stale_remote_code_message(path, model_type)
+        if message:
+            warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _checkpoint_is_original(path, kwargs) -> bool:
@@ -163,32 +189,40 @@ def _checkpoint_is_original(path, kwargs) -> bool:
         return "meta_attention" not in json.load(handle)
 
 
-def _refuse_overlong_input(model, args, kwargs) -> None:
-    """Forward pre-hook: a sequence longer than the model's positions is refused with a clear
-    error (GPT-2 would fail deep inside, RoPE models would run outside the range the router's
-    position feature was scaled for). A hook, not a `forward` override, so that transformers still
-    sees the original forward's signature (generate() builds position_ids and masks from it)."""
+def _check_inputs(model, args, kwargs) -> None:
+    """Forward pre-hook: inputs the model cannot run are refused with a clear error instead of failing
+    deep inside (GPT-2's position table, an embedding lookup, a CUDA device assert): an empty
+    input, a sequence longer than the model's positions (RoPE models would also leave the range the
+    router's position feature was scaled for) and, in a prompt, token ids outside the vocabulary.
+    A hook, not a `forward` override, so that transformers still sees the original forward's
+    signature (generate() builds position_ids and masks from it)."""
     ids = kwargs.get("input_ids", args[0] if args else None)
     tokens = ids if ids is not None else kwargs.get("inputs_embeds")
     if tokens is None:
         return
-    length = tokens.shape[1]
-    cache = kwargs.get("past_key_values")
-    if cache is not None and hasattr(cache, "get_seq_length"):
-        length += cache.get_seq_length()
+    if tokens.dim() < 2 or tokens.shape[1] == 0:
+        raise ValueError(f"the input is empty (shape {tuple(tokens.shape)}); give at least one token per row")
+    cache = cache_argument(kwargs)
+    cached = cache.get_seq_length() if cache is not None else 0
+    length = tokens.shape[1] + cached
     if length > model.ma_max_positions:
         raise ValueError(
             f"the sequence has {length} tokens but the model handles at most {model.ma_max_positions} positions "
             f"(max_position_embeddings); shorten the input"
         )
+    if ids is not None and cached == 0:  # a prompt; decode steps feed back the model's own tokens (no sync there)
+        vocab = model.get_input_embeddings().num_embeddings
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(f"token id {high if high >= vocab else low} is outside the vocabulary (0..{vocab - 1})")
 
 
 def install_meta_attention(model: nn.Module, cfg: MetaAttnConfig, adapter, inner_class: type) -> None:
     """Swap the inner model's and the attention modules' classes and give each attention a router
     and experts, in place; parameters are created on the attention's device and dtype."""
     model.ma_max_positions = cfg.max_positions
-    if not getattr(model, "_ma_length_hook", None):
-        model._ma_length_hook = model.register_forward_pre_hook(_refuse_overlong_input, with_kwargs=True)
+    if not getattr(model, "_ma_input_hook", None):
+        model._ma_input_hook = model.register_forward_pre_hook(_check_inputs, with_kwargs=True)
     inner = getattr(model, adapter.inner_attribute)
     inner.__class__ = inner_class
     for attention in adapter.attention_modules(model):

@@ -25,7 +25,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from torch.utils.data import IterableDataset
@@ -415,6 +415,18 @@ def _raise_empty(cfg: DataConfig, part: str, stats: _PackStats) -> None:
         f"the {part} set is empty: {where!r}{held} gave {stats.tokens} tokens from {stats.documents} documents, "
         f"fewer than one block of seq_len={cfg.seq_len}; use more text or a smaller seq_len"
     )
+
+
+def describe_eval_text(cfg: DataConfig, tokens: Optional[int] = None) -> str:
+    """What evaluation perplexity is measured on, for cards and reports: the text, the part, the block length."""
+    spec = cfg.eval_source or cfg.source
+    if spec == "pydoc":
+        name = "CPython's documentation text (`pydoc_data.topics`)"
+    else:
+        name = f"`{Path(spec).name if Path(spec).exists() else spec}`"
+    part = "" if cfg.eval_source else f", the held-out {cfg.eval_fraction:.0%}"
+    amount = f", {tokens:,} tokens" if tokens else ""
+    return f"{name}{part}, in {cfg.seq_len}-token blocks{amount}"
 
 
 def build_datasets(

