@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             row["linear"] = sum(relative_mse(linear.attend(q, k, v, None, scale=s), t) for q, k, v, s, t in evaluation) / len(evaluation)
         for window in args.hybrid_windows:
-            hybrid = build_expert("linear", module.cfg.replace(linear_window=window)).to(device)
+            hybrid = build_expert("hybrid", module.cfg.replace(linear_window=window)).to(device)
             with torch.enable_grad():
                 fit(lambda q, k, v, s: hybrid.attend(q, k, v, None, scale=s), list(hybrid.parameters()), blocks, args)
             with torch.no_grad():

@@ -215,14 +215,26 @@ def test_beam_search_reorders_the_linear_state(case):
     assert torch.equal(cached, recomputed)
 
 
-def test_cache_cropping_is_refused():
-    case = CASES[0]
+def test_a_cropped_cache_rebuilds_the_kernel_state():
+    """Cropping (assisted decoding rolls rejected tokens back) drops a kernel state that saw the
+    cropped keys; the next call rebuilds it from the cache, so the logits equal recomputation."""
+    case = next(c for c in CASES if c.name == "llama-gqa")
     model = converted(case.make("sdpa"))
+    spread_routing(model, seed=2)
+    set_routing_mode(model, "hard")
     ids, _ = batch(case, "none")
     with torch.no_grad():
-        cache = model(input_ids=ids, use_cache=True).past_key_values
-    with pytest.raises(RuntimeError, match="cannot be cropped"):
-        cache.crop(5)
+        full = model(input_ids=ids).logits
+        cache = model(input_ids=ids[:, :9], use_cache=True).past_key_values
+        for t in (9, 10):
+            model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        try:
+            cache.crop(6)  # transformers before 5.2x: the length to keep
+        except ValueError:
+            cache.crop(6 - cache.get_seq_length())  # later: minus the tokens to drop
+        assert cache.get_seq_length() == 6
+        resumed = model(input_ids=ids[:, 6:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(resumed, full[:, 6:], **TOL)
 
 
 def test_unsupported_caches_and_masks_are_refused():
@@ -239,9 +251,10 @@ def test_unsupported_caches_and_masks_are_refused():
             model(input_ids=ids[:1], position_ids=packed, use_cache=False)
 
 
-def test_kv_cache_grows_in_place_during_decoding():
-    """Decode steps write into spare room of the cache instead of copying it (DynamicLayer's
+def test_kv_cache_grows_in_place_during_decoding(monkeypatch):
+    """Decode steps write into spare room of a (large) cache instead of copying it (DynamicLayer's
     torch.cat); the cached keys stay exactly what concatenation would give."""
+    monkeypatch.setattr("ma_convert.modeling.attention.GROW_IN_PLACE_FROM", 0)  # this tiny cache counts as large
     case = next(c for c in all_cases() if c.name == "llama-gqa")
     model = converted(case.make("sdpa"))
     ids = torch.randint(0, model.config.vocab_size, (2, 9))

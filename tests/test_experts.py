@@ -246,8 +246,8 @@ def test_full_expert_keeps_the_base_models_window():
 
 
 def hybrid_expert(hkv, window, sinks):
-    """The linear expert with an exact window, moved off its initialisation."""
-    lin = build_expert("linear", cfg_for(hkv, linear_window=window, sink_tokens=sinks))
+    """The hybrid expert (exact window + kernel attention beyond), moved off its initialisation."""
+    lin = build_expert("hybrid", cfg_for(hkv, linear_window=window, sink_tokens=sinks))
     with torch.no_grad():
         for p in lin.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -301,10 +301,20 @@ def test_hybrid_linear_chunks_long_query_runs_the_same(monkeypatch):
         close(lin.attend(q, k, v), whole, tol=1e-6)
 
 
-def test_hybrid_linear_is_causal_only_and_keeps_no_state():
-    lin = hybrid_expert(2, 4, 0)
+def test_hybrid_is_causal_only_and_decodes_from_a_lagging_state():
+    """Decoding reads the window and sinks from the keys, and the older keys through a state over
+    keys sinks .. T-1-W: the same output as attending over every key, in O(W)."""
+    for window, sinks in [(4, 0), (5, 2), (1, 3)]:
+        lin = hybrid_expert(2, window, sinks)
+        q, k, v = heads(23, 2)
+        end = lin.state_end(k.shape[2] - 1)
+        assert end == max(k.shape[2] - window, sinks)
+        state = lin.advance_state(k[:, :, sinks:end], v[:, :, sinks:end])
+        with torch.no_grad():
+            decoded = lin.attend(q[:, :, -1:], k, v, state=state)
+            recomputed = lin.attend(q[:, :, -1:], k, v)
+        torch.testing.assert_close(decoded, recomputed, atol=1e-5, rtol=1e-5)
     assert not lin.recurrent and build_expert("linear", cfg_for(2)).recurrent
-    q, k, v = heads(10, 2)
     with pytest.raises(ValueError, match="causally"):
         lin.attend(q, k, v, causal=False)
     with pytest.raises(ValueError, match="linear_window"):

@@ -15,7 +15,7 @@ CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
 from ma_convert.core.config import MetaAttnConfig  # noqa: E402
-from ma_convert.core.meta_attention import MetaAttention, RecurrentInputs  # noqa: E402
+from ma_convert.core.meta_attention import CacheInputs, MetaAttention  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float32]
@@ -38,16 +38,31 @@ def rel_err(got, ref):
     return ((got - ref).norm() / ref.norm()).item()
 
 
-def make_layer(hq, hkv, d, feature_map="hedgehog", window=64, sinks=4, dense_below=0):
+def make_layer(hq, hkv, d, feature_map="hedgehog", window=64, sinks=4, dense_below=0, hybrid=0):
+    """A layer of the three built-in experts (the kernel expert pure linear, or the hybrid with a
+    `hybrid`-key window), its learnable parts moved off their initial values."""
     cfg = MetaAttnConfig(
         d_model=hq * d, n_heads=hq, n_kv_heads=hkv, window_size=window, sink_tokens=sinks,
-        feature_map=feature_map, hard_routing=True, backend="torch", dense_below=dense_below,
+        feature_map=feature_map, hard_routing=True, backend="torch", dense_below=dense_below, linear_window=hybrid,
     )
     meta = MetaAttention(cfg).eval()
-    with torch.no_grad():  # a feature map away from the identity start
+    with torch.no_grad():  # a feature map (and the hybrid's weight) away from the identity start
         for p in meta.experts[1].parameters():
             p.add_(0.3 * torch.randn_like(p))
     return meta
+
+
+class Store:
+    """A kernel-state store as a cache layer keeps it: (S, z, keys seen)."""
+
+    def __init__(self, held=None):
+        self.held = held
+
+    def get(self):
+        return self.held
+
+    def set(self, s, z, seen):
+        self.held = (s, z, seen)
 
 
 def inputs(b, hq, hkv, d, t, keys=None):
@@ -56,36 +71,41 @@ def inputs(b, hq, hkv, d, t, keys=None):
     return q, torch.randn(b, hkv, keys, d), torch.randn(b, hkv, keys, d)
 
 
-def reference(meta, q, k, v, routes, recurrent=None):
-    """The torch path in float32 on the CPU."""
+def reference(meta, q, k, v, routes, cached=False):
+    """The torch path in float32 on the CPU; with `cached`, k/v start with keys a cache held (the
+    kernel expert's state is caught up from them)."""
     meta = meta.float().cpu()
     meta.forced_expert = routes.cpu()
     weights = torch.nn.functional.one_hot(routes.cpu(), len(meta.experts)).float()
-    if recurrent is not None:
-        recurrent = RecurrentInputs(recurrent.key.float().cpu(), recurrent.value.float().cpu(), None,
-                                    tuple(s.cpu() for s in recurrent.state) if recurrent.state else None)
+    cache = CacheInputs(Store()) if cached else None
     with torch.no_grad():
-        return meta.run_experts(q.float().cpu(), k.float().cpu(), v.float().cpu(), weights, recurrent=recurrent)
+        return meta.run_experts(q.float().cpu(), k.float().cpu(), v.float().cpu(), weights, cache=cache)
 
 
-def fast(meta, q, k, v, routes, dtype, recurrent=None):
+def fast(meta, q, k, v, routes, dtype, state=None):
+    """The kernels on DEVICE in `dtype`: the heads and the state they hand back."""
     meta = meta.to(DEVICE)
     cast = lambda x: x.to(DEVICE, dtype)  # noqa: E731
-    rec = None
-    if recurrent is not None:
-        rec = RecurrentInputs(cast(recurrent.key), cast(recurrent.value), None,
-                              tuple(s.to(DEVICE) for s in recurrent.state) if recurrent.state else None)
+    state = None if state is None else tuple(s.to(DEVICE) for s in state)
     with torch.no_grad():
-        out = routed().routed_heads(meta, cast(q), cast(k), cast(v), routes.to(DEVICE), scale=None, recurrent=rec)
-    return out, rec
+        return routed().routed_heads(meta.routed_spec(), cast(q), cast(k), cast(v), routes.to(DEVICE), scale=None,
+                                     state=state)
+
+
+def kernel_state(meta, k, v, end):
+    """The kernel expert's state over keys start .. end-1, in float32 on the CPU."""
+    expert = meta.float().cpu().experts[1]
+    start = getattr(expert, "state_start", 0)
+    with torch.no_grad():
+        return expert.advance_state(k[:, :, start:end].float(), v[:, :, start:end].float())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("feature_map", ["hedgehog", "elu"])
-def test_prefill_matches_reference(dtype, shape, feature_map):
+@pytest.mark.parametrize("feature_map,hybrid", [("hedgehog", 0), ("elu", 0), ("hedgehog", 16)])
+def test_prefill_matches_reference(dtype, shape, feature_map, hybrid):
     hq, hkv, d, t = shape
-    meta = make_layer(hq, hkv, d, feature_map)
+    meta = make_layer(hq, hkv, d, feature_map, hybrid=hybrid)
     q, k, v = inputs(2, hq, hkv, d, t)
     routes = torch.randint(0, 3, (2, t))
     routes[1, : t // 2] = 2  # rows route differently: one half-local, one mixed
@@ -95,6 +115,17 @@ def test_prefill_matches_reference(dtype, shape, feature_map):
     for e in range(3):  # each expert's tokens on their own
         sel = (routes == e)[:, None, :, None].expand_as(ref)
         assert rel_err(got.cpu()[sel], ref[sel]) <= TOL, e
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hybrid_kernel_with_a_window_over_every_key_is_softmax(dtype):
+    """A window as long as the sequence leaves the kernel part nothing: the hybrid's tokens get
+    plain causal softmax attention, as the full expert's do."""
+    hq, hkv, d, t = 4, 2, 32, 130
+    meta = make_layer(hq, hkv, d, hybrid=t)
+    q, k, v = inputs(1, hq, hkv, d, t)
+    got, _ = fast(meta, q, k, v, torch.ones(1, t, dtype=torch.long), dtype)
+    assert rel_err(got, reference(meta, q, k, v, torch.zeros(1, t, dtype=torch.long))) <= TOL
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -112,8 +143,8 @@ def test_library_backends_match_reference(backend):
     routes = torch.randint(0, 3, (1, t))
     cast = lambda x: x.to(DEVICE, torch.bfloat16)  # noqa: E731
     with torch.no_grad():
-        got = routed().routed_heads(meta.to(DEVICE), cast(q), cast(k), cast(v), routes.to(DEVICE), scale=None,
-                                    backend=backend)
+        got, _ = routed().routed_heads(meta.to(DEVICE).routed_spec(), cast(q), cast(k), cast(v), routes.to(DEVICE),
+                                       scale=None, backend=backend)
     assert not torch.isnan(got).any()
     assert rel_err(got, reference(meta, q, k, v, routes)) <= 1e-2
 
@@ -134,44 +165,29 @@ def test_mostly_full_rows_and_rows_without_softmax_tokens(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_short_prompts_run_on_the_full_expert(dtype):
-    """Below dense_below tokens the fast path runs every token on the full expert: the original
-    attention, whatever the routes say."""
-    hq, hkv, d, t = 4, 2, 32, 200
-    meta = make_layer(hq, hkv, d, dense_below=t + 1)
-    q, k, v = inputs(2, hq, hkv, d, t)
-    routes = torch.randint(0, 3, (2, t))
-    got, _ = fast(meta, q, k, v, routes, dtype)
-    all_full = reference(meta, q, k, v, torch.zeros_like(routes))
-    assert rel_err(got, all_full) <= TOL
-    assert rel_err(got, reference(meta, q, k, v, routes)) > 10 * TOL  # not the routed result
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cached_chunk_and_decode_match_reference(dtype):
-    """A prompt continued over a cache: a chunk of several tokens, then one-token decode steps;
-    the linear state handed back matches the reference's."""
+@pytest.mark.parametrize("hybrid", [0, 24])
+def test_cached_chunk_and_decode_match_reference(dtype, hybrid):
+    """A prompt continued over a cache: a chunk of several tokens, then one decode step per row, each
+    row on another expert. The linear expert reads its state over the earlier keys and hands back
+    the state after all of them; the hybrid decodes from its state over the keys left of its window."""
     hq, hkv, d = 8, 2, 32
     t_prev, t_new = (700, 300) if CUDA else (150, 60)
-    meta = make_layer(hq, hkv, d)
+    meta = make_layer(hq, hkv, d, hybrid=hybrid)
     q, k, v = inputs(3, hq, hkv, d, t_new, keys=t_prev + t_new)
-    linear = meta.experts[1]
-    state = linear.advance_state(k[:, :, :t_prev], v[:, :, :t_prev])
     routes = torch.randint(0, 3, (3, t_new))
-    rec = RecurrentInputs(k[:, :, t_prev:], v[:, :, t_prev:], None, state)
-    got, fast_rec = fast(meta, q, k, v, routes, dtype, rec)
-    assert rel_err(got, reference(meta, q, k, v, routes, rec)) <= TOL
-    final = linear.float().cpu().advance_state(k, v)
-    assert rel_err(fast_rec.next_state[0], final[0]) <= TOL and rel_err(fast_rec.next_state[1], final[1]) <= TOL
+    got, next_state = fast(meta, q, k, v, routes, dtype, None if hybrid else kernel_state(meta, k, v, t_prev))
+    assert rel_err(got, reference(meta, q, k, v, routes, cached=True)) <= TOL
+    if not hybrid:
+        final = kernel_state(meta, k, v, k.shape[2])
+        assert rel_err(next_state[0], final[0]) <= TOL and rel_err(next_state[1], final[1]) <= TOL
 
-    # One decode step per row, each row on a different expert.
-    q1 = q[:, :, -1:]
-    routes1 = torch.tensor([[0], [1], [2]])
-    state = linear.advance_state(k[:, :, :-1], v[:, :, :-1])
-    rec = RecurrentInputs(k[:, :, -1:], v[:, :, -1:], None, state)
-    got, fast_rec = fast(meta, q1, k, v, routes1, dtype, rec)
-    assert rel_err(got, reference(meta, q1, k, v, routes1, rec)) <= TOL
-    assert rel_err(fast_rec.next_state[0], final[0]) <= TOL
+    q1, routes1 = q[:, :, -1:], torch.tensor([[0], [1], [2]])
+    expert = meta.experts[1]
+    end = expert.state_end(k.shape[2] - 1) if hybrid else k.shape[2] - 1
+    got, next_state = fast(meta, q1, k, v, routes1, dtype, kernel_state(meta, k, v, end))
+    assert rel_err(got, reference(meta, q1, k, v, routes1, cached=True)) <= TOL
+    if not hybrid:
+        assert rel_err(next_state[0], kernel_state(meta, k, v, k.shape[2])[0]) <= TOL
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -222,22 +238,24 @@ def test_converted_model_generates_the_same_with_kernels():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_decode_step_replays_in_a_cuda_graph():
+@pytest.mark.parametrize("hybrid", [0, 64])
+def test_decode_step_replays_in_a_cuda_graph(hybrid):
     """The decode path has no host sync, so one step captures in a CUDA graph and replays on new
-    inputs (written into the captured tensors) with the eager result."""
+    inputs (written into the captured tensors) with the eager result; the hybrid's too."""
     hq, hkv, d, length, b = 8, 2, 64, 3000, 4
-    meta = make_layer(hq, hkv, d).to(DEVICE)
-    linear = meta.experts[1]
+    meta = make_layer(hq, hkv, d, hybrid=hybrid).to(DEVICE)
+    expert = meta.experts[1]
+    end = expert.state_end(length - 1) if hybrid else length - 1
 
     def fresh():
         q, k, v = inputs(b, hq, hkv, d, 1, keys=length)
         k, v = k.to(DEVICE, torch.bfloat16), v.to(DEVICE, torch.bfloat16)
-        state = linear.advance_state(k[:, :, :-1].float(), v[:, :, :-1].float())
+        start = getattr(expert, "state_start", 0)
+        state = expert.advance_state(k[:, :, start:end].float(), v[:, :, start:end].float())
         return q.to(DEVICE, torch.bfloat16), k, v, state, torch.randint(0, 3, (b, 1), device=DEVICE)
 
     def step(q, k, v, state, routes):
-        rec = RecurrentInputs(k[:, :, -1:], v[:, :, -1:], None, state)
-        return routed().routed_heads(meta, q, k, v, routes, scale=None, recurrent=rec), rec.next_state
+        return routed().routed_heads(meta.routed_spec(), q, k, v, routes, scale=None, state=state)
 
     static = fresh()
     with torch.no_grad():
@@ -257,15 +275,19 @@ def test_decode_step_replays_in_a_cuda_graph():
         graph.replay()
         expected, expected_state = step(*new)
     torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(next_state[0], expected_state[0])
+    if not hybrid:
+        torch.testing.assert_close(next_state[0], expected_state[0])
 
 
-def test_fast_path_refuses_the_hybrid_linear_expert():
-    """Its kernels have no exact window: a linear_window model stays on the torch path (also on a GPU)."""
-    plain = make_layer(4, 2, 16)
-    cfg = plain.cfg.replace(linear_window=8)
-    hybrid = MetaAttention(cfg).eval()
+def test_fast_path_serves_the_hybrid_and_refuses_custom_experts():
+    from ma_convert import build_expert
+
+    hybrid = make_layer(4, 2, 16, hybrid=8)
     q = torch.randn(1, 4, 32, 16, dtype=torch.bfloat16, device=DEVICE)
-    assert routed().unsupported_reason(plain.to(DEVICE), q, causal=True, key_mask=None, attn_bias=None) is None
-    reason = routed().unsupported_reason(hybrid.to(DEVICE), q, causal=True, key_mask=None, attn_bias=None)
-    assert reason is not None and "linear_window" in reason
+    spec = hybrid.to(DEVICE).routed_spec()
+    assert spec.hybrid and spec.kernel_window == 8 and spec.kernel_sinks == 4
+    assert routed().unsupported_reason(spec, q, causal=True, key_mask=None, attn_bias=None) is None
+    cfg = hybrid.cfg.replace(expert_costs=[1.0, 0.3])
+    two = MetaAttention(cfg, [build_expert("full", cfg), build_expert("local", cfg)]).eval()
+    reason = routed().unsupported_reason(two.to(DEVICE).routed_spec(), q, causal=True, key_mask=None, attn_bias=None)
+    assert reason is not None and "three built-in experts" in reason

@@ -7,6 +7,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
+# Kernel backends: "auto" picks Triton on CUDA, torch elsewhere (the one list is the kernels').
+from ..kernels.backends import BACKEND_NAMES as BACKENDS
+
 # Bumped whenever a saved config could be read differently by an older version.
 FORMAT_VERSION = 1
 
@@ -15,8 +18,6 @@ PRIORS = ("compute", "uniform")
 FEATURE_MAPS = ("elu", "hedgehog")
 UNCERTAIN_ROUTES = ("full", "soft")
 ROUTING_MODES = ("soft", "hard", "auto")
-# Kernel backends (see ma_convert.kernels.backends): "auto" picks Triton on CUDA, torch elsewhere.
-BACKENDS = ("auto", "torch", "sdpa", "triton", "flex", "fla", "flash_attn", "xformers")
 
 
 @dataclass
@@ -57,9 +58,10 @@ class MetaAttnConfig:
     linear_window: int = 0
     dropout: float = 0.0  # attention-probability dropout of the softmax experts, training only
     backend: str = "auto"
-    # GPU fast path, hard routing: a prompt shorter than this runs every token on the full expert
-    # (one dense SDPA call, the original attention), which is faster there than any gathering.
-    # None: the measured crossover (ma_convert.kernels.routed.DENSE_BELOW); 0: always route.
+    # GPU fast path, hard routing: while the context (prompt and cache) is shorter than this, every
+    # token runs on the full expert, with no router: the original attention at its own speed, which
+    # gathering cannot beat there. None: the measured crossover (ma_convert.kernels.spec.DENSE_BELOW);
+    # 0: always route.
     dense_below: Optional[int] = None
 
     # --- router --------------------------------------------------------------------------

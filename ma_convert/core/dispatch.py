@@ -11,23 +11,7 @@ from typing import Optional
 
 import torch
 
-
-def group_tokens(selected: torch.Tensor) -> torch.Tensor:
-    """selected: (B, T) bool -> token indices (B, N) in position order, -1 in padding slots."""
-    t = selected.shape[1]
-    counts = selected.sum(1)
-    n = int(counts.max())
-    ar = torch.arange(t, device=selected.device)
-    # Selected tokens sort first, each group in position order.
-    order = torch.where(selected, ar, ar + t).argsort(dim=1)[:, :n]
-    valid = torch.arange(n, device=selected.device) < counts[:, None]
-    return torch.where(valid, order, -1)
-
-
-def gather_queries(q: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """(B, H, T, d) -> (B, H, N, d) at token indices (B, N); padding slots read token 0."""
-    b, h, _, d = q.shape
-    return q.gather(2, tokens.clamp_min(0)[:, None, :, None].expand(b, h, tokens.shape[1], d))
+from ..kernels.gather import gather_queries, group_tokens  # noqa: F401  (re-exported: the torch path uses them)
 
 
 def gather_bias_rows(attn_bias: Optional[torch.Tensor], tokens: torch.Tensor) -> Optional[torch.Tensor]:

@@ -19,34 +19,29 @@ Routing modes (``routing_mode``, settable at any time):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.backends import check_backend, resolve_backend
+from ..kernels.spec import DENSE_BELOW, RoutedSpec
 from .config import ROUTING_MODES, UNCERTAIN_ROUTES, MetaAttnConfig
 from .controller import RouterOutput, build_router
 from .dispatch import gather_bias_rows, gather_queries, group_tokens, scatter_weighted
 from .experts import AttentionExpert, HeadAttentionExpert, build_expert  # the package: registers the built-ins
+from .experts.full import FullAttention
+from .experts.hybrid import HybridAttention
+from .experts.linear import LinearAttention, feature_weight
+from .experts.local import LocalAttention
 from .objective import dirichlet_kl, expected_cost, routing_entropy
 from .stats import RoutingStats
 
-DEFAULT_EXPERTS = ("full", "linear", "local")
 
-
-@dataclass
-class RecurrentInputs:
-    """What recurrent experts read when a cache holds the past: this step's keys and values
-    (B, Hkv, T, d), their padding mask (B, T), and the state summarising all earlier keys."""
-
-    key: torch.Tensor
-    value: torch.Tensor
-    key_mask: Optional[torch.Tensor]
-    state: Optional[tuple[torch.Tensor, torch.Tensor]]
-    # Set by a fast path that already computed the state after this step (else the caller does).
-    next_state: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+def default_experts(cfg: MetaAttnConfig) -> tuple[str, str, str]:
+    """The built-in experts: full, kernel attention (its hybrid when `linear_window` > 0), local."""
+    return ("full", "hybrid" if cfg.linear_window else "linear", "local")
 
 
 def gumbel_top_k(logits: torch.Tensor, k: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,13 +57,81 @@ def gumbel_top_k(logits: torch.Tensor, k: int, tau: float) -> tuple[torch.Tensor
     return hard.detach() - soft.detach() + soft, mask
 
 
+class KernelStateStore(Protocol):
+    """Where the kernel expert's running state lives between calls (in converted models, on the KV
+    cache). `get` returns (S, z, seen): the state over keys start .. seen-1, or None."""
+
+    def get(self) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]: ...
+
+    def set(self, s: torch.Tensor, z: torch.Tensor, seen: int) -> None: ...
+
+
+@dataclass
+class CacheInputs:
+    """What the kernel expert reads when a cache holds the past: `store` for its state; `offset`, the
+    position of the first cached key the call sees (0 unless the cache drops old keys); and `eager`,
+    True where it does (a sliding window), so that the state cannot be caught up later from the
+    cache and takes in every key as it comes."""
+
+    store: KernelStateStore
+    offset: int = 0
+    eager: bool = False
+
+
+class _LastCall:
+    """The decision and (while captured) the heads of a module's last forward."""
+
+    __slots__ = ("decision", "heads")
+
+    def __init__(self) -> None:
+        self.decision: Optional[_Decision] = None
+        self.heads: Optional[dict] = None
+
+
+class _Decision:
+    """What the last forward decided, kept as the tensors that produced it: statistics, the auxiliary
+    loss and the per-token routes are computed only when read."""
+
+    def __init__(self, module, shape, query_valid, weights=None, chosen=None, r=None, only=None):
+        self.module, self.shape, self.query_valid = module, shape, query_valid
+        self.weights, self.chosen, self.r, self.only = weights, chosen, r, only
+        self._stats = None
+
+    def _one_hot(self):
+        k = len(self.module.experts)
+        chosen = torch.zeros(*self.shape, k, dtype=torch.bool, device=self.module.costs.device)
+        chosen[..., self.only] = True
+        return chosen
+
+    def stats(self) -> RoutingStats:
+        if self._stats is None:
+            if self.only is not None:
+                chosen = self._one_hot()
+                mean, uncertainty = chosen.float(), torch.zeros(self.shape, device=chosen.device)
+            else:
+                chosen = self.chosen
+                mean = self.weights if self.r is None else self.r.mean
+                uncertainty = torch.zeros_like(mean[..., 0]) if self.r is None else self.r.uncertainty
+            self._stats = RoutingStats.from_routing(mean, chosen, uncertainty, self.module.costs, self.query_valid)
+        return self._stats
+
+    def routes(self) -> torch.Tensor:
+        if self.only is not None:
+            return torch.full(self.shape, self.only, dtype=torch.long, device=self.module.costs.device)
+        # The highest-weight expert each token runs on (soft: the argmax of the mean).
+        return torch.where(self.chosen, self.weights.detach(), -1.0).argmax(-1)
+
+    def aux_loss(self) -> torch.Tensor:
+        return self.module.aux_loss(self.r, self.query_valid)
+
+
 class MetaAttention(nn.Module):
     """Routes each query token among attention experts that share one set of projected heads."""
 
     def __init__(self, cfg: MetaAttnConfig, experts: Optional[Sequence[AttentionExpert]] = None) -> None:
         super().__init__()
         if experts is None:
-            experts = [build_expert(name, cfg) for name in DEFAULT_EXPERTS]
+            experts = [build_expert(name, cfg) for name in default_experts(cfg)]
         if len(experts) != cfg.n_experts:
             raise ValueError(
                 f"MetaAttnConfig.expert_costs has {cfg.n_experts} entries but {len(experts)} experts were "
@@ -82,6 +145,10 @@ class MetaAttention(nn.Module):
         names = [getattr(e, "name", "custom") for e in experts]
         # Where uncertain tokens go under uncertain_route="full": the full expert, else the costliest.
         self.full_index = names.index("full") if "full" in names else int(torch.tensor(cfg.expert_costs).argmax())
+        # The kernel-attention expert (linear or hybrid), which keeps a state when a cache holds the past.
+        self.kernel_index = next((i for i, e in enumerate(experts) if isinstance(e, LinearAttention)), None)
+        # Custom experts map hidden states and need routing weights even when every token goes to one expert.
+        self._head_experts_only = all(isinstance(e, HeadAttentionExpert) for e in experts)
         self.routing_mode = cfg.routing_mode
         self.hard_top_k = cfg.hard_top_k
         self.gumbel_temp = cfg.gumbel_temp
@@ -92,15 +159,43 @@ class MetaAttention(nn.Module):
         self.forced_expert: Optional[int | torch.Tensor] = None
         # Objective weights live on the module so training schedules can move them.
         self.kl_weight, self.cost_lambda, self.entropy_coeff = cfg.kl_weight, cfg.cost_lambda, cfg.entropy_coeff
-        self.last_aux_loss: Optional[torch.Tensor] = None
-        self.last_stats: Optional[RoutingStats] = None
-        self.last_routes: Optional[torch.Tensor] = None  # (B, T) expert of each token, last forward
+        # What each forward leaves behind, on a plain object: nn.Module.__setattr__ is slow on a hot path.
+        self._last = _LastCall()
+        self._expert_list = tuple(experts)  # indexing a ModuleList costs more than a tuple on every call
         # Attention-transfer training reads every expert's dense output of the last forward.
         self.capture_expert_outputs = False
         self.last_expert_outputs: dict[int, torch.Tensor] = {}
         # Layer-wise attention transfer re-runs the cheap experts on the heads the teacher pass saw.
         self.capture_heads = False
-        self.last_heads: Optional[dict] = None
+        self._spec: Optional[RoutedSpec] = None
+
+    # ------------------------------------------------------------------ what the last forward did
+    @property
+    def last_stats(self) -> Optional[RoutingStats]:
+        """`RoutingStats` of the last forward (computed when first read)."""
+        decision = self._last.decision
+        return None if decision is None else decision.stats()
+
+    @property
+    def last_routes(self) -> Optional[torch.Tensor]:
+        """(B, T) the expert each token of the last forward was routed to."""
+        decision = self._last.decision
+        return None if decision is None else decision.routes()
+
+    @property
+    def last_aux_loss(self) -> Optional[torch.Tensor]:
+        """The ELBO terms of the last forward (KL to the prior, cost, entropy), computed when read."""
+        decision = self._last.decision
+        return None if decision is None else decision.aux_loss()
+
+    @property
+    def last_heads(self) -> Optional[dict]:
+        """q, k, v and the call's settings of the last forward, while `capture_heads` is on."""
+        return self._last.heads
+
+    @last_heads.setter
+    def last_heads(self, heads: Optional[dict]) -> None:
+        self._last.heads = heads
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -140,6 +235,33 @@ class MetaAttention(nn.Module):
         if full_tail is not None:
             self.full_tail = full_tail
         self.routing_mode = mode
+
+    def routed_spec(self) -> RoutedSpec:
+        """The experts as the kernels see them (built once; parameters are shared, not copied)."""
+        if self._spec is None:
+            self._spec = self._build_spec()
+        return self._spec
+
+    def _build_spec(self) -> RoutedSpec:
+        spec = RoutedSpec(n_experts=len(self.experts))
+        for i, expert in enumerate(self.experts):
+            kind = type(expert)
+            if kind is FullAttention and spec.full is None:
+                spec.full, spec.full_window = i, expert.window
+            elif kind is LocalAttention and spec.local is None:
+                spec.local, spec.local_window, spec.local_sinks = i, expert.window, expert.sinks
+            elif kind in (LinearAttention, HybridAttention) and spec.kernel is None:
+                spec.kernel = i
+                spec.q_map_weight, spec.k_map_weight = feature_weight(expert.q_map), feature_weight(expert.k_map)
+                if kind is HybridAttention:
+                    spec.kernel_window, spec.kernel_sinks, spec.log_weight = expert.window, expert.sinks, expert.log_weight
+        if spec.n_experts != 3 or None in (spec.full, spec.kernel, spec.local):
+            spec.reason = "the fast path serves the three built-in experts only"
+        return spec
+
+    def _apply(self, fn, *args, **kwargs):
+        self._spec = None  # its device tables and parameter references follow the module
+        return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------ routing
     def route(
@@ -211,30 +333,29 @@ class MetaAttention(nn.Module):
         causal: bool = True,
         key_mask: Optional[torch.Tensor] = None,
         attn_bias: Optional[torch.Tensor] = None,
-        recurrent: Optional[RecurrentInputs] = None,
+        cache: Optional[CacheInputs] = None,
     ) -> torch.Tensor:
         """Weighted sum of the head-level experts' outputs, (B, Hq, T, d) for queries (B, Hq, T, d).
 
-        With `recurrent`, recurrent experts read the keys of this step plus a state summarising
-        the earlier ones (a cache) instead of all of `k`/`v`.
+        Queries are the last T keys. With `cache`, k/v hold the cached keys too, and the kernel
+        expert reads a state over the earlier keys (caught up from the cache) instead of all of them.
 
-        Queries are the last T keys. In training every expert runs densely (the straight-through
-        gradient needs every output); at inference an expert runs on all tokens only when all of
-        them route to it, on none when none do, and otherwise on its gathered tokens alone.
+        In training every expert runs densely (the straight-through gradient needs every output);
+        at inference an expert runs on all tokens only when all of them route to it, on none when
+        none do, and otherwise on its gathered tokens alone.
         """
-        fast = self._fast_path(q, k, v, weights, scale, causal, key_mask, attn_bias, recurrent)
-        if fast is not None:
-            return fast
+        b, _, t, _ = q.shape
         forced = self.forced_expert
-        if isinstance(forced, int) and isinstance(self.experts[forced], HeadAttentionExpert):
+        if isinstance(forced, int) and isinstance(self._expert_list[forced], HeadAttentionExpert):
             # One expert for every token: its output is the result (no weights, no host syncs).
-            expert = self.experts[forced]
-            keys, values, call = self._expert_inputs(expert, k, v, scale, causal, key_mask, recurrent)
-            part = expert.attend(q, keys, values, None, attn_bias=attn_bias, **call)
+            keys, values, call = self._expert_inputs(forced, k, v, t, scale, causal, key_mask, cache)
+            part = self._expert_list[forced].attend(q, keys, values, None, attn_bias=attn_bias, **call)
             if self.capture_expert_outputs:
                 self.last_expert_outputs[forced] = part
             return part
-        b, _, t, _ = q.shape
+        fast = self._fast_path(q, k, v, weights, scale, causal, key_mask, attn_bias, cache)
+        if fast is not None:
+            return fast
         out = None
         # Dense runs are for gradients through soft or straight-through weights; forced routes
         # have none, so they skip the experts no token goes to (the teacher pass of distillation).
@@ -246,7 +367,7 @@ class MetaAttention(nn.Module):
             selected = w != 0 if sparse else None
             if selected is not None and not bool(selected.any()):
                 continue
-            keys, values, call = self._expert_inputs(expert, k, v, scale, causal, key_mask, recurrent)
+            keys, values, call = self._expert_inputs(i, k, v, t, scale, causal, key_mask, cache)
             if selected is None or bool(selected.all()):
                 part = expert.attend(q, keys, values, None, attn_bias=attn_bias, **call)
                 if self.capture_expert_outputs:
@@ -269,15 +390,41 @@ class MetaAttention(nn.Module):
             scatter_weighted(out, part, tokens, w)
         return out if out is not None else torch.zeros_like(q)
 
-    @staticmethod
-    def _expert_inputs(expert, k, v, scale, causal, key_mask, recurrent):
-        """Keys, values and keyword arguments an expert attends with: a recurrent expert reads
-        this step's keys plus its state when a cache holds the past."""
+    def _expert_inputs(self, index, k, v, t, scale, causal, key_mask, cache):
+        """Keys, values and keyword arguments an expert attends with. With a cache, the linear expert
+        reads this call's keys plus its state over the earlier ones; the hybrid, decoding, reads its
+        window from the cache and the older keys through its (lagging) state."""
         call = dict(scale=scale, causal=causal, key_mask=key_mask)
-        if recurrent is not None and expert.recurrent:
-            call.update(key_mask=recurrent.key_mask, state=recurrent.state)
-            return recurrent.key, recurrent.value, call
-        return k, v, call
+        if cache is None or index != self.kernel_index:
+            return k, v, call
+        expert = self._expert_list[index]
+        if isinstance(expert, HybridAttention):
+            if t == 1:
+                call["state"] = self.kernel_state(cache, k, v, key_mask, expert.state_end(k.shape[2] - 1))
+            return k, v, call
+        call["state"] = self.kernel_state(cache, k, v, key_mask, k.shape[2] - t)
+        call["key_mask"] = None if key_mask is None else key_mask[:, -t:]
+        return k[:, :, -t:], v[:, :, -t:], call
+
+    def kernel_state(self, cache: CacheInputs, k, v, key_mask, end: int):
+        """The kernel expert's state over keys start .. end-1 (indices into `k`, the keys so far),
+        caught up from `k`, `v` and stored back. Returns (S, z)."""
+        expert = self._expert_list[self.kernel_index]
+        held = cache.store.get()
+        if held is None or held[2] > end + cache.offset:  # none yet, or the cache was rolled back below it
+            b, hkv, _, d = k.shape
+            f = expert.k_map(k.new_zeros(1, hkv, 1, d, dtype=torch.float32)).shape[-1]
+            zeros = k.new_zeros(b, hkv, f, d, dtype=torch.float32), k.new_zeros(b, hkv, f, dtype=torch.float32)
+            held = (*zeros, getattr(expert, "state_start", 0) + cache.offset)
+        s, z, seen = held
+        first = seen - cache.offset
+        if first < 0:
+            raise RuntimeError("the kernel expert's state lags behind keys the cache has dropped")
+        if first < end:
+            mask = None if key_mask is None else key_mask[:, first:end]
+            s, z = expert.advance_state(k[:, :, first:end], v[:, :, first:end], mask, (s, z))
+            cache.store.set(s, z, end + cache.offset)
+        return s, z
 
     def _one_expert_per_token(self) -> bool:
         """Inference with hard top-1 routes: every token's weight is 1 on exactly one expert."""
@@ -288,24 +435,59 @@ class MetaAttention(nn.Module):
         uncertain_ok = self.routing_mode == "hard" or (self.routing_mode == "auto" and self.uncertain_route == "full")
         return self.hard_top_k == 1 and uncertain_ok
 
-    def _fast_path(self, q, k, v, weights, scale, causal, key_mask, attn_bias, recurrent) -> Optional[torch.Tensor]:
-        """The GPU kernels of `ma_convert.kernels` when the backend and the call allow (else None)."""
+    def _kernels(self, q: torch.Tensor, causal: bool, key_mask, attn_bias) -> Optional[str]:
+        """The kernel backend that serves this call, or None for the torch path."""
         if not q.is_cuda or not self._one_expert_per_token():
             return None
         backend = resolve_backend(self.cfg.backend, q.device)
         if backend in ("torch", "sdpa"):
             return None
-        if isinstance(self.forced_expert, int) and self.forced_expert == self.full_index and q.shape[2] > 1:
-            return None  # a prompt all full: the plain SDPA call of the reference path is the original
         try:  # absolute: a remote-code copy of this file runs without the package, on the torch path
             from ma_convert.kernels import routed
         except ImportError:
             return None
-        if routed.unsupported_reason(self, q, causal=causal, key_mask=key_mask, attn_bias=attn_bias) is not None:
+        if routed.unsupported_reason(self.routed_spec(), q, causal=causal, key_mask=key_mask, attn_bias=attn_bias):
             return None
-        return routed.routed_heads(self, q, k, v, weights, scale=scale, backend=backend, recurrent=recurrent)
+        return backend
+
+    def _fast_path(self, q, k, v, weights, scale, causal, key_mask, attn_bias, cache) -> Optional[torch.Tensor]:
+        """The GPU kernels of `ma_convert.kernels` when the backend and the call allow (else None)."""
+        backend = self._kernels(q, causal, key_mask, attn_bias)
+        if backend is None:
+            return None
+        from ma_convert.kernels import routed
+
+        routes = weights.argmax(-1) if weights.is_floating_point() else weights
+        state = None if cache is None else self._fast_path_state(q, k, v, key_mask, cache)
+        heads, next_state = routed.routed_heads(self.routed_spec(), q, k, v, routes, scale=scale, backend=backend, state=state)
+        if next_state is not None and cache is not None:
+            cache.store.set(*next_state, k.shape[2] + cache.offset)
+        return heads
+
+    def _fast_path_state(self, q, k, v, key_mask, cache):
+        """The state the kernels read: for the linear expert the keys before this call (it returns
+        the state after them); for the hybrid, decoding, the keys left of its window."""
+        t = q.shape[2]
+        expert = self._expert_list[self.kernel_index]
+        if isinstance(expert, HybridAttention):
+            return self.kernel_state(cache, k, v, key_mask, expert.state_end(k.shape[2] - 1)) if t == 1 else None
+        return self.kernel_state(cache, k, v, key_mask, k.shape[2] - t)
 
     # ------------------------------------------------------------------ forward
+    def runs_all_full(self, q: torch.Tensor, n_keys: int, causal: bool = True, key_mask=None, attn_bias=None) -> bool:
+        """Whether this call is the original attention on every token: forced to the full expert, all
+        of it inside `full_tail`, or hard routing on the fast path with fewer than `dense_below` keys
+        (prompt and cache)."""
+        if isinstance(self.forced_expert, int):
+            return self.forced_expert == self.full_index
+        if self.forced_expert is not None:
+            return False
+        if not self.training and self.routing_mode != "soft" and self.full_tail >= q.shape[2]:
+            return True  # the whole call is the full tail (a decode step, with full_tail > 0)
+        if n_keys >= dense_below(self.cfg):
+            return False
+        return self._kernels(q, causal, key_mask, attn_bias) is not None
+
     def forward(
         self,
         x: torch.Tensor,
@@ -319,31 +501,50 @@ class MetaAttention(nn.Module):
         key_mask: Optional[torch.Tensor] = None,
         attn_bias: Optional[torch.Tensor] = None,
         query_valid: Optional[torch.Tensor] = None,
-        recurrent: Optional[RecurrentInputs] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cache: Optional[CacheInputs] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Route the tokens of `x` (B, T, D) and attend with heads q (B, Hq, T, d), k/v (B, Hkv, Tk, d).
 
         `positions` (B, T) or (T,) feed the router's position feature (default: the last T key
         indices, which is right without padding; pass position ids otherwise).
-        `query_valid` (B, T) marks real tokens, for the loss and the statistics.
-        Returns the mixed head outputs (B, Hq, T, d) and the routing weights (B, T, K).
+        `query_valid` (B, T) marks real tokens, for the loss and the statistics. With `cache`, k/v
+        start with the cached keys (see `run_experts`).
+        Returns the mixed head outputs (B, Hq, T, d) and the routing weights (B, T, K) (None when
+        every token ran on the full expert without routing).
         """
+        last = self._last
+        last.heads = dict(q=q.detach(), k=k.detach(), v=v.detach(), scale=scale, causal=causal,
+                          key_mask=key_mask, attn_bias=attn_bias) if self.capture_heads else None
+        if self._head_experts_only and self.runs_all_full(q, k.shape[2], causal, key_mask, attn_bias):
+            # No router, no statistics until they are read: the original attention at its own cost.
+            full = self._expert_list[self.full_index]
+            last.decision = _Decision(self, x.shape[:2], query_valid, only=self.full_index)
+            heads = full.attend(q, k, v, None, scale=scale, causal=causal, key_mask=key_mask, attn_bias=attn_bias)
+            if self.capture_expert_outputs:
+                self.last_expert_outputs[self.full_index] = heads
+            if cache is not None and cache.eager:
+                self._advance_eagerly(cache, k, v, key_mask, q.shape[2])
+            return heads, None
         if positions is None:  # the queries are the last T keys
             positions = torch.arange(k.shape[2] - x.shape[1], k.shape[2], device=x.device)
         weights, chosen, r = self.route(x, positions)
-        self.last_aux_loss = self.aux_loss(r, query_valid)
-        mean = weights if r is None else r.mean
-        uncertainty = torch.zeros_like(mean[..., 0]) if r is None else r.uncertainty
-        self.last_stats = RoutingStats.from_routing(mean, chosen, uncertainty, self.costs, query_valid)
-        # The expert each token is routed to (the highest-weight one it runs on; soft: argmax of the mean).
-        self.last_routes = torch.where(chosen, weights.detach(), -1.0).argmax(-1)
-        # Kept only while capturing: the heads of a generation step would pin its KV cache.
-        self.last_heads = dict(q=q.detach(), k=k.detach(), v=v.detach(), scale=scale, causal=causal,
-                               key_mask=key_mask, attn_bias=attn_bias) if self.capture_heads else None
+        last.decision = _Decision(self, x.shape[:2], query_valid, weights=weights, chosen=chosen, r=r)
         heads = self.run_experts(
-            q, k, v, weights, scale=scale, causal=causal, key_mask=key_mask, attn_bias=attn_bias, recurrent=recurrent
+            q, k, v, weights, scale=scale, causal=causal, key_mask=key_mask, attn_bias=attn_bias, cache=cache
         )
+        if cache is not None and cache.eager:
+            self._advance_eagerly(cache, k, v, key_mask, q.shape[2])
         return heads, weights
+
+    def _advance_eagerly(self, cache: CacheInputs, k, v, key_mask, t: int) -> None:
+        """Where the cache drops old keys, the state takes in this call's keys now, whatever ran."""
+        if self.kernel_index is not None:
+            self.kernel_state(cache, k, v, key_mask, k.shape[2])
 
     def extra_repr(self) -> str:
         return f"experts={self.expert_names}, costs={self.cfg.expert_costs}, mode={self.routing_mode}"
+
+
+def dense_below(cfg: MetaAttnConfig) -> int:
+    """Contexts shorter than this run all-full on the fast path (`dense_below`, else the measured default)."""
+    return DENSE_BELOW if cfg.dense_below is None else cfg.dense_below

@@ -1,99 +1,50 @@
 """Hard-routed attention on the GPU: every expert runs on its own tokens only.
 
-`routed_heads` is what `MetaAttention.run_experts` calls at inference when every token has exactly
-one expert (hard top-1 routing, or forced routes) and the inputs allow it (CUDA, fp16/bf16, no
-padding mask or additive bias, the three built-in experts). It picks the kernels:
+`routed_heads` is what `MetaAttention` calls at inference when every token has exactly one expert
+(hard top-1 routing, or forced routes) and the inputs allow it (CUDA, fp16/bf16, no padding mask or
+additive bias, the three built-in experts). It takes tensors and a `RoutedSpec`, nothing else:
 
 - prefill (T > 1): tokens are sorted by (expert, position) on the GPU, once; one Triton launch per
-  expert (full, local, linear) runs it on its own tokens, reading their queries and writing their
-  outputs in place. No host sync, except to decide the mostly-full mode.
-- short prompts (below `DENSE_BELOW` tokens, or `MetaAttnConfig.dense_below`): gathering cannot
-  beat one dense call there, so every token runs on the full expert, one causal SDPA (or
-  flash-attn / xFormers) call: the original model's attention, at its speed. Set `dense_below=0`
-  to route short prompts too (to measure routing quality, for instance).
+  softmax expert (full, local) runs it on its own tokens, reading their queries and writing their
+  outputs in place. The kernel expert computes phi(k) and chunk states once per kv head; pure
+  linear, it serves its tokens in one more launch; the hybrid serves the kernel part of its tokens
+  (keys before the window) that way, into a float32 buffer the exact part's launch (window and
+  sinks) merges with one normaliser. No host sync, except to decide the mostly-full mode.
 - mostly-full routing: the full expert runs as one dense call on all tokens and the cheap experts
   overwrite their own rows; outputs stay exactly the routed ones.
 - decode (one new token per row): each row reads only what its expert needs: the whole cache
-  (full), its window (local) or the fp32 state (linear, updated with one batched matmul). No host
-  sync, so the step can be captured in a CUDA graph.
+  (full), its window (local, hybrid) or the float32 state (linear, and the hybrid's part beyond its
+  window). No host sync, so the step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
-from ..core.experts.full import FullAttention
-from ..core.experts.linear import HedgehogFeatureMap, LinearAttention
-from ..core.experts.local import LocalAttention
 from . import triton_linear, triton_softmax
 from .dense import dense_causal_attention
-from .triton_softmax import NO_WINDOW
+from .features import features
+from .spec import RoutedSpec
 
-# Prompts shorter than this run all tokens on the full expert, one SDPA call (MetaAttnConfig.dense_below
-# overrides): on an H100 gathering loses below ~8k tokens (benchmarks/results/attention_*.md).
-DENSE_BELOW = 8192
 # Above this share of full tokens in any row, the full expert runs as one dense call on all tokens
 # and the cheap experts overwrite their own rows (outputs unchanged, fewer wasted launches).
 MOSTLY_FULL = 0.6
 # Triton launch settings per softmax expert (best of a sweep on an H100, d=128, bf16): the full
-# expert's blocks walk long key ranges, the local expert's a window.
+# expert's blocks walk long key ranges, the windowed experts' a window.
 PREFILL_CONFIGS = {
     "full": dict(block_m=128, block_n=128, num_warps=8, num_stages=3),
     "local": dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    "kernel": dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
 }
 
 
-class ExpertTable:
-    """Where the built-in experts sit in a MetaAttention, and their windows, on one device."""
-
-    def __init__(self, meta, device: torch.device) -> None:
-        self.full = self.linear = self.local = None
-        for i, expert in enumerate(meta.experts):
-            for name, cls in (("full", FullAttention), ("linear", LinearAttention), ("local", LocalAttention)):
-                if type(expert) is cls:
-                    setattr(self, name, i)
-        n = len(meta.experts)
-        # The kernels serve exactly the three built-in experts.
-        self.supported = n == 3 and None not in (self.full, self.linear, self.local)
-        windows, sinks = [0] * n, [0] * n
-        if self.full is not None:
-            windows[self.full] = meta.experts[self.full].window or NO_WINDOW
-        if self.local is not None:
-            windows[self.local] = meta.experts[self.local].window
-            sinks[self.local] = meta.experts[self.local].sinks
-        self.window_by_expert = torch.tensor(windows, dtype=torch.int32, device=device)
-        self.sinks_by_expert = torch.tensor(sinks, dtype=torch.int32, device=device)
-        # (expert, window, sinks) columns for the prefill kernel, one launch per expert.
-        self.prefill_meta = {
-            name: torch.tensor([[i], [windows[i]], [sinks[i]]], dtype=torch.int32, device=device)
-            for name, i in (("full", self.full), ("local", self.local))
-            if i is not None
-        }
-
-
-
-def _table(meta, device: torch.device) -> ExpertTable:
-    cache = meta.__dict__.setdefault("_fast_tables", {})
-    if device not in cache:
-        cache[device] = ExpertTable(meta, device)
-    return cache[device]
-
-
-def short_prompt_limit(cfg) -> int:
-    """Prompts shorter than this run all-full on the fast path (`MetaAttnConfig.dense_below`, else
-    the measured `DENSE_BELOW`)."""
-    return DENSE_BELOW if cfg.dense_below is None else cfg.dense_below
-
-
-def unsupported_reason(meta, q: torch.Tensor, *, causal: bool, key_mask, attn_bias) -> Optional[str]:
+def unsupported_reason(spec: RoutedSpec, q: torch.Tensor, *, causal: bool, key_mask, attn_bias) -> Optional[str]:
     """Why the fast path cannot serve this call (None: it can)."""
-    table = _table(meta, q.device)
-    if not table.supported:
-        return "the fast path serves the three built-in experts only"
-    if meta.experts[table.linear].window:
-        return "the fast path's linear kernels have no exact window (linear_window > 0)"
+    if spec.reason is not None:
+        return spec.reason
     if q.dtype not in (torch.float16, torch.bfloat16):
         return "the fast path runs in fp16/bf16"
     if not causal or key_mask is not None or attn_bias is not None:
@@ -101,13 +52,8 @@ def unsupported_reason(meta, q: torch.Tensor, *, causal: bool, key_mask, attn_bi
     return None
 
 
-def _feature_weight(expert: LinearAttention, which: str):
-    fmap = getattr(expert, which)
-    return fmap.weight if isinstance(fmap, HedgehogFeatureMap) else None
-
-
 def routed_heads(
-    meta,
+    spec: RoutedSpec,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -115,106 +61,80 @@ def routed_heads(
     *,
     scale: Optional[float],
     backend: str = "triton",
-    recurrent=None,
-) -> torch.Tensor:
-    """Heads (B, Hq, T, d) of hard-routed attention; routes (B, T) long, one expert per token
-    (or (B, T, K) one-hot routing weights, read only where needed).
+    state: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    """Heads (B, Hq, T, d) of hard-routed attention, routes (B, T) long: one expert per token.
 
-    q (B, Hq, T, d) are the last T of the keys k, v (B, Hkv, Tk, d). `recurrent` (a
-    `RecurrentInputs`) gives the linear expert this step's keys and the state of earlier ones; its
-    `next_state` is filled with the state after this step.
+    q (B, Hq, T, d) are the last T of the keys k, v (B, Hkv, Tk, d). `state` (S, z): for the
+    linear expert the keys before this call's; for the hybrid, decoding, its keys left of the
+    window. Returns the heads and, for the linear expert, the state after this call's keys.
     """
-    table = _table(meta, q.device)
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    t = q.shape[2]
-    if t == 1 and recurrent is not None and recurrent.state is not None:
-        return _decode(meta, table, q, k, v, _as_routes(routes), scale, recurrent)
-    if 1 < t < short_prompt_limit(meta.cfg) and k.shape[2] == t and table.full is not None:
-        # A short prompt: all of it on the full expert, the original attention in one call. The
-        # cache's linear state is still advanced by the caller (every token feeds it).
-        return dense_causal_attention(q, k, v, scale=scale, backend=backend, window=meta.experts[table.full].window)
-    return _prefill(meta, table, q, k, v, _as_routes(routes), scale, backend, recurrent)
+    if q.shape[2] == 1 and k.shape[2] > 1:
+        return _decode(spec, q, k, v, routes, scale, state)
+    return _prefill(spec, q, k, v, routes, scale, backend, state)
 
 
-def _as_routes(routes: torch.Tensor) -> torch.Tensor:
-    return routes.argmax(-1) if routes.is_floating_point() else routes
+def _prefill(spec, q, k, v, routes, scale, backend, state):
+    from .gather import sort_by_expert
 
-
-def sort_by_expert(routes: torch.Tensor, n_experts: int):
-    """Token indices grouped by expert, each group in position order (a counting sort, no host
-    sync): perm (B, T) int32, and per expert its token count and where its group starts (B, E)."""
-    experts = torch.arange(n_experts, device=routes.device)
-    member = (routes.unsqueeze(1) == experts[:, None]).to(torch.int32)  # (B, E, T): scans run along T
-    rank = member.cumsum(2, dtype=torch.int32).gather(1, routes.unsqueeze(1)).squeeze(1) - 1
-    counts = member.sum(2, dtype=torch.int32)
-    seg_start = counts.cumsum(1, dtype=torch.int32) - counts
-    dest = seg_start.gather(1, routes) + rank
-    tokens = torch.arange(routes.shape[1], device=routes.device, dtype=torch.int32).expand_as(dest)
-    perm = torch.empty_like(dest).scatter_(1, dest.long(), tokens)
-    return perm, counts, seg_start
-
-
-def _linear_inputs(k, v, recurrent):
-    if recurrent is None:
-        return k, v, None
-    return recurrent.key, recurrent.value, recurrent.state
-
-
-def _prefill(meta, table, q, k, v, routes, scale, backend, recurrent):
     b, hq, t, d = q.shape
-    n_experts = len(meta.experts)
-    perm, counts, seg_start = sort_by_expert(routes, n_experts)
+    perm, counts, seg_start = sort_by_expert(routes, spec.n_experts)
     out = torch.empty(b, t, hq, d, device=q.device, dtype=q.dtype)
-
-    dense_full = False
-    if table.full is not None and k.shape[2] == t:
-        dense_full = int(counts[:, table.full].max()) > MOSTLY_FULL * t  # one host sync
+    dense_full = k.shape[2] == t and int(counts[:, spec.full].max()) > MOSTLY_FULL * t  # one host sync
     if dense_full:
-        full = dense_causal_attention(q, k, v, scale=scale, backend=backend, window=meta.experts[table.full].window)
-        out.copy_(full.transpose(1, 2))
+        out.copy_(dense_causal_attention(q, k, v, scale=scale, backend=backend, window=spec.full_window).transpose(1, 2))
+    kernel_part, next_state = _kernel_expert(spec, q, k, v, perm, seg_start, counts, out, state)
     if backend == "flex":
-        _flex_softmax(meta, table, q, k, v, routes, out, scale, include_full=not dense_full)
-    else:
-        for name, meta_columns in table.prefill_meta.items():
-            if name == "full" and dense_full:
-                continue
-            triton_softmax.routed_softmax_prefill(
-                q, k, v, out, perm, seg_start, counts, meta_columns, scale=scale, **PREFILL_CONFIGS[name]
-            )
-
-    if table.linear is not None:
-        expert = meta.experts[table.linear]
-        lk, lv, state = _linear_inputs(k, v, recurrent)
-        if backend == "fla" and recurrent is None:
-            _fla_linear(expert, q, lk, lv, routes == table.linear, out)
-        else:
-            phi_k, s, z, final = triton_linear.key_features_and_states(expert.k_map, lk, lv, state)
-            triton_linear.routed_linear_prefill(
-                q, phi_k, lv, (s, z), out, perm, seg_start, counts, table.linear,
-                q_map_weight=_feature_weight(expert, "q_map"),
-            )
-            if recurrent is not None:
-                recurrent.next_state = final
-    return out.transpose(1, 2)
+        _flex_softmax(spec, q, k, v, routes, out, scale, include_full=not dense_full)
+    for name in ("full", "local", "kernel"):
+        if (name == "full" and dense_full) or (name == "kernel" and kernel_part is None) or (
+                backend == "flex" and name != "kernel"):
+            continue
+        merge = dict(linear=kernel_part, log_weight=spec.log_weight) if name == "kernel" else {}
+        triton_softmax.routed_softmax_prefill(
+            q, k, v, out, perm, seg_start, counts, spec.table(name, q.device), scale=scale,
+            **PREFILL_CONFIGS[name], **merge,
+        )
+    return out.transpose(1, 2), next_state
 
 
-def _flex_softmax(meta, table, q, k, v, routes, out, scale, *, include_full: bool) -> None:
-    """FlexAttention for the softmax experts on their gathered queries (one host sync each)."""
-    from ..core.dispatch import gather_queries, group_tokens
+def _kernel_expert(spec, q, k, v, perm, seg_start, counts, out, state):
+    """The kernel expert's tokens. Pure linear: their outputs, written into `out`, and the state after
+    all keys. Hybrid: the kernel part of each (keys before its window), a float32 (B, T, Hq, d + 1)
+    numerator-and-denominator buffer for the exact part's launch to merge."""
+    if spec.hybrid:
+        phi_k, s, z, _ = triton_linear.key_features_and_states(spec.k_map_weight, k, v, None, first_key=spec.kernel_sinks)
+        raw = torch.empty(*out.shape[:3], out.shape[3] + 1, device=q.device, dtype=torch.float32)
+        triton_linear.routed_linear_prefill(
+            q, phi_k, v, (s, z), raw, perm, seg_start, counts, spec.kernel, q_map_weight=spec.q_map_weight,
+            shift=spec.kernel_window,
+        )
+        return raw, None
+    t = q.shape[2]
+    lk, lv = k[:, :, -t:], v[:, :, -t:]  # the keys before this call are in `state`
+    phi_k, s, z, final = triton_linear.key_features_and_states(spec.k_map_weight, lk, lv, state)
+    triton_linear.routed_linear_prefill(
+        q, phi_k, lv, (s, z), out, perm, seg_start, counts, spec.kernel, q_map_weight=spec.q_map_weight,
+    )
+    return None, final
+
+
+def _flex_softmax(spec, q, k, v, routes, out, scale, *, include_full: bool) -> None:
+    """FlexAttention for the full and local experts on their gathered queries (one host sync each)."""
     from .flex import flex_routed_softmax
+    from .gather import gather_queries, group_tokens
 
     offset = k.shape[2] - q.shape[2]
-    for index in (table.full if include_full else None, table.local):
+    settings = {spec.full: (spec.full_window, 0), spec.local: (spec.local_window, spec.local_sinks)}
+    for index in (spec.full if include_full else None, spec.local):
         if index is None:
             continue
         tokens = group_tokens(routes == index)
         if tokens.shape[1] == 0:
             continue
-        expert = meta.experts[index]
-        part = flex_routed_softmax(
-            gather_queries(q, tokens), k, v, tokens, offset, window=expert.window,
-            sinks=getattr(expert, "sinks", 0), scale=scale,
-        )
+        window, sinks = settings[index]
+        part = flex_routed_softmax(gather_queries(q, tokens), k, v, tokens, offset, window=window, sinks=sinks, scale=scale)
         valid = tokens >= 0
         rows = tokens.clamp_min(0)
         dst = out.gather(1, rows[:, :, None, None].expand(-1, -1, *out.shape[2:]))
@@ -222,52 +142,51 @@ def _flex_softmax(meta, table, q, k, v, routes, out, scale, *, include_full: boo
         out.scatter_(1, rows[:, :, None, None].expand_as(src), src)
 
 
-def _fla_linear(expert: LinearAttention, q, k, v, selected: torch.Tensor, out: torch.Tensor) -> None:
-    """fla-core's chunked linear attention on all tokens (kv repeated per query head); the
-    outputs of the linear expert's tokens are kept. The normaliser phi(q) . sum phi(k) rides along
-    as an extra value column of ones (fla's own `normalize` sums over the wrong axis in the
-    [B, T, H, K] layout, in fla-core 0.3.2)."""
-    from fla.ops.linear_attn import chunk_linear_attn
-
-    group = q.shape[1] // k.shape[1]
-    d = v.shape[-1]
-    phi_q = expert.q_map(q.float()).to(q.dtype)
-    phi_k = expert.k_map(k.float()).to(q.dtype).repeat_interleave(group, dim=1)
-    ones = torch.ones(*v.shape[:-1], 16, device=v.device, dtype=v.dtype)  # 16: a friendly width
-    vv = torch.cat([v, ones], dim=-1).repeat_interleave(group, dim=1)
-    o, _ = chunk_linear_attn(
-        phi_q.transpose(1, 2), phi_k.transpose(1, 2), vv.transpose(1, 2), scale=1.0, normalize=False
-    )
-    o = o.float()
-    o = o[..., :d] / o[..., d : d + 1].clamp_min(1e-6)
-    out.copy_(torch.where(selected[:, :, None, None], o.to(out.dtype), out))
-
-
-def _decode(meta, table, q, k, v, routes, scale, recurrent):
+def _decode(spec, q, k, v, routes, scale, state):
     routes = routes[:, 0]
-    out = triton_softmax.routed_softmax_decode(
-        q, k, v, routes.to(torch.int32), table.window_by_expert, table.sinks_by_expert, scale=scale
+    out, lse = triton_softmax.routed_softmax_decode(
+        q, k, v, routes.to(torch.int32), spec.table("window", q.device), spec.table("sinks", q.device), scale=scale,
     )
-    if table.linear is not None:
-        expert = meta.experts[table.linear]
-        lin, recurrent.next_state = linear_decode_step(expert, q, recurrent.key, recurrent.value, recurrent.state)
-        out = torch.where((routes == table.linear)[:, None, None, None], lin, out)
-    return out.to(q.dtype)
+    if state is None:
+        raise ValueError("decoding with the kernel expert needs its state (a cache)")
+    kernel_rows = (routes == spec.kernel)[:, None, None, None]
+    if spec.hybrid:
+        num, den = kernel_part(spec.q_map_weight, q, state)
+        mixed = merge_exact_and_kernel(out, lse, num, den, spec.log_weight)
+        return torch.where(kernel_rows, mixed, out).to(q.dtype), None
+    lin, next_state = linear_decode_step(spec.q_map_weight, spec.k_map_weight, q, k[:, :, -1:], v[:, :, -1:], state)
+    return torch.where(kernel_rows, lin, out).to(q.dtype), next_state
 
 
-def linear_decode_step(expert: LinearAttention, q, k, v, state):
+def kernel_part(q_weight, q, state):
+    """phi(q) S and phi(q) z for one query per row: q (B, Hq, 1, d), S (B, Hkv, F, d), z (B, Hkv, F)."""
+    b, hq, _, d = q.shape
+    hkv, f = state[0].shape[1], state[0].shape[2]
+    phi_q = features(q.float(), q_weight).reshape(b * hkv, hq // hkv, f)
+    num = torch.bmm(phi_q, state[0].reshape(b * hkv, f, d))
+    den = torch.bmm(phi_q, state[1].reshape(b * hkv, f, 1))
+    return num.reshape(b, hq, 1, d), den.reshape(b, hq, 1)
+
+
+def merge_exact_and_kernel(exact, lse2, num, den, log_weight):
+    """The hybrid's output from its exact part (normalised, with its log2-sum-exp) and its kernel part
+    (numerator and denominator), weighted by exp(log_weight[h]): (e^lse o + e^a N) / (e^lse + e^a D)."""
+    a = log_weight.float().view(1, -1, 1)
+    lse = torch.where(torch.isfinite(lse2), lse2 * math.log(2.0), -1e30)
+    f = torch.exp((a - lse).clamp_max(80.0))  # e^(a - lse): the kernel part on the exact part's scale
+    return (exact + f[..., None] * num) / (1.0 + f * den).clamp_min(1e-6)[..., None]
+
+
+def linear_decode_step(q_weight, k_weight, q, k, v, state):
     """The linear expert for one new token per row: S += phi(k) v^T (one batched matmul), then
     phi(q) S / phi(q) z. q (B, Hq, 1, d); k, v (B, Hkv, 1, d); state (S, z) before this token.
     Returns the fp32 output and the state after it."""
     b, hq, _, d = q.shape
     hkv = k.shape[1]
-    phi_k = expert.k_map(k.float())  # (B, Hkv, 1, F)
+    phi_k = features(k.float(), k_weight)  # (B, Hkv, 1, F)
     f = phi_k.shape[-1]
     s0, z0 = state[0].reshape(b * hkv, f, d), state[1]
     s = torch.baddbmm(s0, phi_k.reshape(b * hkv, 1, f).transpose(1, 2), v.float().reshape(b * hkv, 1, d))
     z = z0 + phi_k[:, :, 0]
-    phi_q = expert.q_map(q.float()).reshape(b * hkv, hq // hkv, f)
-    num = torch.bmm(phi_q, s)
-    den = torch.bmm(phi_q, z.reshape(b * hkv, f, 1))
-    lin = (num / den.clamp_min(1e-6)).reshape(b, hq, 1, d)
-    return lin, (s.view(b, hkv, f, d), z)
+    num, den = kernel_part(q_weight, q, (s.view(b, hkv, f, d), z))
+    return num / den.clamp_min(1e-6)[..., None], (s.view(b, hkv, f, d), z)

@@ -17,8 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.experts.linear import HedgehogFeatureMap
-
 CHUNK = 128  # keys per state chunk: a block of queries walks at most one chunk plus its own span
 
 
@@ -39,12 +37,13 @@ def _key_features_and_chunk_states(
     k_ptr, v_ptr, w_ptr, phik_ptr, s_ptr, z_ptr,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
-    n_kv_heads, n_keys, n_chunks,
+    n_kv_heads, n_keys, n_chunks, first_key,
     HEDGEHOG: tl.constexpr, FEAT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """For one chunk of keys and one half of the features (Hedgehog has two: softmax of +-kW):
-    phi(k) (stored in k's dtype) and the chunk's sums phi(k)^T v and phi(k), in fp32."""
+    phi(k) (stored in k's dtype) and the chunk's sums phi(k)^T v and phi(k), in fp32. Keys before
+    `first_key` (the hybrid's sinks, which stay exact) get phi = 0."""
     pid_bh = tl.program_id(0)
     c = tl.program_id(1)
     half = tl.program_id(2)
@@ -68,7 +67,7 @@ def _key_features_and_chunk_states(
             phi = tl.where(half == 0, _phi(x, True, False), _phi(x, True, True))
         else:
             phi = _phi(k.to(tl.float32), False, False)
-        phi = tl.where(ok, phi, 0.0).to(k.dtype)  # keys past the end add nothing
+        phi = tl.where(ok & (t >= first_key)[:, None], phi, 0.0).to(k.dtype)  # keys past the end add nothing
         tl.store(phik_ptr + ((pid_bh * n_keys + t[:, None]) * FEAT + half * HEAD_DIM + offs_d[None, :]), phi, mask=ok)
         v = tl.load(v_ptr + b * stride_vb + h * stride_vh + t[:, None] * stride_vt + offs_d[None, :], mask=ok, other=0.0)
         acc += tl.dot(tl.trans(phi), v.to(k.dtype))
@@ -78,24 +77,25 @@ def _key_features_and_chunk_states(
     tl.store(z_ptr + row, z, mask=d_ok)
 
 
-def key_features_and_states(k_map: torch.nn.Module, k: torch.Tensor, v: torch.Tensor, state=None):
+def key_features_and_states(k_weight, k: torch.Tensor, v: torch.Tensor, state=None, first_key: int = 0):
     """phi(k) (B, Hkv, Tk, F) in k's dtype; the fp32 states before every chunk, S (B, Hkv, nC + 1, F, d)
     and z (B, Hkv, nC + 1, F) (the last slot: after all keys); and the state after all keys.
-    `state` = (S0, z0) summarises earlier keys."""
+    `k_weight` is the Hedgehog map's (Hkv, d, d), None for ELU+1; `state` = (S0, z0) summarises
+    earlier keys; keys before `first_key` are left out (phi = 0)."""
     b, h, t, d = k.shape
-    hedgehog = isinstance(k_map, HedgehogFeatureMap)
+    hedgehog = k_weight is not None
     feat = 2 * d if hedgehog else d
     n_chunks = triton.cdiv(t, CHUNK)
     block_d = max(16, triton.next_power_of_2(d))
     phi_k = torch.empty(b, h, t, feat, device=k.device, dtype=k.dtype)
     s = torch.empty(b, h, n_chunks + 1, feat, d, device=k.device, dtype=torch.float32)
     z = torch.empty(b, h, n_chunks + 1, feat, device=k.device, dtype=torch.float32)
-    w = k_map.weight.contiguous() if hedgehog else k
+    w = k_weight.contiguous() if hedgehog else k
     _key_features_and_chunk_states[(b * h, n_chunks, 2 if hedgehog else 1)](
         k, v, w, phi_k, s, z,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        h, t, n_chunks,
+        h, t, n_chunks, first_key,
         HEDGEHOG=hedgehog, FEAT=feat, HEAD_DIM=d, BLOCK_D=block_d, CHUNK_SIZE=CHUNK, BLOCK_T=64,
         num_warps=4, num_stages=2,
     )
@@ -123,9 +123,9 @@ def _routed_linear_prefill(
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_ot, stride_oh,
     stride_permb, stride_sb,
-    n_q_heads, group, n_slots, key_offset, expert,
+    n_q_heads, group, n_slots, key_offset, expert, shift,
     HEDGEHOG: tl.constexpr, FEAT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHUNK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RAW: tl.constexpr,
 ):
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -143,8 +143,8 @@ def _routed_linear_prefill(
     rank = pid_blk * BLOCK_M + offs_m
     row_ok = rank < count
     token = tl.load(perm_ptr + b * stride_permb + seg_start + rank, mask=row_ok, other=0)
-    qpos = token + key_offset
-    lo_pos = tl.min(tl.where(row_ok, qpos, 1 << 30), 0)
+    qpos = token + key_offset - shift  # the last key it reads (the hybrid: the keys left of its window)
+    lo_pos = tl.maximum(tl.min(tl.where(row_ok, qpos, 1 << 30), 0), 0)
     hi_pos = tl.max(tl.where(row_ok, qpos, -1), 0)
 
     q = tl.load(q_ptr + b * stride_qb + token[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
@@ -190,9 +190,13 @@ def _routed_linear_prefill(
         vv = tl.load(v_base + kpos[:, None] * stride_vt + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         num += tl.dot(s.to(q.dtype), vv.to(q.dtype))
         den += tl.sum(s, 1)
-    out = num / tl.maximum(den, 1e-6)[:, None]
-    tl.store(out_ptr + b * stride_ob + token[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    o_base = out_ptr + b * stride_ob + token * stride_ot + h * stride_oh
+    if RAW:  # numerator and denominator, for the hybrid's exact part to merge
+        tl.store(o_base[:, None] + offs_d[None, :], num, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(o_base + HEAD_DIM, den, mask=row_ok)
+    else:
+        out = num / tl.maximum(den, 1e-6)[:, None]
+        tl.store(o_base[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 def routed_linear_prefill(
@@ -207,14 +211,17 @@ def routed_linear_prefill(
     expert: int,
     *,
     q_map_weight,
+    shift: int = 0,
     block_m: int = 32,
     block_n: int = 64,
 ) -> None:
     """Write the linear expert's outputs for its tokens into `out` (B, T, Hq, d), in place.
 
     q (B, Hq, T, d): all queries (only the expert's are read); phi_k (B, Hkv, Tk, F) and v: the
-    keys this call attends over, the queries being their last T; states: `prefix_states`' S and z;
-    q_map_weight (Hq, d, d) for Hedgehog, None for ELU+1.
+    keys this call attends over, the queries being their last T; states: `key_features_and_states`'
+    S and z; q_map_weight (Hq, d, d) for Hedgehog, None for ELU+1. With `shift` W a query reads only
+    the keys up to W before its own (the hybrid's kernel part); `out` (B, T, Hq, d + 1) float32 then
+    receives the unnormalised numerator and, in the last column, the denominator.
     """
     b, hq, t, d = q.shape
     hkv, tk = phi_k.shape[1], phi_k.shape[2]
@@ -228,7 +235,7 @@ def routed_linear_prefill(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         perm.stride(0), seg_start.stride(0),
-        hq, hq // hkv, states[0].shape[2], tk - t, expert,
+        hq, hq // hkv, states[0].shape[2], tk - t, expert, shift,
         HEDGEHOG=hedgehog, FEAT=phi_k.shape[-1], HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CHUNK_SIZE=CHUNK,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=block_n, RAW=out.shape[-1] == d + 1, num_warps=4, num_stages=2,
     )

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-NO_WINDOW = 1 << 30  # "window" of an expert that sees every earlier key
+from .spec import NO_WINDOW  # noqa: F401  (the window table's "every earlier key")
 
 
 @triton.jit
@@ -66,14 +66,16 @@ def _attend_keys(
 @triton.jit
 def _routed_softmax_prefill(
     q_ptr, k_ptr, v_ptr, out_ptr, perm_ptr, seg_start_ptr, seg_count_ptr, expert_ptr, window_ptr, sinks_ptr,
+    lin_ptr, logw_ptr,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lt, stride_lh,
     stride_pb, stride_sb,
     n_kv_heads, key_offset, sm_scale,
     GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MERGE: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # tokens per block
@@ -133,6 +135,13 @@ def _routed_softmax_prefill(
                                  d_ok, clear_lo, clear_hi, window, sinks, scale, False, EVEN_D, BLOCK_N)
     acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, qpos, k_base, v_base, stride_kn, stride_vn, offs_n, offs_d,
                                  d_ok, tl.maximum(clear_hi, lo), hi_pos + 1, window, sinks, scale, True, EVEN_D, BLOCK_N)
+    if MERGE:  # the hybrid: its kernel part (keys left of the window) joins with weight exp(a_h)
+        lin = lin_ptr + b * stride_lb + token * stride_lt + head * stride_lh
+        lin_num = tl.load(lin[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        lin_den = tl.load(lin + HEAD_DIM, mask=row_ok, other=0.0)
+        far = tl.exp2(tl.load(logw_ptr + head) * 1.4426950408889634 - m_i)  # m_i: finite, the query sees itself
+        acc += far[:, None] * lin_num
+        l_i += far * lin_den
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
         out_ptr + b * stride_ob + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -163,6 +172,8 @@ def routed_softmax_prefill(
     block_n: int = 128,
     num_warps: int = 8,
     num_stages: int = 2,
+    linear: torch.Tensor | None = None,
+    log_weight: torch.Tensor | None = None,
 ) -> None:
     """Write the outputs of the softmax experts' tokens into `out`, in place.
 
@@ -170,7 +181,9 @@ def routed_softmax_prefill(
     last T keys. out (B, T, Hq, d). perm (B, T) int32: token indices sorted by (expert, position);
     seg_start / seg_count (B, E) int32: where each expert's segment of `perm` starts and its size.
     expert_meta (3, S) int32 on the device: the expert index, window (NO_WINDOW: every earlier
-    key) and sink tokens of each softmax expert to run.
+    key) and sink tokens of each softmax expert to run. With `linear` (B, T, Hq, d + 1) float32 and
+    `log_weight` (Hq,), the expert is the hybrid: each query's softmax over its window and sinks
+    merges with its kernel part, numerator and denominator from `linear`, weighted by exp(log_weight).
     """
     b, hq, t, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
@@ -178,15 +191,19 @@ def routed_softmax_prefill(
     pack = _pack(group, block_m)
     block_d = max(16, triton.next_power_of_2(d))
     grid = (triton.cdiv(t, block_m // pack), b * hkv * (group // pack), expert_meta.shape[1])
+    merge = linear is not None
+    lin = linear if merge else out
     _routed_softmax_prefill[grid](
         q, k, v, out, perm, seg_start, seg_count, expert_meta[0], expert_meta[1], expert_meta[2],
+        lin, log_weight if merge else expert_meta,
         q.stride(0), q.stride(2), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
+        lin.stride(0), lin.stride(1), lin.stride(2),
         perm.stride(0), seg_start.stride(0),
         hkv, tk - t, scale,
-        GROUP=group, PACK=pack, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        GROUP=group, PACK=pack, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MERGE=merge,
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -259,7 +276,8 @@ def routed_softmax_decode(
     """One decode step of the softmax experts: q (B, Hq, 1, d), k/v (B, Hkv, L, d) (the cache,
     this token included), routes (B,) int32 expert of each row; window_by_expert / sinks_by_expert
     (E,) int32 give each expert's window (NO_WINDOW: every key, 0: not a softmax expert) and sinks.
-    Returns (B, Hq, 1, d) float32; rows no softmax expert served get zeros."""
+    Returns (B, Hq, 1, d) float32, rows no softmax expert served zeros, and each row and head's
+    log2-sum-exp of its scores (B, Hq, 1), -inf where nothing was read."""
     b, hq, _, d = q.shape
     hkv, n_keys = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -280,7 +298,9 @@ def routed_softmax_decode(
     top = part_lse.amax(-1, keepdim=True)
     served = top > float("-inf")
     w = torch.where(served, torch.exp2(part_lse - torch.where(served, top, 0.0)), 0.0)
-    out = (part_out * w[..., None]).sum(2) / w.sum(-1, keepdim=True).clamp_min(1e-30)
-    return out.unsqueeze(2)
+    total = w.sum(-1, keepdim=True)
+    out = (part_out * w[..., None]).sum(2) / total.clamp_min(1e-30)
+    lse = torch.where(served, top + torch.log2(total.clamp_min(1e-30)), float("-inf"))
+    return out.unsqueeze(2), lse
 
 

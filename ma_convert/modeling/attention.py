@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache
 
 from ..core.masks import BLOCKED_AT
-from ..core.meta_attention import MetaAttention, RecurrentInputs
+from ..core.meta_attention import CacheInputs, MetaAttention
 
 STATE_ATTRIBUTE = "ma_linear_state"
 
@@ -84,71 +84,75 @@ def key_mask_from_hf(attention_mask, n_queries: int, n_keys: int, window: Option
     return result
 
 
-def _cache_layer(cache, layer_idx: int):
-    layers = getattr(cache, "layers", None)
-    if layers is None or layer_idx >= len(layers):
-        raise TypeError(f"ma_convert needs a transformers Cache with per-layer storage, got {type(cache).__name__}")
-    return layers[layer_idx]
+class CacheLayerState:
+    """The kernel expert's state (S, z, keys seen) kept on one cache layer. Beam search reorders it
+    with the cache; cropping the cache below what it has seen drops it (it is rebuilt from the
+    cache's keys when next needed)."""
+
+    def __init__(self, layer) -> None:
+        self.layer = layer
+        if not getattr(layer, "_ma_state_hooks", False):
+            _hook_cache_layer(layer)
+
+    def get(self):
+        return getattr(self.layer, STATE_ATTRIBUTE, None)
+
+    def set(self, s, z, seen: int) -> None:
+        setattr(self.layer, STATE_ATTRIBUTE, (s, z, seen))
 
 
-def _keep_state(layer, state) -> None:
-    """Store the linear state on a cache layer, and make the layer's beam-search reordering
-    reorder it too; cropping (assisted decoding) cannot roll a running sum back, so it refuses."""
-    if not getattr(layer, "_ma_state_hooks", False):
-        reorder, crop = layer.reorder_cache, getattr(layer, "crop", None)
+def _hook_cache_layer(layer) -> None:
+    reorder, crop = layer.reorder_cache, getattr(layer, "crop", None)
 
-        def reorder_with_state(beam_idx):
-            reorder(beam_idx)
-            s, z, seen = getattr(layer, STATE_ATTRIBUTE)
-            idx = beam_idx.to(s.device)
-            setattr(layer, STATE_ATTRIBUTE, (s.index_select(0, idx), z.index_select(0, idx), seen))
+    def reorder_with_state(beam_idx):
+        reorder(beam_idx)
+        held = getattr(layer, STATE_ATTRIBUTE, None)
+        if held is not None:
+            idx = beam_idx.to(held[0].device)
+            setattr(layer, STATE_ATTRIBUTE, (held[0].index_select(0, idx), held[1].index_select(0, idx), held[2]))
 
-        def refuse_crop(*args, **kwargs):
-            raise RuntimeError(
-                "a Meta-Attention cache cannot be cropped: its linear-attention state is a running sum "
-                "(assisted/speculative decoding is not supported)"
-            )
+    def crop_with_state(max_length):
+        crop(max_length)
+        held = getattr(layer, STATE_ATTRIBUTE, None)
+        if held is not None and held[2] > layer.get_seq_length():
+            delattr(layer, STATE_ATTRIBUTE)
 
-        layer.reorder_cache = reorder_with_state
-        if crop is not None:
-            layer.crop = refuse_crop
-        layer._ma_state_hooks = True
-    setattr(layer, STATE_ATTRIBUTE, state)
+    layer.reorder_cache = reorder_with_state
+    if crop is not None:
+        layer.crop = crop_with_state
+    layer._ma_state_hooks = True
+
+
+# Caches with at least this many elements per layer grow in place (below it, torch.cat's copy costs less
+# than the bookkeeping): a batch-8 32k cache of a 1.1B model, not SmolLM2's 8k one.
+GROW_IN_PLACE_FROM = 1 << 22
 
 
 def append_to_cache(cache, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
-    """`cache.update`, but a dynamic layer grows in place: keys and values live in a
-    buffer with spare room, so a decode step writes one token instead of copying the whole cache
+    """`cache.update`, but a large dynamic layer grows in place: keys and values live in a buffer
+    with spare room, so a decode step writes one token instead of copying the whole cache
     (`torch.cat` in `DynamicLayer.update` costs O(cached tokens) per step).
 
     The layer's `keys`/`values` stay views of the tokens seen so far, so everything else that
-    reads them is unchanged; if anything replaced them (beam reordering, offloading), the buffer
-    is rebuilt from them on the next step.
+    reads them is unchanged; if anything replaced them (beam reordering, cropping, offloading), the
+    buffer is rebuilt from them on the next step.
     """
     layer = cache.layers[layer_idx] if layer_idx < len(getattr(cache, "layers", ())) else None
-    if type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys.numel() == 0:
+    if type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys.numel() < GROW_IN_PLACE_FROM:
         return cache.update(key, value, layer_idx)
     old, new = layer.keys.shape[-2], key.shape[-2]
-    buffers = getattr(layer, "_ma_buffers", None)
-    fits = (
-        buffers is not None
-        and buffers[0].data_ptr() == layer.keys.data_ptr()
-        and buffers[1].data_ptr() == layer.values.data_ptr()
-        and buffers[0].shape[:2] == key.shape[:2]
-        and buffers[0].shape[2] >= old + new
-    )
-    if not fits:
+    grow = getattr(layer, "_ma_grow", None)  # (key buffer, value buffer, the views handed out)
+    if grow is None or layer.keys is not grow[2] or layer.values is not grow[3] or old + new > grow[0].shape[2]:
         capacity = old + new + max(256, (old + new) // 4)  # amortised growth, 25% spare
-        buffers = tuple(
-            torch.empty(*x.shape[:2], capacity, x.shape[3], dtype=x.dtype, device=x.device)
-            for x in (layer.keys, layer.values)
-        )
+        buffers = [torch.empty(*x.shape[:2], capacity, x.shape[3], dtype=x.dtype, device=x.device)
+                   for x in (layer.keys, layer.values)]
         buffers[0][:, :, :old].copy_(layer.keys)
         buffers[1][:, :, :old].copy_(layer.values)
-        layer._ma_buffers = buffers
-    buffers[0][:, :, old : old + new].copy_(key)
-    buffers[1][:, :, old : old + new].copy_(value)
-    layer.keys, layer.values = buffers[0][:, :, : old + new], buffers[1][:, :, : old + new]
+        grow = buffers + [None, None]
+    grow[0][:, :, old : old + new].copy_(key)
+    grow[1][:, :, old : old + new].copy_(value)
+    layer.keys, layer.values = grow[0][:, :, : old + new], grow[1][:, :, : old + new]
+    layer._ma_grow = (grow[0], grow[1], layer.keys, layer.values)
     return layer.keys, layer.values
 
 
@@ -171,13 +175,13 @@ class RoutedAttentionMixin:
         attn_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Update the KV cache with this step's key/value (B, Hkv, T, d), route and attend with
-        query (B, Hq, T, d). Returns (B, T, Hq * d), before the output projection.
+        query (B, Hq, T, d) over every key so far. Returns (B, T, Hq * d), before the output projection.
 
         `call_kwargs` are the keyword arguments the decoder layer passed to attention: the cache (under
         any of `CACHE_KEYWORDS`) and `position_ids` are read from them."""
         cache = cache_argument(call_kwargs)
         position_ids = call_kwargs.get("position_ids")
-        new_key, new_value = key, value
+        cache_inputs = None
         if cache is not None:
             layers = getattr(cache, "layers", None) or []
             if self.layer_idx < len(layers) and getattr(layers[self.layer_idx], "is_compileable", False):
@@ -186,15 +190,13 @@ class RoutedAttentionMixin:
                     "Meta-Attention does not support static KV caches yet; use the default dynamic cache"
                 )
             key, value = append_to_cache(cache, self.layer_idx, key, value)
+            if self.meta.kernel_index is not None:
+                layer = cache.layers[self.layer_idx]
+                # A sliding-window cache drops old keys: the state must take in every key as it comes.
+                cache_inputs = CacheInputs(CacheLayerState(layer), offset=layer.get_seq_length() - key.shape[2],
+                                           eager=self.meta.cfg.full_window is not None)
         b, _, t, _ = query.shape
         key_mask = key_mask_from_hf(attention_mask, t, key.shape[2], self.meta.cfg.full_window)
-        new_key_mask = None if key_mask is None else key_mask[:, -t:]
-        linear = next((e for e in self.meta.experts if getattr(e, "recurrent", False)), None)
-        recurrent, layer = None, None
-        if cache is not None and linear is not None:
-            layer = _cache_layer(cache, self.layer_idx)
-            state = self._read_state(layer, cache, b, t)
-            recurrent = RecurrentInputs(new_key, new_value, new_key_mask, None if state is None else state[:2])
         if position_ids is None:
             position_ids = torch.arange(key.shape[2] - t, key.shape[2], device=query.device)
         heads, _ = self.meta(
@@ -207,26 +209,7 @@ class RoutedAttentionMixin:
             causal=True,
             key_mask=key_mask,
             attn_bias=attn_bias,
-            query_valid=new_key_mask,
-            recurrent=recurrent,
+            query_valid=None if key_mask is None else key_mask[:, -t:],
+            cache=cache_inputs,
         )
-        if layer is not None:
-            if recurrent.next_state is not None:  # the fast path computed it on the way
-                s, z = recurrent.next_state
-            else:
-                s, z = linear.advance_state(new_key, new_value, new_key_mask, recurrent.state)
-            seen = getattr(layer, STATE_ATTRIBUTE, (None, None, 0))[2]
-            _keep_state(layer, (s, z, seen + t))
         return heads.transpose(1, 2).reshape(b, t, -1)
-
-    def _read_state(self, layer, cache, batch: int, new_tokens: int):
-        state = getattr(layer, STATE_ATTRIBUTE, None)
-        seen_by_cache = cache.get_seq_length(self.layer_idx) - new_tokens
-        seen_by_state = 0 if state is None else state[2]
-        if seen_by_state != seen_by_cache or (state is not None and state[0].shape[0] != batch):
-            raise RuntimeError(
-                f"layer {self.layer_idx}: the linear-attention state covers {seen_by_state} tokens but the KV cache "
-                f"{seen_by_cache}; a cache reused across inputs, or edited outside generate, is not supported by "
-                f"Meta-Attention: start a fresh cache"
-            )
-        return state

@@ -24,7 +24,8 @@ import torch.nn as nn
 
 from ..core.config import FORMAT_VERSION, MetaAttnConfig
 from ..core.controller import DirichletRouter, SoftmaxRouter
-from ..core.experts.linear import HedgehogFeatureMap, LinearAttention
+from ..core.experts.hybrid import HybridAttention
+from ..core.experts.linear import HedgehogFeatureMap
 from ..core.meta_attention import MetaAttention
 from ..core.objective import prior_concentration
 from .attention import cache_argument
@@ -84,9 +85,8 @@ def init_meta_weights(module: nn.Module) -> bool:
         _fill(module.fc2.weight, torch.randn_like(module.fc2.weight) * 0.02)
         _fill(module.fc2.bias, torch.zeros_like(module.fc2.bias))
         return True
-    if isinstance(module, LinearAttention):
-        if module.log_weight is not None:
-            _fill(module.log_weight, torch.zeros_like(module.log_weight))
+    if isinstance(module, HybridAttention):
+        _fill(module.log_weight, torch.zeros_like(module.log_weight))
         return True
     if isinstance(module, HedgehogFeatureMap):
         _fill(module.weight, torch.eye(module.weight.shape[-1]).expand_as(module.weight))

@@ -2,20 +2,18 @@
 
 out_i = phi(q_i) . S_i / phi(q_i) . z_i, with S_i = sum_{j<=i} phi(k_j) v_j^T and z_i = sum_{j<=i} phi(k_j).
 The state is accumulated per kv head (no GQA repeats) in float32, chunk by chunk: within a chunk
-the quadratic form, across chunks the running state.
-
-With `linear_window` W > 0 the expert is a hybrid: query i weighs the last W keys and the sink
-tokens by exp(q_i . k_j * scale) and the older keys by exp(a_h) phi(q_i) . phi(k_j), normalised
-together (a_h a learnable per-head log-weight).
+the quadratic form, across chunks the running state. Its hybrid with an exact window is `hybrid.py`.
 """
 
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...kernels.features import elu_features, hedgehog_features
 from ..config import MetaAttnConfig
 from .base import HeadAttentionExpert
 from .registry import register_expert
@@ -56,7 +54,7 @@ class ELUFeatureMap(nn.Module):
     """phi(x) = elu(x) + 1 (Katharopoulos et al., 2020): positive, parameter-free."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.elu(x) + 1.0
+        return elu_features(x)
 
 
 class HedgehogFeatureMap(nn.Module):
@@ -75,8 +73,12 @@ class HedgehogFeatureMap(nn.Module):
             self.weight.copy_(torch.eye(self.weight.shape[-1]).expand_as(self.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, d)
-        proj = torch.einsum("bhtd,hde->bhte", x, self.weight.to(x.dtype))
-        return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1)
+        return hedgehog_features(x, self.weight)
+
+
+def feature_weight(feature_map: nn.Module) -> Optional[torch.Tensor]:
+    """The learnable weight of a Hedgehog map, None for ELU+1 (what the kernels take)."""
+    return feature_map.weight if isinstance(feature_map, HedgehogFeatureMap) else None
 
 
 @register_expert("linear")
@@ -86,6 +88,8 @@ class LinearAttention(HeadAttentionExpert):
     _cost = 0.15
     chunk = 64
 
+    recurrent = True  # summarises the keys before a call in a state (S, z) instead of reading them
+
     def __init__(self, cfg: MetaAttnConfig) -> None:
         super().__init__()
         if cfg.feature_map == "hedgehog":
@@ -93,12 +97,6 @@ class LinearAttention(HeadAttentionExpert):
             self.k_map: nn.Module = HedgehogFeatureMap(cfg.kv_heads, cfg.d_head)
         else:
             self.q_map = self.k_map = ELUFeatureMap()
-        self.window = cfg.linear_window
-        self.sinks = cfg.sink_tokens if self.window else 0
-        # A hybrid's kernel part covers keys that left the window, so it reads the KV cache when
-        # decoding (as the softmax experts do) instead of keeping a state.
-        self.recurrent = not self.window
-        self.log_weight = nn.Parameter(torch.zeros(cfg.n_heads)) if self.window else None
 
     def features(self, q, k, key_mask):
         """float32 features: phi(q) as (B, Hkv, G, N, F) and masked phi(k) as (B, Hkv, Tk, F)."""
@@ -114,12 +112,6 @@ class LinearAttention(HeadAttentionExpert):
         """As `HeadAttentionExpert.attend`; `state` = (S, z) summarises the keys before `k` (a cache)."""
         b, hq, n, d = q.shape
         tk = k.shape[2]
-        if self.window:
-            if not causal or state is not None:
-                raise ValueError("the hybrid linear expert (linear_window > 0) attends causally over all keys, without a state")
-            if q_pos is None:
-                q_pos = torch.arange(tk - n, tk, device=q.device).expand(b, n)
-            return self._hybrid(q, k, v, q_pos, d**-0.5 if scale is None else scale, key_mask).to(q.dtype)
         phi_q, phi_k = self.features(q, k, key_mask)
         vf = v.float()
         if state is not None and not causal:
@@ -134,52 +126,6 @@ class LinearAttention(HeadAttentionExpert):
                 q_pos = torch.arange(tk - n, tk, device=q.device).expand(b, n)
             out = self._causal(phi_q, phi_k, vf, q_pos, state)
         return out.reshape(b, hq, n, d).to(q.dtype)
-
-    query_chunk = 2048  # hybrid: queries per pass of the exact part, bounding its gathered keys' memory
-
-    def _hybrid(self, q, k, v, q_pos, scale, key_mask):
-        """The hybrid's output for queries at key indices q_pos (B, N; -1: padding): kernel attention
-        over the keys before the window, once; the exact part over the sinks and the window, gathered
-        per query, a chunk of queries at a time."""
-        b, hq, n, d = q.shape
-        hkv, tk = k.shape[1], k.shape[2]
-        phi_q, phi_k = self.features(q, k, key_mask)
-        phi_k = phi_k * (torch.arange(tk, device=k.device) >= self.sinks)[:, None].to(phi_k.dtype)  # sinks are exact
-        # Keys sinks .. p-W: causal kernel attention for a query sitting W keys earlier.
-        lin = self._causal(phi_q, phi_k, v.float(), torch.where(q_pos >= 0, q_pos - self.window, -1), normalise=False)
-        qf = q.float().view(b, hkv, hq // hkv, n, d)
-        log_weight = self.log_weight.float().view(1, hkv, hq // hkv, 1)
-        out = []
-        for i in range(0, n, self.query_chunk):
-            rows = slice(i, i + self.query_chunk)
-            num, den, top = self._window_part(qf[:, :, :, rows], k, v, q_pos[:, rows], scale, key_mask)
-            far = torch.exp(log_weight - top)  # exp(a_h), on the exact part's scale
-            num = num + far[..., None] * lin[:, :, :, rows, :-1]
-            den = den + far * lin[:, :, :, rows, -1]
-            out.append(num / den.clamp_min(_DEN_EPS).unsqueeze(-1))
-        return torch.cat(out, dim=3).reshape(b, hq, n, d)
-
-    def _window_part(self, q, k, v, q_pos, scale, key_mask):
-        """Unnormalised exact attention of queries (B, Hkv, G, N, d) at q_pos over the sinks and their
-        last `window` keys: numerator, denominator and the score maximum they are scaled by."""
-        b, hkv, _, n, d = q.shape
-        tk, w, s = k.shape[2], self.window, self.sinks
-        pos = q_pos[..., None]
-        idx = torch.cat([torch.arange(s, device=q.device).expand(b, n, s), pos - w + 1 + torch.arange(w, device=q.device)], -1)
-        valid = (idx >= 0) & (idx <= pos) & (pos >= 0)
-        valid[..., :s] &= idx[..., :s] <= pos - w  # a sink inside the window counts once
-        idx = idx.clamp(0, tk - 1)
-        if key_mask is not None:
-            valid &= key_mask.gather(1, idx.flatten(1)).view_as(idx).bool()
-        flat = idx.flatten(1)[:, None, :, None].expand(b, hkv, n * (s + w), d)
-        keys = k.float().gather(2, flat).view(b, hkv, n, s + w, d)
-        values = v.float().gather(2, flat).view(b, hkv, n, s + w, d)
-        scores = torch.einsum("bhgnd,bhnkd->bhgnk", q, keys) * scale
-        scores = scores.masked_fill(~valid[:, None, None], float("-inf"))
-        top = scores.amax(-1)
-        top = torch.where(torch.isfinite(top), top, 0.0)  # a query with no exact key (padding)
-        weights = torch.exp(scores - top[..., None])
-        return torch.einsum("bhgnk,bhnkd->bhgnd", weights, values), weights.sum(-1), top
 
     def advance_state(self, k, v, key_mask=None, state=None):
         """The state after keys k, v (B, Hkv, T, d): S = S0 + sum phi(k) v^T, z = z0 + sum phi(k)."""

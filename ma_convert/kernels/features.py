@@ -1,0 +1,28 @@
+"""Feature maps of kernel (linear) attention, as plain tensor functions.
+
+The core's feature-map modules call these, and the kernels' torch paths use them too, so there is
+one definition of phi.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def elu_features(x: torch.Tensor) -> torch.Tensor:
+    """phi(x) = elu(x) + 1 (Katharopoulos et al., 2020): positive, parameter-free."""
+    return F.elu(x) + 1.0
+
+
+def hedgehog_features(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """phi(x) = [softmax(x W_h), softmax(-x W_h)] for x (B, H, T, d) and W (H, d, d) (Zhang et al., 2024)."""
+    proj = torch.einsum("bhtd,hde->bhte", x, weight.to(x.dtype))
+    return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1)
+
+
+def features(x: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """Hedgehog features with `weight`, ELU+1 features without."""
+    return elu_features(x) if weight is None else hedgehog_features(x, weight)

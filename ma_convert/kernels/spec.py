@@ -1,0 +1,81 @@
+"""What the routed kernels need to know about a layer's experts, as plain values and tensors.
+
+The core builds a `RoutedSpec` from its experts (`MetaAttention.routed_spec`); the kernels read
+nothing else of it, and import nothing from the core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+NO_WINDOW = 1 << 30  # the "window" of an expert that sees every earlier key
+# Contexts shorter than this run all-full on the fast path (MetaAttnConfig.dense_below overrides): on
+# an H100 gathering loses below ~8k tokens (benchmarks/results/attention_*.md).
+DENSE_BELOW = 8192
+
+
+@dataclass
+class RoutedSpec:
+    """The three built-in experts of one layer: where each sits among the layer's experts, and its settings.
+
+    `kernel` is the kernel-attention expert: pure linear (`kernel_window` 0) or the hybrid
+    (exact softmax over its last `kernel_window` keys and its `kernel_sinks` first keys, kernel
+    attention over the keys in between, one normalisation, the kernel part weighted by
+    exp(`log_weight[h]`)). `reason` says why the kernels cannot serve the layer (None: they can).
+    """
+
+    n_experts: int
+    full: Optional[int] = None
+    kernel: Optional[int] = None
+    local: Optional[int] = None
+    full_window: Optional[int] = None  # the base model's own window, kept by the full expert
+    local_window: int = 0
+    local_sinks: int = 0
+    kernel_window: int = 0
+    kernel_sinks: int = 0
+    q_map_weight: Optional[torch.Tensor] = None  # Hedgehog (Hq, d, d); None: ELU+1
+    k_map_weight: Optional[torch.Tensor] = None  # Hedgehog (Hkv, d, d); None: ELU+1
+    log_weight: Optional[torch.Tensor] = None  # hybrid only, (Hq,)
+    reason: Optional[str] = None
+    _tables: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def hybrid(self) -> bool:
+        return self.kernel_window > 0
+
+    def windows(self) -> list[int]:
+        """Per expert, the keys a softmax read covers (NO_WINDOW: all earlier ones; 0: none)."""
+        windows = [0] * self.n_experts
+        if self.full is not None:
+            windows[self.full] = self.full_window or NO_WINDOW
+        if self.local is not None:
+            windows[self.local] = self.local_window
+        if self.kernel is not None and self.hybrid:
+            windows[self.kernel] = self.kernel_window
+        return windows
+
+    def sinks(self) -> list[int]:
+        sinks = [0] * self.n_experts
+        if self.local is not None:
+            sinks[self.local] = self.local_sinks
+        if self.kernel is not None and self.hybrid:
+            sinks[self.kernel] = self.kernel_sinks
+        return sinks
+
+    def table(self, name: str, device: torch.device) -> torch.Tensor:
+        """Device copies of the small per-expert tables, made once per device:
+        "window" and "sinks" (E,) int32, and "full" / "local" / "kernel": that expert's
+        (index, window, sinks) column for one prefill launch."""
+        key = (name, device)
+        if key not in self._tables:
+            if name in ("window", "sinks"):
+                values = self.windows() if name == "window" else self.sinks()
+                self._tables[key] = torch.tensor(values, dtype=torch.int32, device=device)
+            else:
+                index = getattr(self, name)
+                column = [[index], [self.windows()[index]], [self.sinks()[index]]]
+                self._tables[key] = torch.tensor(column, dtype=torch.int32, device=device)
+        return self._tables[key]
