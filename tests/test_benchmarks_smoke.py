@@ -70,3 +70,25 @@ def test_bench_e2e_cpu(tmp_path):
 def test_bench_train_step_cpu():
     result = load("bench_train_step").main(["--device", "cpu", "--layers", "1", "--seq-len", "64", "--steps", "1"])
     assert positive_finite(result["median_s"]) and positive_finite(result["tokens_per_s"])
+
+
+def test_bench_real_cpu(tmp_path):
+    """The real-model benchmark at its smallest: the 1.1B stand-in always; SmolLM2 where its GGUF is installed."""
+    from ma_convert.sources import ModelSourceError, embedded_smollm2
+
+    try:
+        embedded_smollm2()
+        skip = ["compiled", "profile"]
+        extra = ["--lengths", "64", "--new-tokens", "2"]
+    except ModelSourceError:
+        skip, extra = ["eager", "compiled", "profile"], []
+    assert load("bench_real").main(["--device", "cpu", "--small", "--repeats", "1", "--skip", *skip,
+                                    "--out-dir", str(tmp_path), *extra]) == 0
+    saved = json.loads((tmp_path / "real_cpu-small.json").read_text())
+    for row in saved["1b"]:
+        assert row["error"] is None and positive_finite(row["timing"]["converted"]), row
+    for row in saved.get("eager", []):
+        assert row["error"] is None and positive_finite(row["prefill"]["original"]), row
+    if "eager" not in skip:
+        fractions = next(r for r in saved["eager"] if r["config"] == "learned hybrid mix")["expert_fractions"]
+        assert abs(fractions[1] - 0.76) < 0.1  # the routers were set to the learned mix

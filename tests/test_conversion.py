@@ -240,11 +240,11 @@ def test_a_cropped_cache_rebuilds_the_kernel_state():
 def test_unsupported_caches_and_masks_are_refused():
     from transformers import StaticCache
 
-    case = next(c for c in CASES if c.name == "llama-gqa")
+    case = next(c for c in CASES if c.name == "mistral-sliding-window")
     model = converted(case.make("sdpa"))
     ids, _ = batch(case, "none")
     with torch.no_grad():
-        with pytest.raises(NotImplementedError, match="static KV caches"):
+        with pytest.raises(NotImplementedError, match="static caches for models without ALiBi or a sliding window"):
             model(input_ids=ids, past_key_values=StaticCache(config=model.config, max_cache_len=20))
         packed = torch.cat([torch.arange(6), torch.arange(6)]).unsqueeze(0)  # two sequences in one row
         with pytest.raises(NotImplementedError, match="packed sequences"):
@@ -310,3 +310,48 @@ def test_converting_an_eval_model_leaves_it_in_eval_mode():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
     assert all(m.training for m in convert(case.make("sdpa").train()).modules() if isinstance(m, MetaAttention))
+
+
+STATIC_CASES = [c for c in CASES if c.name in ("llama-gqa", "gpt2", "phi-partial-rotary", "phi3-gqa-partial-rotary")]
+
+
+@pytest.mark.parametrize("case", STATIC_CASES, ids=str)
+@pytest.mark.parametrize("routing", ["full", "mixed", "hybrid"])
+def test_static_cache_generation_equals_the_dynamic_cache(case, routing):
+    """generate(cache_implementation="static") gives the tokens of the default cache: forced full
+    (and then the original model's, also with a static cache), and under mixed routing (pure linear
+    and hybrid kernel expert)."""
+    original = case.make("sdpa")
+    model = converted(original, **({"linear_window": 3} if routing == "hybrid" else {}))
+    spread_routing(model, seed=11)
+    set_routing_mode(model, "hard")
+    ids, mask = batch(case, "left")
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), force_expert(model, "full") if routing == "full" else contextlib.nullcontext():
+        dynamic = model.generate(**kwargs)
+        static = model.generate(**kwargs, cache_implementation="static")
+        if routing == "full":
+            assert torch.equal(static, original.generate(**kwargs, cache_implementation="static"))
+    assert torch.equal(static, dynamic)
+
+
+@pytest.mark.parametrize("routing", ["full", "mixed"])
+def test_compiled_model_generates_as_eager(routing):
+    """torch.compile(model) traces the converted model (prefill and static-cache decode steps, with
+    and without routing) and generates the eager tokens. The test compiles with the aot_eager backend,
+    which checks tracing without a C++ toolchain; inductor is measured in benchmarks/bench_real.py."""
+    case = next(c for c in CASES if c.name == "llama-gqa")
+    model = converted(case.make("sdpa"))
+    spread_routing(model, seed=12)
+    set_routing_mode(model, "hard")
+    ids, _ = batch(case, "none")
+    kwargs = dict(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
+    torch._dynamo.reset()
+    with torch.no_grad(), force_expert(model, "full") if routing == "full" else contextlib.nullcontext():
+        eager = model.generate(**kwargs)
+        model.forward = torch.compile(model.forward, backend="aot_eager")
+        try:
+            compiled = model.generate(**kwargs)
+        finally:
+            del model.forward
+    assert torch.equal(compiled, eager)

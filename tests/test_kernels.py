@@ -150,18 +150,16 @@ def test_library_backends_match_reference(backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mostly_full_rows_and_rows_without_softmax_tokens(dtype, monkeypatch):
-    """The mostly-full mode (full expert dense on all tokens, cheap experts overwrite their rows)
-    gives the routed outputs too; a row with no full or local token at all is fine."""
+def test_rows_mostly_full_and_rows_without_softmax_tokens(dtype):
+    """A row routed almost all to full and a row with no full or local token at all."""
     hq, hkv, d, t = 4, 2, 32, 260
     meta = make_layer(hq, hkv, d)
     q, k, v = inputs(2, hq, hkv, d, t)
     routes = torch.randint(0, 3, (2, t))
     routes[0] = 1
-    for mostly_full in (0.0, 1.0):
-        monkeypatch.setattr(routed(), "MOSTLY_FULL", mostly_full)
-        got, _ = fast(meta, q, k, v, routes, dtype)
-        assert rel_err(got, reference(meta, q, k, v, routes)) <= TOL
+    routes[1, 10:] = 0
+    got, _ = fast(meta, q, k, v, routes, dtype)
+    assert rel_err(got, reference(meta, q, k, v, routes)) <= TOL
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -211,16 +209,17 @@ def test_meta_attention_takes_the_fast_path_on_cuda(monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_converted_model_generates_the_same_with_kernels():
+@pytest.mark.parametrize("hybrid", [0, 5])
+def test_converted_model_generates_the_same_with_kernels(hybrid):
     """Mixed hard routing in a converted model: the fast path's cached generation equals the
-    torch path's, token for token (bf16)."""
+    torch path's, token for token (bf16), with the pure linear or the hybrid kernel expert."""
     from arch_cases import all_cases
     from test_conversion import spread_routing
 
     from ma_convert import convert, set_routing_mode
 
     case = next(c for c in all_cases() if c.name == "llama-gqa")
-    model = convert(case.make("sdpa")).cuda().to(torch.bfloat16).eval()
+    model = convert(case.make("sdpa"), linear_window=hybrid).cuda().to(torch.bfloat16).eval()
     spread_routing(model)
     set_routing_mode(model, "hard")
     ids = torch.randint(0, model.config.vocab_size, (2, 40), device="cuda")
@@ -291,3 +290,28 @@ def test_fast_path_serves_the_hybrid_and_refuses_custom_experts():
     two = MetaAttention(cfg, [build_expert("full", cfg), build_expert("local", cfg)]).eval()
     reason = routed().unsupported_reason(two.to(DEVICE).routed_spec(), q, causal=True, key_mask=None, attn_bias=None)
     assert reason is not None and "three built-in experts" in reason
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_short_contexts_run_the_original_attention_without_a_router(monkeypatch):
+    """Below dense_below (prompt and cache) a hard-routed model on the fast path runs every token on
+    the full expert and never calls its router: the original's logits and tokens, at its cost."""
+    from arch_cases import all_cases
+    from test_conversion import spread_routing
+
+    from ma_convert import convert, force_expert, set_routing_mode
+    from ma_convert.core.controller import DirichletRouter
+
+    case = next(c for c in all_cases() if c.name == "llama-gqa")
+    model = convert(case.make("sdpa"), dense_below=64).cuda().to(torch.bfloat16).eval()
+    spread_routing(model)
+    set_routing_mode(model, "hard")
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), device="cuda")
+    with torch.no_grad(), force_expert(model, "full"):
+        expected = model(ids).logits
+        expected_tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
+    monkeypatch.setattr(DirichletRouter, "forward", lambda *a, **k: pytest.fail("the router ran"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected_tokens)
+    assert all(m.last_stats.expert_fractions[0] == 1.0 for m in model.modules() if isinstance(m, MetaAttention))

@@ -50,11 +50,11 @@ class MetaAttnConfig:
     # local (W=256, T=2048) has perplexity 45.8 with 0 sinks and 24.9 with 4 (original 20.6).
     sink_tokens: int = 4
     feature_map: str = "hedgehog"  # linear expert: learnable "hedgehog" or fixed "elu" (ELU+1)
-    # linear expert: 0 is pure kernel attention. W > 0 makes it a hybrid (LoLCATs' sliding window + linear
-    # form): exact softmax over the last W keys and the sink tokens, kernel attention over the older keys,
-    # one shared normalisation. Measured on SmolLM2-135M (benchmarks/results/expert_fidelity_*.md): relative
-    # MSE to full attention 0.395 pure, 0.108 with W=64 (the local expert at W=256: 0.106). It then reads
-    # the KV cache when decoding instead of keeping an O(1) state, and the GPU fast path does not serve it.
+    # The kernel expert: 0 builds the pure linear expert; W > 0 the hybrid expert ("hybrid", its own class):
+    # exact softmax over the last W keys and the sink tokens, kernel attention over the older keys, one
+    # shared normalisation (LoLCATs). Measured on SmolLM2-135M (benchmarks/results/expert_fidelity_*.md):
+    # relative MSE to full attention 0.395 pure, 0.108 with W=64 (the local expert at W=256: 0.106). Its
+    # decoding reads the window from the KV cache and the older keys through a state lagging W keys.
     linear_window: int = 0
     dropout: float = 0.0  # attention-probability dropout of the softmax experts, training only
     backend: str = "auto"

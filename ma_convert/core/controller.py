@@ -92,7 +92,12 @@ class DirichletRouter(_RouterMLP):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, sample: bool = False) -> RouterOutput:
         """`sample`: draw the training weights from the posterior (if `sample_posterior`)."""
-        gamma = F.softplus(self.raw(x, positions)) + self.eps
+        return self.from_raw(self.raw(x, positions), sample)
+
+    def from_raw(self, raw: torch.Tensor, sample: bool = False) -> RouterOutput:
+        """The posterior from the MLP's output. Its mean ranks the experts as `raw` does (softplus is
+        increasing), so hard routing can take `raw.argmax` without it."""
+        gamma = F.softplus(raw) + self.eps
         total = gamma.sum(-1, keepdim=True)
         mean = gamma / total
         if sample and self.sample_posterior:
@@ -119,7 +124,9 @@ class SoftmaxRouter(_RouterMLP):
         self.reset_output(torch.zeros(n_experts))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, sample: bool = False) -> RouterOutput:
-        logits = self.raw(x, positions)
+        return self.from_raw(self.raw(x, positions), sample)
+
+    def from_raw(self, logits: torch.Tensor, sample: bool = False) -> RouterOutput:
         probs = logits.softmax(-1)
         return RouterOutput(
             mean=probs, sample=probs, logits=logits, uncertainty=routing_entropy(probs), concentration=None

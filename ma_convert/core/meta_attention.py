@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.backends import check_backend, resolve_backend
+from ..kernels.dense import dense_causal_attention
 from ..kernels.spec import DENSE_BELOW, RoutedSpec
 from .config import ROUTING_MODES, UNCERTAIN_ROUTES, MetaAttnConfig
 from .controller import RouterOutput, build_router
@@ -92,10 +93,19 @@ class _Decision:
     """What the last forward decided, kept as the tensors that produced it: statistics, the auxiliary
     loss and the per-token routes are computed only when read."""
 
-    def __init__(self, module, shape, query_valid, weights=None, chosen=None, r=None, only=None):
+    def __init__(self, module, shape, query_valid, weights=None, chosen=None, r=None, only=None, raw=None, routes=None):
         self.module, self.shape, self.query_valid = module, shape, query_valid
         self.weights, self.chosen, self.r, self.only = weights, chosen, r, only
+        self.raw, self._routes = raw, routes  # the lean hard path: the router's output and the routes it took
         self._stats = None
+
+    def _expand_hard(self) -> None:
+        """The lean hard path keeps only the router's raw output and the routes: the posterior and the
+        chosen experts, when asked for."""
+        if self.raw is not None and self.r is None:
+            self.r = self.module.router.from_raw(self.raw)
+            self.chosen = F.one_hot(self._routes, len(self.module.experts)).bool()
+            self.weights = self.chosen.float()
 
     def _one_hot(self):
         k = len(self.module.experts)
@@ -105,6 +115,7 @@ class _Decision:
 
     def stats(self) -> RoutingStats:
         if self._stats is None:
+            self._expand_hard()
             if self.only is not None:
                 chosen = self._one_hot()
                 mean, uncertainty = chosen.float(), torch.zeros(self.shape, device=chosen.device)
@@ -118,10 +129,13 @@ class _Decision:
     def routes(self) -> torch.Tensor:
         if self.only is not None:
             return torch.full(self.shape, self.only, dtype=torch.long, device=self.module.costs.device)
+        if self._routes is not None:
+            return self._routes
         # The highest-weight expert each token runs on (soft: the argmax of the mean).
         return torch.where(self.chosen, self.weights.detach(), -1.0).argmax(-1)
 
     def aux_loss(self) -> torch.Tensor:
+        self._expand_hard()
         return self.module.aux_loss(self.r, self.query_valid)
 
 
@@ -304,6 +318,23 @@ class MetaAttention(nn.Module):
             chosen = torch.where(tail, full, chosen)
         return weights, chosen, r
 
+    def _lean_hard_routing(self) -> bool:
+        """Inference with one expert per token decided by the router alone: routes come from the
+        router's raw output (argmax), with nothing else computed until it is read."""
+        return (not self.training and self.forced_expert is None and self.hard_top_k == 1 and self._head_experts_only
+                and (self.routing_mode == "hard" or (self.routing_mode == "auto" and self.uncertain_route == "full")))
+
+    def route_hard(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) the expert of each token, and the router's raw output it came from (see `_lean_hard_routing`)."""
+        raw = self.router.raw(x, positions)
+        routes = raw.argmax(-1)
+        if self.routing_mode == "auto":
+            uncertain = self.router.from_raw(raw).uncertainty > self.uncertainty_threshold
+            routes = torch.where(uncertain, self.full_index, routes)
+        if self.full_tail:
+            routes[:, max(0, routes.shape[1] - self.full_tail):] = self.full_index
+        return routes, raw
+
     def aux_loss(self, r: Optional[RouterOutput], valid: Optional[torch.Tensor]) -> torch.Tensor:
         """Per-token ELBO terms averaged over valid tokens: KL to the prior (Bayesian router),
         plus ``cost_lambda`` x expected cost, minus ``entropy_coeff`` x entropy."""
@@ -356,6 +387,8 @@ class MetaAttention(nn.Module):
         fast = self._fast_path(q, k, v, weights, scale, causal, key_mask, attn_bias, cache)
         if fast is not None:
             return fast
+        if not weights.is_floating_point():  # per-token routes: one expert each
+            weights = F.one_hot(weights, len(self.experts)).float()
         out = None
         # Dense runs are for gradients through soft or straight-through weights; forced routes
         # have none, so they skip the experts no token goes to (the teacher pass of distillation).
@@ -474,6 +507,10 @@ class MetaAttention(nn.Module):
         return self.kernel_state(cache, k, v, key_mask, k.shape[2] - t)
 
     # ------------------------------------------------------------------ forward
+    def note_all_full(self, shape) -> None:
+        """Record a call that ran every token on the full expert outside `forward` (a static cache)."""
+        self._last.decision = _Decision(self, shape, None, only=self.full_index)
+
     def runs_all_full(self, q: torch.Tensor, n_keys: int, causal: bool = True, key_mask=None, attn_bias=None) -> bool:
         """Whether this call is the original attention on every token: forced to the full expert, all
         of it inside `full_tail`, or hard routing on the fast path with fewer than `dense_below` keys
@@ -509,17 +546,16 @@ class MetaAttention(nn.Module):
         indices, which is right without padding; pass position ids otherwise).
         `query_valid` (B, T) marks real tokens, for the loss and the statistics. With `cache`, k/v
         start with the cached keys (see `run_experts`).
-        Returns the mixed head outputs (B, Hq, T, d) and the routing weights (B, T, K) (None when
-        every token ran on the full expert without routing).
+        Returns the mixed head outputs (B, Hq, T, d) and the routing weights: (B, T, K), or (B, T)
+        routes under hard inference routing, None when every token ran on the full expert unrouted.
         """
         last = self._last
         last.heads = dict(q=q.detach(), k=k.detach(), v=v.detach(), scale=scale, causal=causal,
                           key_mask=key_mask, attn_bias=attn_bias) if self.capture_heads else None
         if self._head_experts_only and self.runs_all_full(q, k.shape[2], causal, key_mask, attn_bias):
             # No router, no statistics until they are read: the original attention at its own cost.
-            full = self._expert_list[self.full_index]
             last.decision = _Decision(self, x.shape[:2], query_valid, only=self.full_index)
-            heads = full.attend(q, k, v, None, scale=scale, causal=causal, key_mask=key_mask, attn_bias=attn_bias)
+            heads = self._all_full(q, k, v, scale, causal, key_mask, attn_bias)
             if self.capture_expert_outputs:
                 self.last_expert_outputs[self.full_index] = heads
             if cache is not None and cache.eager:
@@ -527,14 +563,27 @@ class MetaAttention(nn.Module):
             return heads, None
         if positions is None:  # the queries are the last T keys
             positions = torch.arange(k.shape[2] - x.shape[1], k.shape[2], device=x.device)
-        weights, chosen, r = self.route(x, positions)
-        last.decision = _Decision(self, x.shape[:2], query_valid, weights=weights, chosen=chosen, r=r)
+        if self._lean_hard_routing():
+            routes, raw = self.route_hard(x, positions)
+            last.decision = _Decision(self, x.shape[:2], query_valid, raw=raw, routes=routes)
+            weights = routes  # run_experts takes per-token routes as well as weights
+        else:
+            weights, chosen, r = self.route(x, positions)
+            last.decision = _Decision(self, x.shape[:2], query_valid, weights=weights, chosen=chosen, r=r)
         heads = self.run_experts(
             q, k, v, weights, scale=scale, causal=causal, key_mask=key_mask, attn_bias=attn_bias, cache=cache
         )
         if cache is not None and cache.eager:
             self._advance_eagerly(cache, k, v, key_mask, q.shape[2])
         return heads, weights
+
+    def _all_full(self, q, k, v, scale, causal, key_mask, attn_bias) -> torch.Tensor:
+        """The full expert on every token: SDPA, or the dense kernel of a flash_attn / xformers backend."""
+        full = self._expert_list[self.full_index]
+        plain = q.is_cuda and causal and key_mask is None and attn_bias is None and q.shape[2] == k.shape[2] > 1
+        if plain and self.cfg.backend in ("flash_attn", "xformers") and not self.training:
+            return dense_causal_attention(q, k, v, scale=scale, backend=self.cfg.backend, window=full.window)
+        return full.attend(q, k, v, None, scale=scale, causal=causal, key_mask=key_mask, attn_bias=attn_bias)
 
     def _advance_eagerly(self, cache: CacheInputs, k, v, key_mask, t: int) -> None:
         """Where the cache drops old keys, the state takes in this call's keys now, whatever ran."""

@@ -9,9 +9,8 @@ additive bias, the three built-in experts). It takes tensors and a `RoutedSpec`,
   outputs in place. The kernel expert computes phi(k) and chunk states once per kv head; pure
   linear, it serves its tokens in one more launch; the hybrid serves the kernel part of its tokens
   (keys before the window) that way, into a float32 buffer the exact part's launch (window and
-  sinks) merges with one normaliser. No host sync, except to decide the mostly-full mode.
-- mostly-full routing: the full expert runs as one dense call on all tokens and the cheap experts
-  overwrite their own rows; outputs stay exactly the routed ones.
+  sinks) merges with one normaliser. No host sync (the launches size their grids for every token
+  and the programs past their expert's share exit at once), so a prefill can be captured too.
 - decode (one new token per row): each row reads only what its expert needs: the whole cache
   (full), its window (local, hybrid) or the float32 state (linear, and the hybrid's part beyond its
   window). No host sync, so the step can be captured in a CUDA graph.
@@ -25,13 +24,9 @@ from typing import Optional
 import torch
 
 from . import triton_linear, triton_softmax
-from .dense import dense_causal_attention
 from .features import features
 from .spec import RoutedSpec
 
-# Above this share of full tokens in any row, the full expert runs as one dense call on all tokens
-# and the cheap experts overwrite their own rows (outputs unchanged, fewer wasted launches).
-MOSTLY_FULL = 0.6
 # Triton launch settings per softmax expert (best of a sweep on an H100, d=128, bf16): the full
 # expert's blocks walk long key ranges, the windowed experts' a window.
 PREFILL_CONFIGS = {
@@ -81,15 +76,11 @@ def _prefill(spec, q, k, v, routes, scale, backend, state):
     b, hq, t, d = q.shape
     perm, counts, seg_start = sort_by_expert(routes, spec.n_experts)
     out = torch.empty(b, t, hq, d, device=q.device, dtype=q.dtype)
-    dense_full = k.shape[2] == t and int(counts[:, spec.full].max()) > MOSTLY_FULL * t  # one host sync
-    if dense_full:
-        out.copy_(dense_causal_attention(q, k, v, scale=scale, backend=backend, window=spec.full_window).transpose(1, 2))
     kernel_part, next_state = _kernel_expert(spec, q, k, v, perm, seg_start, counts, out, state)
     if backend == "flex":
-        _flex_softmax(spec, q, k, v, routes, out, scale, include_full=not dense_full)
+        _flex_softmax(spec, q, k, v, routes, out, scale)
     for name in ("full", "local", "kernel"):
-        if (name == "full" and dense_full) or (name == "kernel" and kernel_part is None) or (
-                backend == "flex" and name != "kernel"):
+        if (name == "kernel" and kernel_part is None) or (backend == "flex" and name != "kernel"):
             continue
         merge = dict(linear=kernel_part, log_weight=spec.log_weight) if name == "kernel" else {}
         triton_softmax.routed_softmax_prefill(
@@ -120,16 +111,14 @@ def _kernel_expert(spec, q, k, v, perm, seg_start, counts, out, state):
     return None, final
 
 
-def _flex_softmax(spec, q, k, v, routes, out, scale, *, include_full: bool) -> None:
+def _flex_softmax(spec, q, k, v, routes, out, scale) -> None:
     """FlexAttention for the full and local experts on their gathered queries (one host sync each)."""
     from .flex import flex_routed_softmax
     from .gather import gather_queries, group_tokens
 
     offset = k.shape[2] - q.shape[2]
     settings = {spec.full: (spec.full_window, 0), spec.local: (spec.local_window, spec.local_sinks)}
-    for index in (spec.full if include_full else None, spec.local):
-        if index is None:
-            continue
+    for index in (spec.full, spec.local):
         tokens = group_tokens(routes == index)
         if tokens.shape[1] == 0:
             continue

@@ -156,6 +156,11 @@ def append_to_cache(cache, layer_idx: int, key: torch.Tensor, value: torch.Tenso
     return layer.keys, layer.values
 
 
+def _cache_layer(cache, layer_idx: int):
+    layers = getattr(cache, "layers", None) or []
+    return layers[layer_idx] if layer_idx < len(layers) else None
+
+
 class RoutedAttentionMixin:
     """Adds Meta-Attention routing to a Hugging Face attention module (which owns `self.meta`)."""
 
@@ -182,13 +187,10 @@ class RoutedAttentionMixin:
         cache = cache_argument(call_kwargs)
         position_ids = call_kwargs.get("position_ids")
         cache_inputs = None
+        if cache is not None and getattr(_cache_layer(cache, self.layer_idx), "is_compileable", False):
+            return self._static_cache_attention(hidden_states, query, key, value, cache, attention_mask, position_ids,
+                                                scaling, attn_bias)
         if cache is not None:
-            layers = getattr(cache, "layers", None) or []
-            if self.layer_idx < len(layers) and getattr(layers[self.layer_idx], "is_compileable", False):
-                # Static layers return all max_cache_len slots, not the keys seen so far.
-                raise NotImplementedError(
-                    "Meta-Attention does not support static KV caches yet; use the default dynamic cache"
-                )
             key, value = append_to_cache(cache, self.layer_idx, key, value)
             if self.meta.kernel_index is not None:
                 layer = cache.layers[self.layer_idx]
@@ -213,3 +215,43 @@ class RoutedAttentionMixin:
             cache=cache_inputs,
         )
         return heads.transpose(1, 2).reshape(b, t, -1)
+
+    def _static_cache_attention(self, hidden_states, query, key, value, cache, attention_mask, position_ids, scaling,
+                                attn_bias):
+        """A static cache (`cache_implementation="static"`, what torch.compile needs): its layer returns
+        every slot, up to max_cache_len, and the mask says which hold keys. A call that runs all-full
+        (forced, the full tail, or below dense_below for the whole cache) is the original's attention
+        call on those slots, with no host sync, so it compiles whole; a routed call reads the number of
+        keys from the cache (one sync) and routes over them as with a dynamic cache."""
+        meta, layer = self.meta, _cache_layer(cache, self.layer_idx)
+        if attn_bias is not None or meta.cfg.full_window is not None:
+            raise NotImplementedError("Meta-Attention supports static caches for models without ALiBi or a sliding "
+                                      "window; use the default dynamic cache")
+        key, value = cache.update(key, value, self.layer_idx)
+        b, _, t, _ = query.shape
+        if meta.runs_all_full(query, layer.max_cache_len):
+            meta.note_all_full(hidden_states.shape[:2])
+            return self._original_attention(query, key, value, attention_mask, scaling)
+        n_keys = int(layer.get_seq_length())  # the one sync of a routed step
+        key, value = key[:, :, :n_keys], value[:, :, :n_keys]
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = attention_mask[..., :n_keys]
+        key_mask = key_mask_from_hf(attention_mask, t, n_keys, None)
+        cache_inputs = CacheInputs(CacheLayerState(layer)) if meta.kernel_index is not None else None
+        heads, _ = meta(
+            hidden_states, query, key, value,
+            positions=position_ids if position_ids is not None else torch.arange(n_keys - t, n_keys, device=query.device),
+            scale=scaling, causal=True, key_mask=key_mask, query_valid=None if key_mask is None else key_mask[:, -t:],
+            cache=cache_inputs,
+        )
+        return heads.transpose(1, 2).reshape(b, t, -1)
+
+    def _original_attention(self, query, key, value, attention_mask, scaling):
+        """The model's own attention function (its `attn_implementation`) over the cache's slots: (B, T, Hq * d)."""
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        # "eager" is each model's own function, not a shared one: SDPA computes the same.
+        attend = ALL_ATTENTION_FUNCTIONS.get(getattr(self.config, "_attn_implementation", None), sdpa_attention_forward)
+        out, _ = attend(self, query, key, value, attention_mask, dropout=0.0, scaling=scaling)
+        return out.reshape(*out.shape[:2], -1)

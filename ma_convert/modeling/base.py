@@ -203,7 +203,13 @@ def _check_inputs(model, args, kwargs) -> None:
     if tokens.dim() < 2 or tokens.shape[1] == 0:
         raise ValueError(f"the input is empty (shape {tuple(tokens.shape)}); give at least one token per row")
     cache = cache_argument(kwargs)
-    cached = cache.get_seq_length() if cache is not None else 0
+    if getattr(cache, "is_compileable", False):
+        # A static cache: reading its length would sync (and break a compiled graph); its size bounds the sequence.
+        cached = 0 if tokens.shape[1] > 1 else None
+    else:
+        cached = cache.get_seq_length() if cache is not None else 0
+    if cached is None:
+        return
     length = tokens.shape[1] + cached
     if length > model.ma_max_positions:
         raise ValueError(
