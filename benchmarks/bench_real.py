@@ -68,6 +68,7 @@ def parse_args(argv):
     p.add_argument("--model", type=Path, help="a converted folder to time as saved (against --base)")
     p.add_argument("--base", help="the original of --model (folder, .gguf or Hub id); default: the SmolLM2 GGUF")
     p.add_argument("--skip", nargs="*", default=[], choices=["eager", "compiled", "1b", "profile"])
+    p.add_argument("--configs", nargs="*", help="only these SmolLM2 configurations (default: all)")
     p.add_argument("--plan", choices=["all", "targets"], default="all",
                    help="targets: each configuration only at the lengths its target names (GPU time is scarce)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
@@ -178,6 +179,8 @@ def eager_rows(original, models, tokenizer, args) -> list[dict]:
                         pad_token_id=tokenizer.eos_token_id)
         for name, (model, context) in models.items():
             if args.plan == "targets" and length not in TARGET_LENGTHS.get(name, args.lengths):
+                continue
+            if args.configs and name not in args.configs:
                 continue
             def prefill(m, c):
                 with torch.no_grad(), c():
