@@ -69,6 +69,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--mix", default="0.25,0.25,0.50", help="token fractions full,linear,local")
     p.add_argument("--feature-map", default="hedgehog", choices=["hedgehog", "elu"])
+    p.add_argument("--linear-window", type=int, default=0,
+                   help="the kernel expert as the hybrid with this exact window (0: pure linear)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--skip-ref-above", type=int, default=32768, help="no torch-reference check for longer T")
@@ -97,6 +99,7 @@ def build_meta(args, backend: str, max_t: int) -> MetaAttention:
         d_model=args.heads * args.head_dim, n_heads=args.heads, n_kv_heads=args.kv_heads, head_dim=args.head_dim,
         window_size=args.window, feature_map=args.feature_map, max_positions=max_t, hard_routing=True,
         backend=backend.removesuffix("-routed"), dense_below=0 if routed_always else None,
+        linear_window=args.linear_window,
     )
     return MetaAttention(cfg).to(args.device, args.dtype).eval()
 
@@ -294,7 +297,8 @@ def render(args, env: dict, rows: list[dict], backends: list[Backend]) -> str:
     parts = [
         f"# Attention only: routed Meta-Attention vs causal SDPA ({env['device']})\n",
         (f"B=1, {args.heads} query / {args.kv_heads} kv heads, d={args.head_dim}, {str(args.dtype).replace('torch.', '')}, "
-         f"local window {args.window}, feature map {args.feature_map}; routing {mix}, tokens placed by a seeded "
+         f"local window {args.window}, feature map {args.feature_map}"
+         f"{f', hybrid window {args.linear_window}' if args.linear_window else ''}; routing {mix}, tokens placed by a seeded "
          f"random permutation. Routed = `MetaAttention.run_experts` with forced per-token routes (no router, no "
          f"projections). Median of {args.repeats} after {args.warmup} warm-up calls"
          f"{' (CUDA events)' if args.device.type == 'cuda' else ''}; ratio = routed / SDPA (below 1 is faster).\n"),

@@ -315,3 +315,88 @@ def test_short_contexts_run_the_original_attention_without_a_router(monkeypatch)
         torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)
         assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected_tokens)
     assert all(m.last_stats.expert_fractions[0] == 1.0 for m in model.modules() if isinstance(m, MetaAttention))
+
+
+# ----------------------------------------------------------------------------- routing and decode kernels
+def routing():
+    from ma_convert.kernels import triton_routing as module
+
+    return module
+
+
+@pytest.mark.parametrize("router", ["bayesian", "softmax"])
+@pytest.mark.parametrize("mode", ["hard", "auto"])
+def test_routing_kernel_matches_the_torch_router(router, mode):
+    """One launch computes the router MLP, its argmax, auto routing's uncertain tokens and the full
+    tail: the same raw output and routes as the torch router, for (T,) and (B, T) positions."""
+    if mode == "auto" and router == "softmax":
+        pytest.skip("auto routing of the softmax router stays on the torch path (its uncertainty is an entropy)")
+    d, t = 96, 300  # d: not a multiple of the kernel's column block
+    cfg = MetaAttnConfig(d_model=d, n_heads=4, window_size=32, router=router, controller_hidden=40, max_positions=512)
+    meta = MetaAttention(cfg).eval()
+    with torch.no_grad():
+        for p in meta.router.parameters():
+            p.copy_(torch.randn_like(p) * (0.5 if p.dim() > 1 else 1.0))
+    meta.set_routing_mode(mode, uncertainty_threshold=0.3 if mode == "auto" else None, full_tail=7)
+    x = torch.randn(2, t, d) * 3 + 0.5
+    for positions in (torch.arange(t), torch.randint(0, 500, (2, t))):
+        with torch.no_grad():
+            want_routes, want_raw = meta.route_hard(x, positions)
+            dtype = torch.bfloat16 if CUDA else torch.float32
+            router_copy = meta.to(DEVICE, dtype)
+            routes, raw = routing().route_tokens(
+                router_copy.router.kernel_weights(), x.to(DEVICE, dtype), positions.to(DEVICE), full_index=0,
+                full_tail=7, uncertainty_threshold=0.3 if mode == "auto" else None)
+            meta.float().cpu()
+        assert routes.dtype == torch.int32 and raw.dtype == torch.float32
+        assert rel_err(raw, want_raw) <= (2e-2 if CUDA else 1e-5)
+        margin = want_raw.topk(2, -1).values.diff(dim=-1).abs().squeeze(-1)
+        clear = margin > (0.1 if CUDA else 1e-4)  # where rounding cannot flip the argmax
+        assert clear.float().mean() > 0.5
+        assert torch.equal(routes.cpu().long()[clear], want_routes[clear])
+        assert (routes[:, -7:] == 0).all()
+
+
+@pytest.mark.parametrize("t", [1, 700, 2500])
+def test_sort_kernel_matches_the_torch_counting_sort(t):
+    from ma_convert.kernels.gather import sort_by_expert
+
+    routes = torch.randint(0, 3, (3, t))
+    routes[1] = 2  # a row with one expert only
+    got = routing().sort_by_expert(routes.to(DEVICE, torch.int32), 3)
+    want = sort_by_expert(routes, 3)
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
+
+
+@pytest.mark.parametrize("feature_map", ["hedgehog", "elu"])
+@pytest.mark.parametrize("n", [1, 150])
+def test_state_kernel_matches_the_expert(feature_map, n):
+    """The kernel expert's state after more keys (strided, as a cache's slices): one key (a decode
+    step) or many (the catch-up after a prefill)."""
+    from ma_convert.kernels.triton_decode import advance_state
+
+    meta = make_layer(8, 2, 32, feature_map)
+    expert = meta.experts[1]
+    _, k, v = inputs(2, 8, 2, 32, 1, keys=200)
+    s0 = expert.advance_state(k[:, :, :20], v[:, :, :20])
+    want = expert.advance_state(k[:, :, 20:20 + n], v[:, :, 20:20 + n], None, s0)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    spec = meta.to(DEVICE).routed_spec()
+    with torch.no_grad():
+        keys, values = k.to(DEVICE, dtype), v.to(DEVICE, dtype)
+        state = tuple(x.to(DEVICE) for x in s0)
+        got = advance_state(spec.k_map_weight, keys[:, :, 20:20 + n], values[:, :, 20:20 + n], state)
+    assert rel_err(got[0], want[0]) <= TOL and rel_err(got[1], want[1]) <= TOL
+
+
+@pytest.mark.parametrize("hybrid", [0, 16])
+def test_long_prefills_launch_each_softmax_expert_with_its_own_tiles(monkeypatch, hybrid):
+    """From ONE_LAUNCH_BELOW queries each softmax expert gets its own launch: the same result."""
+    monkeypatch.setattr(routed(), "ONE_LAUNCH_BELOW", 1)
+    hq, hkv, d, t = 8, 2, 32, 400 if CUDA else 150
+    meta = make_layer(hq, hkv, d, hybrid=hybrid)
+    q, k, v = inputs(2, hq, hkv, d, t)
+    routes = torch.randint(0, 3, (2, t))
+    got, _ = fast(meta, q, k, v, routes, DTYPES[0])
+    assert rel_err(got, reference(meta, q, k, v, routes)) <= TOL

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.spec import RouterWeights
 from .config import MetaAttnConfig
 from .objective import prior_concentration, routing_entropy
 
@@ -56,6 +57,13 @@ class _RouterMLP(nn.Module):
         # The MLP runs in its parameters' dtype; routing probabilities are always float32.
         h = F.gelu(self.fc1(self.norm(self.features(x, positions).to(self.fc1.weight.dtype))))
         return self.fc2(h).float() / self.temperature
+
+    def kernel_weights(self) -> RouterWeights:
+        """This router as the fused routing kernel reads it (its parameters, not copies)."""
+        return RouterWeights(
+            self.norm.weight, self.norm.bias, self.norm.eps, self.fc1.weight, self.fc1.bias, self.fc2.weight,
+            self.fc2.bias, self.temperature, self.max_positions, getattr(self, "eps", 0.0),
+        )
 
     def reset_output(self, bias: torch.Tensor) -> None:
         """Small output weights and a bias that sets the initial routing distribution."""

@@ -29,7 +29,7 @@ from ..kernels.backends import check_backend, resolve_backend
 from ..kernels.dense import dense_causal_attention
 from ..kernels.spec import DENSE_BELOW, RoutedSpec
 from .config import ROUTING_MODES, UNCERTAIN_ROUTES, MetaAttnConfig
-from .controller import RouterOutput, build_router
+from .controller import DirichletRouter, RouterOutput, build_router
 from .dispatch import gather_bias_rows, gather_queries, group_tokens, scatter_weighted
 from .experts import AttentionExpert, HeadAttentionExpert, build_expert  # the package: registers the built-ins
 from .experts.full import FullAttention
@@ -104,7 +104,7 @@ class _Decision:
         chosen experts, when asked for."""
         if self.raw is not None and self.r is None:
             self.r = self.module.router.from_raw(self.raw)
-            self.chosen = F.one_hot(self._routes, len(self.module.experts)).bool()
+            self.chosen = F.one_hot(self._routes.long(), len(self.module.experts)).bool()
             self.weights = self.chosen.float()
 
     def _one_hot(self):
@@ -130,7 +130,7 @@ class _Decision:
         if self.only is not None:
             return torch.full(self.shape, self.only, dtype=torch.long, device=self.module.costs.device)
         if self._routes is not None:
-            return self._routes
+            return self._routes.long()
         # The highest-weight expert each token runs on (soft: the argmax of the mean).
         return torch.where(self.chosen, self.weights.detach(), -1.0).argmax(-1)
 
@@ -324,11 +324,18 @@ class MetaAttention(nn.Module):
         return (not self.training and self.forced_expert is None and self.hard_top_k == 1 and self._head_experts_only
                 and (self.routing_mode == "hard" or (self.routing_mode == "auto" and self.uncertain_route == "full")))
 
-    def route_hard(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) the expert of each token, and the router's raw output it came from (see `_lean_hard_routing`)."""
+    def route_hard(self, x: torch.Tensor, positions: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) the expert of each token, and the router's raw output it came from (see `_lean_hard_routing`).
+        `fused`: on the fast path, the routing kernel computes both in one launch."""
+        auto = self.routing_mode == "auto"
+        if fused and (not auto or isinstance(self.router, DirichletRouter)):
+            from ma_convert.kernels.triton_routing import route_tokens
+
+            return route_tokens(self.router.kernel_weights(), x, positions, full_index=self.full_index,
+                                full_tail=self.full_tail, uncertainty_threshold=self.uncertainty_threshold if auto else None)
         raw = self.router.raw(x, positions)
         routes = raw.argmax(-1)
-        if self.routing_mode == "auto":
+        if auto:
             uncertain = self.router.from_raw(raw).uncertainty > self.uncertainty_threshold
             routes = torch.where(uncertain, self.full_index, routes)
         if self.full_tail:
@@ -439,9 +446,10 @@ class MetaAttention(nn.Module):
         call["key_mask"] = None if key_mask is None else key_mask[:, -t:]
         return k[:, :, -t:], v[:, :, -t:], call
 
-    def kernel_state(self, cache: CacheInputs, k, v, key_mask, end: int):
+    def kernel_state(self, cache: CacheInputs, k, v, key_mask, end: int, advance=None):
         """The kernel expert's state over keys start .. end-1 (indices into `k`, the keys so far),
-        caught up from `k`, `v` and stored back. Returns (S, z)."""
+        caught up from `k`, `v` and stored back. Returns (S, z). `advance(k, v, (S, z))`: how the
+        state takes in keys (default: the expert's torch code; the fast path passes its kernel)."""
         expert = self._expert_list[self.kernel_index]
         held = cache.store.get()
         if held is None or held[2] > end + cache.offset:  # none yet, or the cache was rolled back below it
@@ -455,7 +463,10 @@ class MetaAttention(nn.Module):
             raise RuntimeError("the kernel expert's state lags behind keys the cache has dropped")
         if first < end:
             mask = None if key_mask is None else key_mask[:, first:end]
-            s, z = expert.advance_state(k[:, :, first:end], v[:, :, first:end], mask, (s, z))
+            if advance is None:
+                s, z = expert.advance_state(k[:, :, first:end], v[:, :, first:end], mask, (s, z))
+            else:
+                s, z = advance(k[:, :, first:end], v[:, :, first:end], (s, z))
             cache.store.set(s, z, end + cache.offset)
         return s, z
 
@@ -499,12 +510,17 @@ class MetaAttention(nn.Module):
 
     def _fast_path_state(self, q, k, v, key_mask, cache):
         """The state the kernels read: for the linear expert the keys before this call (it returns
-        the state after them); for the hybrid, decoding, the keys left of its window."""
+        the state after them); for the hybrid, decoding, the keys left of its window. Caught up by
+        the state kernel (the fast path has no key mask)."""
+        from ma_convert.kernels.triton_decode import advance_state
+
         t = q.shape[2]
         expert = self._expert_list[self.kernel_index]
+        weight = self.routed_spec().k_map_weight
+        advance = lambda keys, values, state: advance_state(weight, keys, values, state)  # noqa: E731
         if isinstance(expert, HybridAttention):
-            return self.kernel_state(cache, k, v, key_mask, expert.state_end(k.shape[2] - 1)) if t == 1 else None
-        return self.kernel_state(cache, k, v, key_mask, k.shape[2] - t)
+            return self.kernel_state(cache, k, v, key_mask, expert.state_end(k.shape[2] - 1), advance) if t == 1 else None
+        return self.kernel_state(cache, k, v, key_mask, k.shape[2] - t, advance)
 
     # ------------------------------------------------------------------ forward
     def note_all_full(self, shape) -> None:
@@ -564,7 +580,8 @@ class MetaAttention(nn.Module):
         if positions is None:  # the queries are the last T keys
             positions = torch.arange(k.shape[2] - x.shape[1], k.shape[2], device=x.device)
         if self._lean_hard_routing():
-            routes, raw = self.route_hard(x, positions)
+            fused = self._kernels(q, causal, key_mask, attn_bias) is not None
+            routes, raw = self.route_hard(x, positions, fused=fused)
             last.decision = _Decision(self, x.shape[:2], query_valid, raw=raw, routes=routes)
             weights = routes  # run_experts takes per-token routes as well as weights
         else:

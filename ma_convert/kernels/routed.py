@@ -4,27 +4,29 @@
 (hard top-1 routing, or forced routes) and the inputs allow it (CUDA, fp16/bf16, no padding mask or
 additive bias, the three built-in experts). It takes tensors and a `RoutedSpec`, nothing else:
 
-- prefill (T > 1): tokens are sorted by (expert, position) on the GPU, once; one Triton launch per
-  softmax expert (full, local) runs it on its own tokens, reading their queries and writing their
-  outputs in place. The kernel expert computes phi(k) and chunk states once per kv head; pure
-  linear, it serves its tokens in one more launch; the hybrid serves the kernel part of its tokens
-  (keys before the window) that way, into a float32 buffer the exact part's launch (window and
-  sinks) merges with one normaliser. No host sync (the launches size their grids for every token
-  and the programs past their expert's share exit at once), so a prefill can be captured too.
-- decode (one new token per row): each row reads only what its expert needs: the whole cache
-  (full), its window (local, hybrid) or the float32 state (linear, and the hybrid's part beyond its
-  window). No host sync, so the step can be captured in a CUDA graph.
+- prefill (T > 1): the routes come from the routing kernel (`triton_routing.route_tokens`, called by
+  the core); tokens are sorted by (expert, position) on the GPU, in one launch. The kernel expert
+  computes phi(k) and chunk states once per kv head (two launches); pure linear, it serves its
+  tokens in one more launch; the hybrid serves the kernel part of its tokens (keys before the
+  window) that way, into a float32 buffer the exact part merges with one normaliser. One more
+  launch runs every softmax part (full, local, the hybrid's window and sinks) on its own tokens,
+  reading their queries and writing their outputs in place; long prompts (ONE_LAUNCH_BELOW) get
+  one launch per expert with its own tiles. No host sync (grids are sized for every token and the
+  programs past their expert's share exit at once).
+- decode (one new token per row): the linear state takes in the token (one launch; the hybrid's
+  lagging state is caught up by the core with the same kernel); the softmax splits read only what
+  each row's expert needs: the whole cache (full) or its window and sinks (local, hybrid); one
+  launch merges them with the kernel part read from the float32 state. No host sync, so the step
+  can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-from . import triton_linear, triton_softmax
-from .features import features
+from . import triton_decode, triton_linear, triton_routing, triton_softmax
 from .spec import RoutedSpec
 
 # Triton launch settings per softmax expert (best of a sweep on an H100, d=128, bf16): the full
@@ -70,22 +72,32 @@ def routed_heads(
     return _prefill(spec, q, k, v, routes, scale, backend, state)
 
 
-def _prefill(spec, q, k, v, routes, scale, backend, state):
-    from .gather import sort_by_expert
+# Below this many queries a prefill is bound by host work, not by the GPU: the softmax experts share
+# one launch (with the windowed experts' tiles). From it, each runs with its own tuned tiles.
+ONE_LAUNCH_BELOW = 16384
 
+
+def _prefill(spec, q, k, v, routes, scale, backend, state):
     b, hq, t, d = q.shape
-    perm, counts, seg_start = sort_by_expert(routes, spec.n_experts)
+    perm, counts, seg_start = triton_routing.sort_by_expert(routes, spec.n_experts)
     out = torch.empty(b, t, hq, d, device=q.device, dtype=q.dtype)
     kernel_part, next_state = _kernel_expert(spec, q, k, v, perm, seg_start, counts, out, state)
+    merge = {}
+    if kernel_part is not None:  # the hybrid: its softmax part merges the kernel part
+        merge = dict(linear=kernel_part, log_weight=spec.log_weight, merge_expert=spec.kernel)
     if backend == "flex":
         _flex_softmax(spec, q, k, v, routes, out, scale)
-    for name in ("full", "local", "kernel"):
-        if (name == "kernel" and kernel_part is None) or (backend == "flex" and name != "kernel"):
-            continue
-        merge = dict(linear=kernel_part, log_weight=spec.log_weight) if name == "kernel" else {}
+        names = ("kernel",) if kernel_part is not None else ()
+    elif t < ONE_LAUNCH_BELOW:
+        triton_softmax.routed_softmax_prefill(q, k, v, out, perm, seg_start, counts, spec.table("softmax", q.device),
+                                              scale=scale, **PREFILL_CONFIGS["local"], **merge)
+        names = ()
+    else:
+        names = ("full", "local") + (("kernel",) if kernel_part is not None else ())
+    for name in names:
         triton_softmax.routed_softmax_prefill(
             q, k, v, out, perm, seg_start, counts, spec.table(name, q.device), scale=scale,
-            **PREFILL_CONFIGS[name], **merge,
+            **PREFILL_CONFIGS[name], **(merge if name == "kernel" else {}),
         )
     return out.transpose(1, 2), next_state
 
@@ -95,7 +107,8 @@ def _kernel_expert(spec, q, k, v, perm, seg_start, counts, out, state):
     all keys. Hybrid: the kernel part of each (keys before its window), a float32 (B, T, Hq, d + 1)
     numerator-and-denominator buffer for the exact part's launch to merge."""
     if spec.hybrid:
-        phi_k, s, z, _ = triton_linear.key_features_and_states(spec.k_map_weight, k, v, None, first_key=spec.kernel_sinks)
+        phi_k, s, z, _ = triton_linear.key_features_and_states(spec.k_map_weight, k, v, None, first_key=spec.kernel_sinks,
+                                                               skip_end=True)
         raw = torch.empty(*out.shape[:3], out.shape[3] + 1, device=q.device, dtype=torch.float32)
         triton_linear.routed_linear_prefill(
             q, phi_k, v, (s, z), raw, perm, seg_start, counts, spec.kernel, q_map_weight=spec.q_map_weight,
@@ -132,50 +145,15 @@ def _flex_softmax(spec, q, k, v, routes, out, scale) -> None:
 
 
 def _decode(spec, q, k, v, routes, scale, state):
-    routes = routes[:, 0]
-    out, lse = triton_softmax.routed_softmax_decode(
-        q, k, v, routes.to(torch.int32), spec.table("window", q.device), spec.table("sinks", q.device), scale=scale,
-    )
+    """Three launches: the linear expert's state takes in this token; the softmax experts' splits;
+    their merge with the kernel part."""
+    routes = routes[:, 0].to(torch.int32)
     if state is None:
         raise ValueError("decoding with the kernel expert needs its state (a cache)")
-    kernel_rows = (routes == spec.kernel)[:, None, None, None]
-    if spec.hybrid:
-        num, den = kernel_part(spec.q_map_weight, q, state)
-        mixed = merge_exact_and_kernel(out, lse, num, den, spec.log_weight)
-        return torch.where(kernel_rows, mixed, out).to(q.dtype), None
-    lin, next_state = linear_decode_step(spec.q_map_weight, spec.k_map_weight, q, k[:, :, -1:], v[:, :, -1:], state)
-    return torch.where(kernel_rows, lin, out).to(q.dtype), next_state
-
-
-def kernel_part(q_weight, q, state):
-    """phi(q) S and phi(q) z for one query per row: q (B, Hq, 1, d), S (B, Hkv, F, d), z (B, Hkv, F)."""
-    b, hq, _, d = q.shape
-    hkv, f = state[0].shape[1], state[0].shape[2]
-    phi_q = features(q.float(), q_weight).reshape(b * hkv, hq // hkv, f)
-    num = torch.bmm(phi_q, state[0].reshape(b * hkv, f, d))
-    den = torch.bmm(phi_q, state[1].reshape(b * hkv, f, 1))
-    return num.reshape(b, hq, 1, d), den.reshape(b, hq, 1)
-
-
-def merge_exact_and_kernel(exact, lse2, num, den, log_weight):
-    """The hybrid's output from its exact part (normalised, with its log2-sum-exp) and its kernel part
-    (numerator and denominator), weighted by exp(log_weight[h]): (e^lse o + e^a N) / (e^lse + e^a D)."""
-    a = log_weight.float().view(1, -1, 1)
-    lse = torch.where(torch.isfinite(lse2), lse2 * math.log(2.0), -1e30)
-    f = torch.exp((a - lse).clamp_max(80.0))  # e^(a - lse): the kernel part on the exact part's scale
-    return (exact + f[..., None] * num) / (1.0 + f * den).clamp_min(1e-6)[..., None]
-
-
-def linear_decode_step(q_weight, k_weight, q, k, v, state):
-    """The linear expert for one new token per row: S += phi(k) v^T (one batched matmul), then
-    phi(q) S / phi(q) z. q (B, Hq, 1, d); k, v (B, Hkv, 1, d); state (S, z) before this token.
-    Returns the fp32 output and the state after it."""
-    b, hq, _, d = q.shape
-    hkv = k.shape[1]
-    phi_k = features(k.float(), k_weight)  # (B, Hkv, 1, F)
-    f = phi_k.shape[-1]
-    s0, z0 = state[0].reshape(b * hkv, f, d), state[1]
-    s = torch.baddbmm(s0, phi_k.reshape(b * hkv, 1, f).transpose(1, 2), v.float().reshape(b * hkv, 1, d))
-    z = z0 + phi_k[:, :, 0]
-    num, den = kernel_part(q_weight, q, (s.view(b, hkv, f, d), z))
-    return num / den.clamp_min(1e-6)[..., None], (s.view(b, hkv, f, d), z)
+    next_state = None
+    if not spec.hybrid:
+        state = next_state = triton_decode.advance_state(spec.k_map_weight, k[:, :, -1:], v[:, :, -1:], state)
+    part_out, part_lse = triton_softmax.softmax_decode_splits(
+        q, k, v, routes, spec.table("window", q.device), spec.table("sinks", q.device), scale=scale,
+    )
+    return triton_decode.finish_decode(spec, q, part_out, part_lse, routes, state), next_state

@@ -67,15 +67,34 @@ class RoutedSpec:
 
     def table(self, name: str, device: torch.device) -> torch.Tensor:
         """Device copies of the small per-expert tables, made once per device:
-        "window" and "sinks" (E,) int32, and "full" / "local" / "kernel": that expert's
-        (index, window, sinks) column for one prefill launch."""
+        "window" and "sinks" (E,) int32; "full" / "local" / "kernel": that expert's (index, window,
+        sinks) column for one prefill launch; "softmax": the columns of every expert with a softmax
+        part (full, local, and the hybrid), for one launch serving them all."""
         key = (name, device)
         if key not in self._tables:
             if name in ("window", "sinks"):
                 values = self.windows() if name == "window" else self.sinks()
                 self._tables[key] = torch.tensor(values, dtype=torch.int32, device=device)
             else:
-                index = getattr(self, name)
-                column = [[index], [self.windows()[index]], [self.sinks()[index]]]
-                self._tables[key] = torch.tensor(column, dtype=torch.int32, device=device)
+                names = ["full", "local"] + (["kernel"] if self.hybrid else []) if name == "softmax" else [name]
+                indices = [getattr(self, n) for n in names]
+                columns = [indices, [self.windows()[i] for i in indices], [self.sinks()[i] for i in indices]]
+                self._tables[key] = torch.tensor(columns, dtype=torch.int32, device=device)
         return self._tables[key]
+
+
+@dataclass
+class RouterWeights:
+    """A router MLP as the routing kernel reads it: LayerNorm over [x, ||x||/sqrt(D), pos], Linear,
+    GELU, Linear, / temperature. Tensors are the module's own parameters (shared, not copied)."""
+
+    norm_weight: torch.Tensor  # (D + 2,)
+    norm_bias: torch.Tensor
+    norm_eps: float
+    fc1_weight: torch.Tensor  # (H, D + 2)
+    fc1_bias: torch.Tensor
+    fc2_weight: torch.Tensor  # (K, H)
+    fc2_bias: torch.Tensor
+    temperature: float
+    max_positions: int
+    concentration_eps: float  # the Bayesian router's floor on concentrations (auto routing reads it)

@@ -77,11 +77,13 @@ def _key_features_and_chunk_states(
     tl.store(z_ptr + row, z, mask=d_ok)
 
 
-def key_features_and_states(k_weight, k: torch.Tensor, v: torch.Tensor, state=None, first_key: int = 0):
+def key_features_and_states(k_weight, k: torch.Tensor, v: torch.Tensor, state=None, first_key: int = 0,
+                            skip_end: bool = False):
     """phi(k) (B, Hkv, Tk, F) in k's dtype; the fp32 states before every chunk, S (B, Hkv, nC + 1, F, d)
     and z (B, Hkv, nC + 1, F) (the last slot: after all keys); and the state after all keys.
     `k_weight` is the Hedgehog map's (Hkv, d, d), None for ELU+1; `state` = (S0, z0) summarises
-    earlier keys; keys before `first_key` are left out (phi = 0)."""
+    earlier keys; keys before `first_key` are left out (phi = 0). With `skip_end` (the hybrid, which
+    keeps no state from a prefill) the state after all keys is not returned (None)."""
     b, h, t, d = k.shape
     hedgehog = k_weight is not None
     feat = 2 * d if hedgehog else d
@@ -99,13 +101,51 @@ def key_features_and_states(k_weight, k: torch.Tensor, v: torch.Tensor, state=No
         HEDGEHOG=hedgehog, FEAT=feat, HEAD_DIM=d, BLOCK_D=block_d, CHUNK_SIZE=CHUNK, BLOCK_T=64,
         num_warps=4, num_stages=2,
     )
-    # Slot 0 holds the carried state; a running sum over slots makes slot c the state before chunk c.
-    s[:, :, 0] = 0 if state is None else state[0]
-    z[:, :, 0] = 0 if state is None else state[1]
-    s.cumsum_(2)
-    z.cumsum_(2)
-    s_final, z_final = s[:, :, -1].clone(), z[:, :, -1].clone()
-    return phi_k, s, z, (s_final, z_final)
+    # Slot 0 takes the carried state; a running sum over slots makes slot c the state before chunk c.
+    keep_end = not skip_end
+    s_end = torch.empty(b, h, feat, d, device=k.device, dtype=torch.float32) if keep_end else s
+    z_end = torch.empty(b, h, feat, device=k.device, dtype=torch.float32) if keep_end else z
+    s0, z0 = (s, z) if state is None else (state[0].contiguous(), state[1].contiguous())
+    _chunk_prefix_sums[(b * h, triton.cdiv(feat, 32))](
+        s, z, s0, z0, s_end, z_end, n_chunks + 1,
+        FEAT=feat, HEAD_DIM=d, BLOCK_F=32, BLOCK_D=block_d, HAS_STATE=state is not None, KEEP_END=keep_end,
+        num_warps=4,
+    )
+    return phi_k, s, z, ((s_end, z_end) if keep_end else None)
+
+
+@triton.jit
+def _chunk_prefix_sums(
+    s_ptr, z_ptr, s0_ptr, z0_ptr, s_end_ptr, z_end_ptr, n_slots,
+    FEAT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_STATE: tl.constexpr, KEEP_END: tl.constexpr,
+):
+    """In place, for one kv head and a block of feature rows: slot 0 = the carried state (or zero),
+    slot c += slot c - 1; with KEEP_END, the state after every key is also written apart."""
+    bh = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < FEAT
+    ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    cell = rows[:, None] * HEAD_DIM + offs_d[None, :]
+    if HAS_STATE:
+        run_s = tl.load(s0_ptr + bh * FEAT * HEAD_DIM + cell, mask=ok, other=0.0)
+        run_z = tl.load(z0_ptr + bh * FEAT + rows, mask=row_ok, other=0.0)
+    else:
+        run_s = tl.zeros([BLOCK_F, BLOCK_D], tl.float32)
+        run_z = tl.zeros([BLOCK_F], tl.float32)
+    s_base = s_ptr + bh * n_slots * FEAT * HEAD_DIM
+    z_base = z_ptr + bh * n_slots * FEAT
+    tl.store(s_base + cell, run_s, mask=ok)
+    tl.store(z_base + rows, run_z, mask=row_ok)
+    for c in range(1, n_slots):
+        run_s += tl.load(s_base + c * FEAT * HEAD_DIM + cell, mask=ok, other=0.0)
+        run_z += tl.load(z_base + c * FEAT + rows, mask=row_ok, other=0.0)
+        tl.store(s_base + c * FEAT * HEAD_DIM + cell, run_s, mask=ok)
+        tl.store(z_base + c * FEAT + rows, run_z, mask=row_ok)
+    if KEEP_END:
+        tl.store(s_end_ptr + bh * FEAT * HEAD_DIM + cell, run_s, mask=ok)
+        tl.store(z_end_ptr + bh * FEAT + rows, run_z, mask=row_ok)
 
 
 @triton.jit

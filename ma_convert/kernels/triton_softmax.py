@@ -73,7 +73,7 @@ def _routed_softmax_prefill(
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lt, stride_lh,
     stride_pb, stride_sb,
-    n_kv_heads, key_offset, sm_scale,
+    n_kv_heads, key_offset, sm_scale, merge_expert,
     GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MERGE: tl.constexpr,
 ):
@@ -136,12 +136,13 @@ def _routed_softmax_prefill(
     acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, qpos, k_base, v_base, stride_kn, stride_vn, offs_n, offs_d,
                                  d_ok, tl.maximum(clear_hi, lo), hi_pos + 1, window, sinks, scale, True, EVEN_D, BLOCK_N)
     if MERGE:  # the hybrid: its kernel part (keys left of the window) joins with weight exp(a_h)
-        lin = lin_ptr + b * stride_lb + token * stride_lt + head * stride_lh
-        lin_num = tl.load(lin[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        lin_den = tl.load(lin + HEAD_DIM, mask=row_ok, other=0.0)
-        far = tl.exp2(tl.load(logw_ptr + head) * 1.4426950408889634 - m_i)  # m_i: finite, the query sees itself
-        acc += far[:, None] * lin_num
-        l_i += far * lin_den
+        if expert == merge_expert:
+            lin = lin_ptr + b * stride_lb + token * stride_lt + head * stride_lh
+            lin_num = tl.load(lin[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            lin_den = tl.load(lin + HEAD_DIM, mask=row_ok, other=0.0)
+            far = tl.exp2(tl.load(logw_ptr + head) * 1.4426950408889634 - m_i)  # m_i: finite, the query sees itself
+            acc += far[:, None] * lin_num
+            l_i += far * lin_den
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
         out_ptr + b * stride_ob + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -174,6 +175,7 @@ def routed_softmax_prefill(
     num_stages: int = 2,
     linear: torch.Tensor | None = None,
     log_weight: torch.Tensor | None = None,
+    merge_expert: int = -1,
 ) -> None:
     """Write the outputs of the softmax experts' tokens into `out`, in place.
 
@@ -181,9 +183,10 @@ def routed_softmax_prefill(
     last T keys. out (B, T, Hq, d). perm (B, T) int32: token indices sorted by (expert, position);
     seg_start / seg_count (B, E) int32: where each expert's segment of `perm` starts and its size.
     expert_meta (3, S) int32 on the device: the expert index, window (NO_WINDOW: every earlier
-    key) and sink tokens of each softmax expert to run. With `linear` (B, T, Hq, d + 1) float32 and
-    `log_weight` (Hq,), the expert is the hybrid: each query's softmax over its window and sinks
-    merges with its kernel part, numerator and denominator from `linear`, weighted by exp(log_weight).
+    key) and sink tokens of each softmax expert to run (one launch serves them all). With `linear`
+    (B, T, Hq, d + 1) float32, `log_weight` (Hq,) and `merge_expert`, that expert is the hybrid: each
+    of its queries' softmax over its window and sinks merges with its kernel part, numerator and
+    denominator from `linear`, weighted by exp(log_weight).
     """
     b, hq, t, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
@@ -202,7 +205,7 @@ def routed_softmax_prefill(
         out.stride(0), out.stride(1), out.stride(2),
         lin.stride(0), lin.stride(1), lin.stride(2),
         perm.stride(0), seg_start.stride(0),
-        hkv, tk - t, scale,
+        hkv, tk - t, scale, merge_expert,
         GROUP=group, PACK=pack, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MERGE=merge,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -261,23 +264,28 @@ def _routed_softmax_decode(
         tl.store(part_lse_ptr + part, tl.full([ROWS], float("-inf"), tl.float32), mask=row_ok)
 
 
-def routed_softmax_decode(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    routes: torch.Tensor,
-    window_by_expert: torch.Tensor,
-    sinks_by_expert: torch.Tensor,
-    *,
-    scale: float,
-    split: int = 512,
-    block_n: int = 64,
-) -> torch.Tensor:
+def routed_softmax_decode(q, k, v, routes, window_by_expert, sinks_by_expert, *, scale: float, split: int = 512):
     """One decode step of the softmax experts: q (B, Hq, 1, d), k/v (B, Hkv, L, d) (the cache,
     this token included), routes (B,) int32 expert of each row; window_by_expert / sinks_by_expert
     (E,) int32 give each expert's window (NO_WINDOW: every key, 0: not a softmax expert) and sinks.
     Returns (B, Hq, 1, d) float32, rows no softmax expert served zeros, and each row and head's
-    log2-sum-exp of its scores (B, Hq, 1), -inf where nothing was read."""
+    log2-sum-exp of its scores (B, Hq, 1), -inf where nothing was read. (The torch merge of
+    `softmax_decode_splits`; the fast path merges in `triton_decode.finish_decode` instead.)"""
+    part_out, part_lse = softmax_decode_splits(q, k, v, routes, window_by_expert, sinks_by_expert, scale=scale, split=split)
+    # Merge the splits with weights 2^(lse_s - max); splits (and rows) that saw nothing weigh 0.
+    top = part_lse.amax(-1, keepdim=True)
+    served = top > float("-inf")
+    w = torch.where(served, torch.exp2(part_lse - torch.where(served, top, 0.0)), 0.0)
+    total = w.sum(-1, keepdim=True)
+    out = (part_out * w[..., None]).sum(2) / total.clamp_min(1e-30)
+    lse = torch.where(served, top + torch.log2(total.clamp_min(1e-30)), float("-inf"))
+    return out.unsqueeze(2), lse
+
+
+def softmax_decode_splits(q, k, v, routes, window_by_expert, sinks_by_expert, *, scale: float, split: int = 512,
+                          block_n: int = 64):
+    """The launch of `routed_softmax_decode`: per row, head and split of `split` keys, the normalised
+    partial output (B, Hq, n_splits, d) float32 and its log2-sum-exp (B, Hq, n_splits)."""
     b, hq, _, d = q.shape
     hkv, n_keys = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -294,13 +302,4 @@ def routed_softmax_decode(
         BLOCK_D=max(16, triton.next_power_of_2(d)), SPLIT=split, BLOCK_N=block_n,
         num_warps=4, num_stages=2,
     )
-    # Merge the splits with weights 2^(lse_s - max); splits (and rows) that saw nothing weigh 0.
-    top = part_lse.amax(-1, keepdim=True)
-    served = top > float("-inf")
-    w = torch.where(served, torch.exp2(part_lse - torch.where(served, top, 0.0)), 0.0)
-    total = w.sum(-1, keepdim=True)
-    out = (part_out * w[..., None]).sum(2) / total.clamp_min(1e-30)
-    lse = torch.where(served, top + torch.log2(total.clamp_min(1e-30)), float("-inf"))
-    return out.unsqueeze(2), lse
-
-
+    return part_out, part_lse
