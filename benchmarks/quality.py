@@ -16,9 +16,9 @@ tinyshakespeare (documents separated by blank lines). Writes <out-dir>/quality_<
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
-import math
 import re
 import sys
 import time
@@ -31,10 +31,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from _common import RESULTS_DIR, device_tag, environment, environment_markdown, log, markdown_table  # noqa: E402
 
 import ma_convert  # noqa: E402
-from ma_convert import force_expert, routing_stats, set_routing_mode  # noqa: E402
-from ma_convert.core.stats import RoutingStats  # noqa: E402
+from ma_convert import force_expert, set_routing_mode  # noqa: E402
 from ma_convert.training.data import pack, pydoc_topics  # noqa: E402
-from ma_convert.training.objective import lm_loss  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VARIANTS = {
@@ -151,28 +149,20 @@ def eval_blocks(path: Path, tokenizer, args) -> list[torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------- measuring
-@torch.no_grad()
 def perplexity(model, blocks, args, *, forced=None) -> dict:
-    """Perplexity over blocks (routed as the model is set, or forced), with the routing stats."""
+    """Perplexity over blocks (routed as the model is set, or forced), with the routing stats and the
+    real attention cost (`ma-convert eval`'s own measurement)."""
+    from ma_convert.eval.lengths import read_blocks
+
     model.eval()
-    total, count, layers = 0.0, 0, None
-    for i in range(0, len(blocks), args.batch_size):
-        ids = torch.stack(blocks[i : i + args.batch_size]).to(args.device)
-        if forced is not None:
-            with force_expert(model, forced):
-                logits = model(input_ids=ids).logits
-        else:
-            logits = model(input_ids=ids).logits
-            if hasattr(model.config, "meta_attention"):
-                stats = routing_stats(model)
-                layers = stats if layers is None else [a + b for a, b in zip(layers, stats)]
-        total += lm_loss(logits, ids).item() * ids[:, 1:].numel()
-        count += ids[:, 1:].numel()
-    out = {"perplexity": math.exp(total / count), "tokens": count}
-    if layers is not None:
-        overall = RoutingStats.aggregate(layers)
-        out.update(projected_cost=overall.projected_cost, entropy=overall.entropy,
-                   expert_fractions=dict(zip(("full", "linear", "local"), overall.expert_fractions)))
+    routed = forced is None and hasattr(model.config, "meta_attention")
+    with force_expert(model, forced) if forced is not None else contextlib.nullcontext():
+        result = read_blocks(model, blocks, routed=routed, batch_size=args.batch_size)
+    out = {"perplexity": result["perplexity"], "tokens": result["tokens"]}
+    if routed:
+        out.update(projected_cost=result["projected_cost"], real_cost=result["real_cost"],
+                   entropy=result["routing"]["entropy"],
+                   expert_fractions=dict(zip(("full", "linear", "local"), result["routing"]["expert_fractions"])))
     return out
 
 

@@ -145,6 +145,44 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from .eval.lengths import check_lengths, evaluate_lengths, markdown_report, read_documents
+    from .hub import REPORT_TAG, check_report_paths, write_report
+    from .verify import _load_base, load_converted
+
+    out = Path(args.out) if args.out else Path(f"eval-{Path(args.folder).name}")
+    paths = out.with_name(out.name + ".json"), out.with_name(out.name + ".md")
+    check_report_paths(paths, args.overwrite)  # bad input fails before any model loads
+    documents = read_documents(args.text)
+    if args.routing == "auto" and args.threshold is None:
+        raise ValueError("--routing auto needs --threshold (the uncertainty above which a token goes full)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_converted(args.folder)
+    check_lengths(model, args.lengths)
+    dtype = next(model.parameters()).dtype
+    model = model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(args.folder)
+    base = _load_base(args.base, dtype).to(device) if args.base else None
+    results = evaluate_lengths(model, tokenizer, documents, args.lengths, routing=args.routing,
+                               uncertainty_threshold=args.threshold, base=base, max_blocks=args.max_blocks,
+                               passkey=args.passkey)
+    report = {"report": REPORT_TAG, "folder": str(args.folder), "text": str(args.text), "routing": args.routing,
+              "base": args.base, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "results": results}
+    title = f"{Path(args.folder).name}: {args.text}, routing {args.routing}, {device}"
+    markdown = f"<!-- {REPORT_TAG} -->\n" + markdown_report(results, title=title)
+    write_report(paths[0], json.dumps(report, indent=2) + "\n")
+    write_report(paths[1], markdown)
+    print(markdown_report(results, title=title))
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return 0
+
+
 def _upgrade(args: argparse.Namespace) -> int:
     from .remote_code import REMOTE_CODE_VERSION, upgrade_folder
     from .verify import load_converted
@@ -250,6 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--trust-remote-code", action="store_true",
                      help="also load the folder as remote code (runs its .py files) without ma_convert")
     ver.set_defaults(func=_verify)
+
+    ev = sub.add_parser("eval", help="perplexity, routing, projected and real attention cost per length (and passkey)")
+    ev.add_argument("folder", help="a converted model folder")
+    ev.add_argument("--text", required=True, help="a .txt file (documents separated by blank lines) or .jsonl (\"text\")")
+    ev.add_argument("--lengths", type=int, nargs="+", default=[2048], help="prompt lengths to measure (default 2048)")
+    ev.add_argument("--routing", choices=["saved", "full", "soft", "hard", "auto"], default="saved",
+                    help="how the model routes (saved: as it was exported; full: the original attention)")
+    ev.add_argument("--threshold", type=float, help="the uncertainty threshold of --routing auto")
+    ev.add_argument("--base", help="the original (folder, .gguf file or Hub id), measured on the same blocks")
+    ev.add_argument("--passkey", action="store_true", help="also passkey retrieval accuracy at each length")
+    ev.add_argument("--max-blocks", type=int, default=8, help="blocks of text per length (default 8)")
+    ev.add_argument("--device", help="default: cuda when there is one, else cpu")
+    ev.add_argument("--out", help="the report's path without suffix, written as .json and .md (default eval-FOLDERNAME)")
+    ev.add_argument("--overwrite", action="store_true", help="replace a report ma-convert wrote there before")
+    ev.set_defaults(func=_eval)
 
     upg = sub.add_parser("upgrade", help="rewrite an exported folder's remote code files with this version's")
     upg.add_argument("folder")

@@ -170,3 +170,31 @@ def _replace(tmp: Path, out: Path) -> None:
     tmp.rename(out)
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ report files
+REPORT_TAG = "ma-convert report"  # in every report file ma-convert writes, so --overwrite knows its own
+
+
+def check_report_paths(paths: Iterable[Path], overwrite: bool) -> None:
+    """Refuse, before any work, report files that exist unless --overwrite and ma-convert wrote them."""
+    for path in paths:
+        if not path.exists():
+            continue
+        if not overwrite:
+            raise OutputFolderError(f"{path} exists; pass --overwrite to replace a report ma-convert wrote")
+        head = path.read_text(encoding="utf-8", errors="replace")[:200] if path.is_file() else ""
+        if REPORT_TAG not in head:
+            raise OutputFolderError(f"{path} exists and is not a report ma-convert wrote: it is left as it is")
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (a hidden temporary sibling, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -257,7 +257,7 @@ class MetaAttention(nn.Module):
         return self._spec
 
     def _build_spec(self) -> RoutedSpec:
-        spec = RoutedSpec(n_experts=len(self.experts))
+        spec = RoutedSpec(n_experts=len(self.experts), router=self.router.kernel_weights())
         for i, expert in enumerate(self.experts):
             kind = type(expert)
             if kind is FullAttention and spec.full is None:
@@ -331,7 +331,7 @@ class MetaAttention(nn.Module):
         if fused and (not auto or isinstance(self.router, DirichletRouter)):
             from ma_convert.kernels.triton_routing import route_tokens
 
-            return route_tokens(self.router.kernel_weights(), x, positions, full_index=self.full_index,
+            return route_tokens(self.routed_spec().router, x, positions, full_index=self.full_index,
                                 full_tail=self.full_tail, uncertainty_threshold=self.uncertainty_threshold if auto else None)
         raw = self.router.raw(x, positions)
         routes = raw.argmax(-1)

@@ -39,6 +39,7 @@ class RoutedSpec:
     q_map_weight: Optional[torch.Tensor] = None  # Hedgehog (Hq, d, d); None: ELU+1
     k_map_weight: Optional[torch.Tensor] = None  # Hedgehog (Hkv, d, d); None: ELU+1
     log_weight: Optional[torch.Tensor] = None  # hybrid only, (Hq,)
+    router: Optional["RouterWeights"] = None  # for the routing kernel
     reason: Optional[str] = None
     _tables: dict = field(default_factory=dict, repr=False)
 

@@ -183,11 +183,13 @@ def blocked_softmax_attention(
         lo = 0 if window is None else max(0, p_lo - window + 1)
         hi = p_hi + 1 if causal else (tk if window is None else min(tk, p_hi + window))
         key_index = torch.arange(lo, hi, device=q.device)
-        if sinks and lo > 0:
-            key_index = torch.cat([torch.arange(min(sinks, lo), device=q.device), key_index])
-        contiguous = key_index.numel() == hi - lo
-        kb = k[:, :, lo:hi] if contiguous else k.index_select(2, key_index)
-        vb = v[:, :, lo:hi] if contiguous else v.index_select(2, key_index)
+        n_sinks = min(sinks, lo)
+        if n_sinks:  # the sinks, then the window: two slices (a copy, but no gather)
+            key_index = torch.cat([torch.arange(n_sinks, device=q.device), key_index])
+            kb = torch.cat([k[:, :, :n_sinks], k[:, :, lo:hi]], dim=2)
+            vb = torch.cat([v[:, :, :n_sinks], v[:, :, lo:hi]], dim=2)
+        else:
+            kb, vb = k[:, :, lo:hi], v[:, :, lo:hi]
         allowed = allowed_keys(
             q_pos[:, rows].clamp_min(p_lo),  # a padding slot acts as the block's first query
             key_index,

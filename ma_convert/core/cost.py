@@ -1,0 +1,91 @@
+"""Real attention cost: the attention work each expert did in a forward, over full attention's.
+
+Work is counted in query-key pairs. A pair of softmax attention is one score and its value
+accumulation, 2d multiply-adds for head size d. Per layer and row of T queries at key positions
+p = 0 .. T-1 (each sees p + 1 keys):
+
+- full: p + 1 pairs (min(p + 1, w) for a base model with its own window w);
+- local (window W, S sinks): min(p + 1, W) + min(S, max(0, p + 1 - W)) pairs;
+- linear (F features; Hedgehog F = 2d, ELU+1 F = d): per query its feature map and its read of
+  the state, F d + d^2 multiply-adds = (F + d) / 2 pairs, plus the keys of its own chunk of C keys
+  walked quadratically, ((p mod C) + 1) (F + d) / 2d pairs; per key of the sequence its feature map
+  and its write to the state, (F + d) / 2 pairs, charged once per layer and row whenever any token
+  of the row uses the kernel expert;
+- hybrid (window W, S sinks): the exact part as local, and the linear part for the keys left of
+  its window (queries with p >= W + S).
+
+Real cost = work / full causal attention's work over the same queries, sum_p min(p + 1, w).
+Unlike the projected cost (fixed 1.0 / 0.15 / 0.30 per token), it depends on the length: a
+512-key window is 44% of full attention's pairs at 2k and 12% at 8k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .experts.full import FullAttention
+from .experts.hybrid import HybridAttention
+from .experts.linear import HedgehogFeatureMap, LinearAttention
+from .experts.local import LocalAttention
+
+NO_WINDOW = 1 << 62
+
+
+def _visible(positions: torch.Tensor, window: int) -> torch.Tensor:
+    return torch.clamp(positions + 1, max=window)
+
+
+def _exact_pairs(positions: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
+    seen = positions + 1
+    return torch.clamp(seen, max=window) + torch.clamp(seen - window, min=0).clamp(max=sinks)
+
+
+def _kernel_per_token(expert: LinearAttention, d: int) -> float:
+    """(F + d) / 2: one token's feature map and its state read (or write), in pairs."""
+    features = 2 * d if isinstance(expert.q_map, HedgehogFeatureMap) else d
+    return (features + d) / 2
+
+
+def expert_work(expert, positions: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Pairs of work per query at key positions `positions` (any shape, long) on `expert`
+    (without the kernel experts' per-key work, see `key_work`). Custom experts count as full."""
+    p = positions.long()
+    if isinstance(expert, LocalAttention):
+        return _exact_pairs(p, expert.window, expert.sinks).double()
+    if isinstance(expert, LinearAttention):
+        per_token = _kernel_per_token(expert, head_dim)
+        if isinstance(expert, HybridAttention):
+            exact = _exact_pairs(p, expert.window, expert.sinks).double()
+            kernel_keys = p - expert.window + 1 - expert.sinks  # keys left of the window, after the sinks
+            reads = kernel_keys > 0
+            walk = torch.remainder(kernel_keys.clamp(min=1) - 1, expert.chunk) + 1
+            return exact + reads * (per_token + walk * per_token / head_dim)
+        walk = torch.remainder(p, expert.chunk) + 1
+        return per_token + walk.double() * per_token / head_dim
+    window = getattr(expert, "window", None) if isinstance(expert, FullAttention) else None
+    return _visible(p, window or NO_WINDOW).double()
+
+
+def key_work(expert, n_keys: int, head_dim: int) -> float:
+    """The kernel experts' per-key work (feature map and state write) over `n_keys` keys, in pairs."""
+    if not isinstance(expert, LinearAttention):
+        return 0.0
+    return n_keys * _kernel_per_token(expert, head_dim)
+
+
+def routed_work(module, routes: torch.Tensor, n_keys: int) -> tuple[float, float]:
+    """(work, full attention's work) in pairs of one module's forward: routes (B, T), the queries
+    being the last T of `n_keys` keys. Summed over rows; per head (every head does the same)."""
+    b, t = routes.shape
+    positions = torch.arange(n_keys - t, n_keys, device=routes.device).expand(b, t)
+    head_dim = module.cfg.d_head
+    full_window = module.cfg.full_window or NO_WINDOW
+    work = 0.0
+    for index, expert in enumerate(module.experts):
+        chosen = routes == index
+        if not bool(chosen.any()):
+            continue
+        work += float(expert_work(expert, positions[chosen], head_dim).sum())
+        rows_using = int(chosen.any(dim=1).sum())
+        work += rows_using * key_work(expert, n_keys, head_dim)
+    return work, float(_visible(positions, full_window).double().sum())

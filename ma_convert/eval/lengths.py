@@ -1,0 +1,186 @@
+"""Quality and cost per prompt length: what `ma-convert eval` runs.
+
+At each length, the text is packed into blocks of that many tokens (documents joined by EOS, as in
+training) and the converted model reads them as routed: perplexity, per-layer routing statistics,
+the projected cost (fixed per-expert costs) and the real attention cost (`core.cost`: the work
+each expert did at that length over full attention's). The original, when given, reads the same
+blocks in the same run. Passkey retrieval accuracy is optional.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..core.control import meta_attention_modules, routing_stats
+from ..core.cost import routed_work
+from ..core.stats import RoutingStats
+from ..training.data import pack
+from ..training.objective import lm_loss
+from .lm_eval_client import routing_for_eval
+
+ROUTINGS = ("saved", "full", "soft", "hard", "auto")
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """Documents of a .txt file (separated by blank lines) or a .jsonl file (a "text" field per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--text {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        docs = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f"{path}:{number}: each line must be a JSON object with a \"text\" string")
+                docs.append(record["text"])
+    elif path.suffix in (".txt", ".md", ""):
+        docs = [d for d in text.split("\n\n") if d.strip()]
+    else:
+        raise ValueError(f"--text {path}: read .txt (documents separated by blank lines) or .jsonl (a \"text\" field)")
+    if not docs:
+        raise ValueError(f"--text {path} holds no text")
+    return docs
+
+
+def max_positions(model) -> Optional[int]:
+    """The longest sequence the model's positions allow (None: not bounded)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_lengths(model, lengths: Sequence[int]) -> list[int]:
+    """The lengths, validated against the model's positions before any work."""
+    limit = max_positions(model)
+    lengths = [int(n) for n in lengths]
+    if not lengths or any(n < 2 for n in lengths):
+        raise ValueError(f"--lengths {lengths}: give one or more lengths of at least 2 tokens")
+    too_long = [n for n in lengths if limit is not None and n > limit]
+    if too_long:
+        raise ValueError(f"--lengths {too_long}: beyond the model's {limit} positions")
+    return lengths
+
+
+def blocks_of(documents: Sequence[str], tokenizer, length: int, max_blocks: int) -> list[torch.Tensor]:
+    blocks = list(pack(documents, tokenizer, length, max_blocks * length))
+    if not blocks:
+        raise ValueError(f"the text holds fewer than {length} tokens: give a longer --text or shorter --lengths")
+    return blocks
+
+
+@torch.no_grad()
+def read_blocks(model, blocks: Sequence[torch.Tensor], *, routed: bool, batch_size: int = 1, progress=None) -> dict:
+    """Perplexity over `blocks` (equal lengths, `batch_size` at a time); for a routed model also the
+    routing statistics and the real attention cost, per layer."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    layers: Optional[list[RoutingStats]] = None
+    work: Optional[list[list[float]]] = None
+    for i in range(0, len(blocks), batch_size):
+        ids = torch.stack(list(blocks[i : i + batch_size])).to(device)
+        logits = model(input_ids=ids).logits
+        total += float(lm_loss(logits, ids)) * ids[:, 1:].numel()
+        count += ids[:, 1:].numel()
+        if routed:
+            stats = routing_stats(model)
+            layers = stats if layers is None else [a + b for a, b in zip(layers, stats)]
+            done = [routed_work(m, m.last_routes, ids.shape[1]) for m in meta_attention_modules(model)]
+            work = [list(w) for w in done] if work is None else [[a[0] + b[0], a[1] + b[1]] for a, b in zip(work, done)]
+        if progress is not None:
+            progress.update(ids.shape[0])
+    out = {"perplexity": math.exp(total / count), "tokens": count}
+    if layers is not None:
+        overall = RoutingStats.aggregate(layers)
+        out["routing"] = _stats_dict(overall)
+        out["layers"] = [dict(_stats_dict(s), real_cost=w / f) for s, (w, f) in zip(layers, work)]
+        out["projected_cost"] = overall.projected_cost
+        out["real_cost"] = sum(w for w, _ in work) / sum(f for _, f in work)
+    return out
+
+
+def _stats_dict(stats: RoutingStats) -> dict:
+    return {"expert_fractions": [round(f, 6) for f in stats.expert_fractions], "entropy": stats.entropy,
+            "projected_cost": stats.projected_cost, "mean_uncertainty": stats.mean_uncertainty}
+
+
+def evaluate_lengths(
+    model,
+    tokenizer,
+    documents: Sequence[str],
+    lengths: Sequence[int],
+    *,
+    routing: str = "saved",
+    uncertainty_threshold: Optional[float] = None,
+    base=None,
+    max_blocks: int = 8,
+    passkey: bool = False,
+    passkey_keys: int = 2,
+    progress: bool = True,
+) -> dict:
+    """Per length: the converted model's perplexity, routing and costs (and the original's perplexity,
+    with `base`), and passkey accuracy when asked. Returns a JSON-ready dict keyed by length."""
+    from tqdm.auto import tqdm
+
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing={routing!r} is invalid: must be one of {ROUTINGS}")
+    if not meta_attention_modules(model):
+        raise ValueError(f"{type(model).__name__} has no Meta-Attention module: evaluate a converted model")
+    lengths = check_lengths(model, lengths)
+    if max_blocks < 1:
+        raise ValueError(f"max_blocks={max_blocks}: must be >= 1")
+    block_sets = {n: blocks_of(documents, tokenizer, n, max_blocks) for n in lengths}
+    steps = sum(len(b) for b in block_sets.values()) * (2 if base is not None else 1)
+    results = {}
+    with tqdm(total=steps, desc="eval", unit="block", disable=not progress) as bar, \
+            routing_for_eval(model, None if routing == "saved" else routing, uncertainty_threshold=uncertainty_threshold):
+        for n, blocks in block_sets.items():
+            bar.set_postfix(length=n)
+            row = read_blocks(model, blocks, routed=routing != "full", progress=bar)
+            if base is not None:
+                row["original_perplexity"] = read_blocks(base, blocks, routed=False, progress=bar)["perplexity"]
+                row["perplexity_change"] = row["perplexity"] / row["original_perplexity"] - 1.0
+            if passkey:
+                row["passkey"] = _passkey(model, tokenizer, n, passkey_keys)
+            results[str(n)] = row
+    return results
+
+
+def _passkey(model, tokenizer, length: int, n_keys: int) -> dict:
+    from .passkey import passkey_table
+
+    result = passkey_table(model, tokenizer, lengths=(length,), n_keys=n_keys, progress=False)[length]
+    return {"accuracy": result["accuracy"], "n": result["n"], "by_depth": result["by_depth"]}
+
+
+def markdown_report(results: dict, *, title: str) -> str:
+    """The per-length table, then each length's per-layer real cost."""
+    lines = [f"# {title}\n", "| length | perplexity | original | change | full / kernel / local | projected cost | "
+             "real cost | passkey |", "|---|---|---|---|---|---|---|---|"]
+    for n, row in results.items():
+        fractions = " / ".join(f"{f:.2f}" for f in row.get("routing", {}).get("expert_fractions", [])) or "-"
+        original = row.get("original_perplexity")
+        change = f"{row['perplexity_change']:+.1%}" if original else "-"
+        passkey = row.get("passkey", {}).get("accuracy")
+        lines.append(
+            f"| {n} | {row['perplexity']:.3f} | {_num(original)} | {change} | {fractions} | "
+            f"{_num(row.get('projected_cost'))} | {_num(row.get('real_cost'))} | {_num(passkey, 2)} |"
+        )
+    for n, row in results.items():
+        if row.get("layers"):
+            costs = ", ".join(f"{layer['real_cost']:.2f}" for layer in row["layers"])
+            lines.append(f"\nReal cost per layer at {n}: {costs}")
+    return "\n".join(lines) + "\n"
+
+
+def _num(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

@@ -1,0 +1,107 @@
+"""`ma-convert eval` and the real attention cost it reports."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import save_tiny_llama
+
+from ma_convert.cli import main
+from ma_convert.core.config import MetaAttnConfig
+from ma_convert.core.cost import routed_work
+from ma_convert.core.meta_attention import MetaAttention
+
+
+def layer(**overrides):
+    cfg = MetaAttnConfig(**{"d_model": 64, "n_heads": 4, "window_size": 2, "sink_tokens": 0, **overrides})
+    return MetaAttention(cfg)
+
+
+def cost(meta, routes):
+    work, full = routed_work(meta, torch.as_tensor(routes)[None], len(routes))
+    return work / full
+
+
+def test_real_cost_counts_query_key_pairs():
+    meta = layer()
+    assert cost(meta, [0] * 50) == 1.0  # full attention's own work
+    assert cost(meta, [2, 2, 2, 2]) == pytest.approx((1 + 2 + 2 + 2) / 10)  # window 2 over 4 keys
+    assert cost(meta, [0, 0, 2, 2]) == pytest.approx((1 + 2 + 2 + 2) / 10)
+    assert cost(meta, [2, 2, 2, 0]) == pytest.approx((1 + 2 + 2 + 4) / 10)  # the last token sees all 4
+    sinks = layer(sink_tokens=1)
+    assert cost(sinks, [2] * 5) == pytest.approx((1 + 2 + 3 + 3 + 3) / 15)  # the window and one sink
+
+
+def test_real_cost_of_windows_and_kernels_falls_with_length():
+    meta = MetaAttention(MetaAttnConfig(d_model=256, n_heads=4, window_size=512, linear_window=64, sink_tokens=4))
+    local = [cost(meta, [2] * t) for t in (1024, 2048, 8192)]
+    hybrid = [cost(meta, [1] * t) for t in (1024, 2048, 8192)]
+    assert local[1] == pytest.approx(0.44, abs=0.01) and local[2] == pytest.approx(0.12, abs=0.01)
+    assert hybrid[0] > hybrid[1] > hybrid[2] and hybrid[2] < 0.1
+    assert cost(meta, [1] * 40) > 1.0  # below its own overhead the kernel part costs more than full
+
+
+def test_real_cost_baseline_keeps_the_base_models_window():
+    meta = layer(full_window=4)  # a Mistral-style model: full attention is itself windowed
+    assert cost(meta, [0] * 10) == 1.0
+    assert cost(meta, [2] * 10) == pytest.approx((1 + 2 * 9) / (1 + 2 + 3 + 4 * 7))
+
+
+@pytest.fixture
+def converted(tmp_path):
+    source = save_tiny_llama(tmp_path / "source")
+    assert main(["convert", str(source), str(tmp_path / "converted")]) == 0
+    from pydoc_data.topics import topics
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(topics[k] for k in sorted(topics)[:40]), encoding="utf-8")
+    return source, tmp_path / "converted", text
+
+
+def test_eval_reports_perplexity_routing_and_costs_per_length(converted, tmp_path, capsys):
+    source, folder, text = converted
+    out = tmp_path / "report"
+    assert main(["eval", str(folder), "--text", str(text), "--lengths", "32", "96", "--routing", "hard",
+                 "--base", str(source), "--max-blocks", "2", "--out", str(out)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["results"]) == {"32", "96"}
+    for row in report["results"].values():
+        assert row["perplexity"] > 1 and row["original_perplexity"] > 1
+        assert 0 < row["real_cost"] and 0 < row["projected_cost"] <= 1
+        assert len(row["layers"]) == 2 and sum(row["routing"]["expert_fractions"]) == pytest.approx(1)
+    assert "real cost" in (tmp_path / "report.md").read_text()
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_eval_forced_full_is_the_original(converted, tmp_path):
+    source, folder, text = converted
+    out = tmp_path / "full"
+    assert main(["eval", str(folder), "--text", str(text), "--lengths", "64", "--routing", "full", "--base", str(source),
+                 "--max-blocks", "2", "--out", str(out)]) == 0
+    row = json.loads((tmp_path / "full.json").read_text())["results"]["64"]
+    assert row["perplexity"] == pytest.approx(row["original_perplexity"], rel=1e-5)
+    assert "real_cost" not in row  # nothing was routed
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lengths", "4096"], "beyond the model's 128 positions"),
+    (["--routing", "auto"], "needs --threshold"),
+    (["--lengths", "1"], "at least 2 tokens"),
+])
+def test_eval_refuses_bad_input_clearly(converted, tmp_path, capsys, argv, message):
+    _, folder, text = converted
+    assert main(["eval", str(folder), "--text", str(text), "--out", str(tmp_path / "r"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_eval_never_overwrites_a_file_it_did_not_write(converted, tmp_path, capsys):
+    _, folder, text = converted
+    mine = tmp_path / "notes.json"
+    mine.write_text("my notes")
+    argv = ["eval", str(folder), "--text", str(text), "--lengths", "32", "--max-blocks", "1", "--out", str(tmp_path / "notes")]
+    assert main(argv) == 2 and "exists" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 2 and "not a report ma-convert wrote" in capsys.readouterr().err
+    assert mine.read_text() == "my notes"
+    missing = tmp_path / "missing.txt"
+    assert main(["eval", str(folder), "--text", str(missing), "--out", str(tmp_path / "x")]) == 2
