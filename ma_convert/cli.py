@@ -159,7 +159,8 @@ def _eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(f"eval-{Path(args.folder).name}")
     paths = out.with_name(out.name + ".json"), out.with_name(out.name + ".md")
     check_report_paths(paths, args.overwrite)  # bad input fails before any model loads
-    documents = read_documents(args.text)
+    # Enough text for the longest length's blocks (a token is rarely more than 16 characters).
+    documents = read_documents(args.text, max(args.lengths) * args.max_blocks * 16, args.text_field)
     if args.routing == "auto" and args.threshold is None:
         raise ValueError("--routing auto needs --threshold (the uncertainty above which a token goes full)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -291,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity, routing, projected and real attention cost per length (and passkey)")
     ev.add_argument("folder", help="a converted model folder")
-    ev.add_argument("--text", required=True, help="a .txt file (documents separated by blank lines) or .jsonl (\"text\")")
+    ev.add_argument("--text", required=True, help="a .txt (documents separated by blank lines), .jsonl or .parquet "
+                    "file, 'pydoc', or a Hub dataset name[:config][@split] (where the Hub is reachable)")
+    ev.add_argument("--text-field", default="text", help="the text column of a .jsonl/.parquet file or dataset")
     ev.add_argument("--lengths", type=int, nargs="+", default=[2048], help="prompt lengths to measure (default 2048)")
     ev.add_argument("--routing", choices=["saved", "full", "soft", "hard", "auto"], default="saved",
                     help="how the model routes (saved: as it was exported; full: the original attention)")

@@ -105,3 +105,15 @@ def test_eval_never_overwrites_a_file_it_did_not_write(converted, tmp_path, caps
     assert mine.read_text() == "my notes"
     missing = tmp_path / "missing.txt"
     assert main(["eval", str(folder), "--text", str(missing), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_eval_reads_jsonl_and_names_an_unreachable_hub_dataset(converted, tmp_path, capsys):
+    _, folder, text = converted
+    docs = [d for d in text.read_text().split("\n\n") if d.strip()]
+    jsonl = tmp_path / "text.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"body": d}) for d in docs))
+    argv = ["eval", str(folder), "--lengths", "32", "--max-blocks", "1", "--routing", "full"]
+    assert main([*argv, "--text", str(jsonl), "--text-field", "body", "--out", str(tmp_path / "j")]) == 0
+    assert json.loads((tmp_path / "j.json").read_text())["results"]["32"]["perplexity"] > 1
+    assert main([*argv, "--text", "someone/some-dataset", "--out", str(tmp_path / "h")]) == 2
+    assert "Hub is unreachable" in capsys.readouterr().err

@@ -9,9 +9,7 @@ blocks in the same run. Passkey retrieval accuracy is optional.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -26,27 +24,23 @@ from .lm_eval_client import routing_for_eval
 ROUTINGS = ("saved", "full", "soft", "hard", "auto")
 
 
-def read_documents(path: str | Path) -> list[str]:
-    """Documents of a .txt file (separated by blank lines) or a .jsonl file (a "text" field per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--text {path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        docs = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                record = json.loads(line)
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f"{path}:{number}: each line must be a JSON object with a \"text\" string")
-                docs.append(record["text"])
-    elif path.suffix in (".txt", ".md", ""):
-        docs = [d for d in text.split("\n\n") if d.strip()]
-    else:
-        raise ValueError(f"--text {path}: read .txt (documents separated by blank lines) or .jsonl (a \"text\" field)")
-    if not docs:
-        raise ValueError(f"--text {path} holds no text")
-    return docs
+def read_documents(spec: str, max_chars: int, text_field: str = "text") -> list[str]:
+    """The documents of `spec` (a .txt, .jsonl or .parquet file, 'pydoc', or a Hub dataset
+    ``name[:config][@split]`` where the Hub is reachable), read until `max_chars` characters."""
+    from ..training.data import source_texts
+
+    try:
+        documents, chars = [], 0
+        for text in source_texts(spec, text_field):
+            documents.append(text)
+            chars += len(text)
+            if chars >= max_chars:
+                break
+    except ValueError as error:  # the recipe's reader names its own field; here it is --text
+        raise type(error)(str(error).replace("DataConfig.source", "--text")) from None
+    if not documents:
+        raise ValueError(f"--text {spec} holds no text")
+    return documents
 
 
 def max_positions(model) -> Optional[int]:

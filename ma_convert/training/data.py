@@ -38,6 +38,7 @@ __all__ = [
     "iter_texts",
     "pack",
     "pydoc_topics",
+    "source_texts",
 ]
 
 _FILE_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -155,6 +156,14 @@ def _split(items: Iterable, fraction: float, size=len) -> Iterator[tuple[object,
         if is_eval:
             held += n
         yield item, is_eval
+
+
+def source_texts(spec: str, text_field: str = "text", split: str = "train") -> Iterator[str]:
+    """Every non-empty document of one source, lazily, as the recipe reads it: a .txt (documents
+    separated by blank lines), .jsonl or .parquet file (`text_field`), 'pydoc', or a Hub dataset
+    ``name[:config][@split]``."""
+    cfg = DataConfig(source=spec, text_field=text_field, split=split)
+    return _iter_source(_resolve(spec, cfg, "source"), cfg)
 
 
 def _iter_source(src: _Source, cfg: DataConfig) -> Iterator[str]:
