@@ -154,18 +154,20 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .eval.lengths import check_lengths, evaluate_lengths, markdown_report, read_documents
     from .hub import REPORT_TAG, check_report_paths, write_report
-    from .verify import _load_base, load_converted
+    from .verify import _load_base, converted_config, load_converted
 
     out = Path(args.out) if args.out else Path(f"eval-{Path(args.folder).name}")
+    if out.suffix in (".json", ".md"):
+        out = out.with_suffix("")
     paths = out.with_name(out.name + ".json"), out.with_name(out.name + ".md")
     check_report_paths(paths, args.overwrite)  # bad input fails before any model loads
-    # Enough text for the longest length's blocks (a token is rarely more than 16 characters).
-    documents = read_documents(args.text, max(args.lengths) * args.max_blocks * 16, args.text_field)
     if args.routing == "auto" and args.threshold is None:
         raise ValueError("--routing auto needs --threshold (the uncertainty above which a token goes full)")
+    check_lengths(converted_config(args.folder), args.lengths)
+    # Enough text for the longest length's blocks (a token is rarely more than 16 characters).
+    documents = read_documents(args.text, max(args.lengths) * args.max_blocks * 16, args.text_field)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_converted(args.folder)
-    check_lengths(model, args.lengths)
     dtype = next(model.parameters()).dtype
     model = model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(args.folder)
@@ -177,8 +179,8 @@ def _eval(args: argparse.Namespace) -> int:
               "base": args.base, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "results": results}
     title = f"{Path(args.folder).name}: {args.text}, routing {args.routing}, {device}"
     markdown = f"<!-- {REPORT_TAG} -->\n" + markdown_report(results, title=title)
-    write_report(paths[0], json.dumps(report, indent=2) + "\n")
-    write_report(paths[1], markdown)
+    check_report_paths(paths, args.overwrite)  # again: something may have appeared during the run
+    write_report({paths[0]: json.dumps(report, indent=2) + "\n", paths[1]: markdown})
     print(markdown_report(results, title=title))
     print(f"wrote {paths[0]} and {paths[1]}")
     return 0

@@ -183,18 +183,25 @@ def check_report_paths(paths: Iterable[Path], overwrite: bool) -> None:
             continue
         if not overwrite:
             raise OutputFolderError(f"{path} exists; pass --overwrite to replace a report ma-convert wrote")
-        head = path.read_text(encoding="utf-8", errors="replace")[:200] if path.is_file() else ""
+        head = ""
+        if path.is_file():
+            with path.open(encoding="utf-8", errors="replace") as f:
+                head = f.read(200)
         if REPORT_TAG not in head:
             raise OutputFolderError(f"{path} exists and is not a report ma-convert wrote: it is left as it is")
 
 
-def write_report(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (a hidden temporary sibling, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+def write_report(files: dict[Path, str]) -> None:
+    """Write each path's text atomically and together: every file goes to a hidden temporary sibling
+    first, and only when all are written are they renamed into place."""
+    temporaries = {path: path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp") for path in files}
     try:
-        temporary.write_text(text, encoding="utf-8")
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
+        for path, text in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporaries[path].write_text(text, encoding="utf-8")
+            os.chmod(temporaries[path], 0o644)
+        for path, temporary in temporaries.items():
+            os.replace(temporary, path)
     finally:
-        temporary.unlink(missing_ok=True)
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)

@@ -61,9 +61,9 @@ def _agree(a: torch.Tensor, b: torch.Tensor, tolerance: float) -> tuple[float, b
     return diff, diff <= 1e-2 * b.float().abs().max().item()
 
 
-def load_converted(folder: str | Path):
-    """A converted folder loaded with ma_convert, after checking that it is one; one-line errors."""
-    from transformers import AutoModelForCausalLM
+def converted_config(folder: str | Path):
+    """The config of a converted folder (no weights read), after checking that it is one."""
+    from transformers import AutoConfig
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -71,6 +71,15 @@ def load_converted(folder: str | Path):
     config = read_json(folder / "config.json")
     if "meta_attention" not in config:
         raise ModelSourceError(f"{folder} is not a converted model (its config.json has no meta_attention block)")
+    return AutoConfig.from_pretrained(folder)
+
+
+def load_converted(folder: str | Path):
+    """A converted folder loaded with ma_convert, after checking that it is one; one-line errors."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    converted_config(folder)
     try:
         return AutoModelForCausalLM.from_pretrained(folder).eval()
     except ValueError:

@@ -117,3 +117,37 @@ def test_eval_reads_jsonl_and_names_an_unreachable_hub_dataset(converted, tmp_pa
     assert json.loads((tmp_path / "j.json").read_text())["results"]["32"]["perplexity"] > 1
     assert main([*argv, "--text", "someone/some-dataset", "--out", str(tmp_path / "h")]) == 2
     assert "Hub is unreachable" in capsys.readouterr().err
+
+
+def test_real_cost_of_the_linear_expert_by_hand():
+    """Hedgehog, d=16 (F=32), chunk C: per query (F d + d^2) / 2d = 24 pairs and ((p mod C) + 1) * 1.5
+    for its chunk; per key of a row that uses it, 24 more."""
+    meta = MetaAttention(MetaAttnConfig(d_model=64, n_heads=4, window_size=2, sink_tokens=0))
+    c = meta.experts[1].chunk
+    t = c + 3
+    want = sum(24 + ((p % c) + 1) * 1.5 for p in range(t)) + 24 * t
+    assert cost(meta, [1] * t) == pytest.approx(want / (t * (t + 1) / 2))
+    rows = torch.tensor([[1] * t, [0] * t])  # the second row never uses it: no per-key work there
+    work, full = routed_work(meta, rows, t)
+    assert work == pytest.approx(want + t * (t + 1) / 2) and full == t * (t + 1)
+
+
+def test_real_cost_counts_every_expert_a_soft_token_ran_on(converted, tmp_path):
+    _, folder, text = converted
+    costs = {}
+    for routing in ("hard", "soft"):
+        out = tmp_path / routing
+        assert main(["eval", str(folder), "--text", str(text), "--lengths", "64", "--routing", routing,
+                     "--max-blocks", "1", "--out", f"{out}.json"]) == 0  # a suffix given is not doubled
+        costs[routing] = json.loads((tmp_path / f"{routing}.json").read_text())["results"]["64"]["real_cost"]
+    assert costs["soft"] > costs["hard"] and costs["soft"] > 1.0  # every expert ran on every token
+
+
+def test_eval_overwrite_replaces_its_own_report(converted, tmp_path):
+    _, folder, text = converted
+    argv = ["eval", str(folder), "--text", str(text), "--lengths", "32", "--max-blocks", "1", "--out", str(tmp_path / "r")]
+    assert main(argv) == 0
+    first = (tmp_path / "r.json").read_text()
+    assert main([*argv, "--routing", "full", "--overwrite"]) == 0
+    assert (tmp_path / "r.json").read_text() != first
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".r", "r."))) == ["r.json", "r.md"]

@@ -331,27 +331,35 @@ def test_routing_kernel_matches_the_torch_router(router, mode):
     tail: the same raw output and routes as the torch router, for (T,) and (B, T) positions."""
     if mode == "auto" and router == "softmax":
         pytest.skip("auto routing of the softmax router stays on the torch path (its uncertainty is an entropy)")
+    torch.manual_seed(0)
     d, t = 96, 300  # d: not a multiple of the kernel's column block
-    cfg = MetaAttnConfig(d_model=d, n_heads=4, window_size=32, router=router, controller_hidden=40, max_positions=512)
+    cfg = MetaAttnConfig(d_model=d, n_heads=4, window_size=32, router=router, controller_hidden=40, max_positions=512,
+                         temperature=1.7)
     meta = MetaAttention(cfg).eval()
     with torch.no_grad():
         for p in meta.router.parameters():
             p.copy_(torch.randn_like(p) * (0.5 if p.dim() > 1 else 1.0))
+    meta.router.temperature = 0.8  # schedules move it after the spec is built: the kernel reads it per call
+    meta.routed_spec()
     meta.set_routing_mode(mode, uncertainty_threshold=0.3 if mode == "auto" else None, full_tail=7)
     x = torch.randn(2, t, d) * 3 + 0.5
     for positions in (torch.arange(t), torch.randint(0, 500, (2, t))):
         with torch.no_grad():
             want_routes, want_raw = meta.route_hard(x, positions)
+            if mode == "auto":  # the uncertainty rule must change some routes, or this checks nothing
+                assert (want_routes[:, :-7] != want_raw[:, :-7].argmax(-1)).any()
             dtype = torch.bfloat16 if CUDA else torch.float32
             router_copy = meta.to(DEVICE, dtype)
             routes, raw = routing().route_tokens(
-                router_copy.router.kernel_weights(), x.to(DEVICE, dtype), positions.to(DEVICE), full_index=0,
-                full_tail=7, uncertainty_threshold=0.3 if mode == "auto" else None)
+                router_copy.routed_spec().router, x.to(DEVICE, dtype), positions.to(DEVICE), temperature=0.8,
+                full_index=0, full_tail=7, uncertainty_threshold=0.3 if mode == "auto" else None)
             meta.float().cpu()
         assert routes.dtype == torch.int32 and raw.dtype == torch.float32
         assert rel_err(raw, want_raw) <= (2e-2 if CUDA else 1e-5)
         margin = want_raw.topk(2, -1).values.diff(dim=-1).abs().squeeze(-1)
         clear = margin > (0.1 if CUDA else 1e-4)  # where rounding cannot flip the argmax
+        if mode == "auto":  # nor move a token across the uncertainty threshold
+            clear &= (meta.router.from_raw(want_raw).uncertainty - 0.3).abs() > (0.02 if CUDA else 1e-5)
         assert clear.float().mean() > 0.5
         assert torch.equal(routes.cpu().long()[clear], want_routes[clear])
         assert (routes[:, -7:] == 0).all()

@@ -62,7 +62,7 @@ class _RouterMLP(nn.Module):
         """This router as the fused routing kernel reads it (its parameters, not copies)."""
         return RouterWeights(
             self.norm.weight, self.norm.bias, self.norm.eps, self.fc1.weight, self.fc1.bias, self.fc2.weight,
-            self.fc2.bias, self.temperature, self.max_positions, getattr(self, "eps", 0.0),
+            self.fc2.bias, self.max_positions, getattr(self, "eps", 0.0),
         )
 
     def reset_output(self, bias: torch.Tensor) -> None:

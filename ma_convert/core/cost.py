@@ -6,11 +6,11 @@ p = 0 .. T-1 (each sees p + 1 keys):
 
 - full: p + 1 pairs (min(p + 1, w) for a base model with its own window w);
 - local (window W, S sinks): min(p + 1, W) + min(S, max(0, p + 1 - W)) pairs;
-- linear (F features; Hedgehog F = 2d, ELU+1 F = d): per query its feature map and its read of
-  the state, F d + d^2 multiply-adds = (F + d) / 2 pairs, plus the keys of its own chunk of C keys
-  walked quadratically, ((p mod C) + 1) (F + d) / 2d pairs; per key of the sequence its feature map
-  and its write to the state, (F + d) / 2 pairs, charged once per layer and row whenever any token
-  of the row uses the kernel expert;
+- linear (F features): per query its feature map (Hedgehog: d^2 multiply-adds, F = 2d; ELU+1: d,
+  F = d) and its read of the state (F d), plus the keys of its own chunk of C keys walked
+  quadratically, ((p mod C) + 1) (F + d) multiply-adds; per key of the sequence its feature map and
+  its write to the state, the same as a query's first two terms, charged once per layer and row
+  whenever any token of the row uses the kernel expert (all divided by 2d, a pair);
 - hybrid (window W, S sinks): the exact part as local, and the linear part for the keys left of
   its window (queries with p >= W + S).
 
@@ -41,9 +41,16 @@ def _exact_pairs(positions: torch.Tensor, window: int, sinks: int) -> torch.Tens
 
 
 def _kernel_per_token(expert: LinearAttention, d: int) -> float:
-    """(F + d) / 2: one token's feature map and its state read (or write), in pairs."""
+    """One token's feature map and its state read (or write), in pairs of 2d multiply-adds."""
+    hedgehog = isinstance(expert.q_map, HedgehogFeatureMap)
+    features, feature_map = (2 * d, d * d) if hedgehog else (d, d)
+    return (features * d + feature_map) / (2 * d)
+
+
+def _chunk_pair(expert: LinearAttention, d: int) -> float:
+    """One key walked inside the chunk: phi(q) . phi(k) and its value, (F + d) / 2d pairs."""
     features = 2 * d if isinstance(expert.q_map, HedgehogFeatureMap) else d
-    return (features + d) / 2
+    return (features + d) / (2 * d)
 
 
 def expert_work(expert, positions: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -59,9 +66,9 @@ def expert_work(expert, positions: torch.Tensor, head_dim: int) -> torch.Tensor:
             kernel_keys = p - expert.window + 1 - expert.sinks  # keys left of the window, after the sinks
             reads = kernel_keys > 0
             walk = torch.remainder(kernel_keys.clamp(min=1) - 1, expert.chunk) + 1
-            return exact + reads * (per_token + walk * per_token / head_dim)
+            return exact + reads * (per_token + walk * _chunk_pair(expert, head_dim))
         walk = torch.remainder(p, expert.chunk) + 1
-        return per_token + walk.double() * per_token / head_dim
+        return per_token + walk.double() * _chunk_pair(expert, head_dim)
     window = getattr(expert, "window", None) if isinstance(expert, FullAttention) else None
     return _visible(p, window or NO_WINDOW).double()
 
@@ -73,16 +80,19 @@ def key_work(expert, n_keys: int, head_dim: int) -> float:
     return n_keys * _kernel_per_token(expert, head_dim)
 
 
-def routed_work(module, routes: torch.Tensor, n_keys: int) -> tuple[float, float]:
-    """(work, full attention's work) in pairs of one module's forward: routes (B, T), the queries
-    being the last T of `n_keys` keys. Summed over rows; per head (every head does the same)."""
-    b, t = routes.shape
-    positions = torch.arange(n_keys - t, n_keys, device=routes.device).expand(b, t)
+def routed_work(module, ran: torch.Tensor, n_keys: int) -> tuple[float, float]:
+    """(work, full attention's work) in pairs of one module's forward: `ran` (B, T, K) bool, the
+    experts each query ran on (several under soft routing), or (B, T) routes, one expert each; the
+    queries are the last T of `n_keys` keys. Summed over rows; per head (every head does the same)."""
+    if ran.dim() == 2:
+        ran = torch.nn.functional.one_hot(ran.long(), len(module.experts)).bool()
+    b, t, _ = ran.shape
+    positions = torch.arange(n_keys - t, n_keys, device=ran.device).expand(b, t)
     head_dim = module.cfg.d_head
     full_window = module.cfg.full_window or NO_WINDOW
     work = 0.0
     for index, expert in enumerate(module.experts):
-        chosen = routes == index
+        chosen = ran[..., index]
         if not bool(chosen.any()):
             continue
         work += float(expert_work(expert, positions[chosen], head_dim).sum())

@@ -58,6 +58,9 @@ def gumbel_top_k(logits: torch.Tensor, k: int, tau: float) -> tuple[torch.Tensor
     return hard.detach() - soft.detach() + soft, mask
 
 
+MAX_FUSED_HIDDEN = 256  # the routing kernel's limit on controller_hidden; wider routers run in torch
+
+
 class KernelStateStore(Protocol):
     """Where the kernel expert's running state lives between calls (in converted models, on the KV
     cache). `get` returns (S, z, seen): the state over keys start .. seen-1, or None."""
@@ -125,6 +128,14 @@ class _Decision:
                 uncertainty = torch.zeros_like(mean[..., 0]) if self.r is None else self.r.uncertainty
             self._stats = RoutingStats.from_routing(mean, chosen, uncertainty, self.module.costs, self.query_valid)
         return self._stats
+
+    def experts_run(self) -> torch.Tensor:
+        """(B, T, K) bool: the experts each token ran on (every expert with a weight, under soft routing)."""
+        if self.only is not None:
+            return self._one_hot()
+        if self._routes is not None:
+            return F.one_hot(self._routes.long(), len(self.module.experts)).bool()
+        return self.weights.detach() != 0
 
     def routes(self) -> torch.Tensor:
         if self.only is not None:
@@ -195,6 +206,12 @@ class MetaAttention(nn.Module):
         """(B, T) the expert each token of the last forward was routed to."""
         decision = self._last.decision
         return None if decision is None else decision.routes()
+
+    @property
+    def last_experts_run(self) -> Optional[torch.Tensor]:
+        """(B, T, K) bool: the experts each token of the last forward ran on (for the real attention cost)."""
+        decision = self._last.decision
+        return None if decision is None else decision.experts_run()
 
     @property
     def last_aux_loss(self) -> Optional[torch.Tensor]:
@@ -328,10 +345,13 @@ class MetaAttention(nn.Module):
         """(B, T) the expert of each token, and the router's raw output it came from (see `_lean_hard_routing`).
         `fused`: on the fast path, the routing kernel computes both in one launch."""
         auto = self.routing_mode == "auto"
-        if fused and (not auto or isinstance(self.router, DirichletRouter)):
+        # The kernel holds the router's hidden layer in one tile (up to MAX_FUSED_HIDDEN units).
+        small = self.router.fc1.out_features <= MAX_FUSED_HIDDEN
+        if fused and small and (not auto or isinstance(self.router, DirichletRouter)):
             from ma_convert.kernels.triton_routing import route_tokens
 
-            return route_tokens(self.routed_spec().router, x, positions, full_index=self.full_index,
+            return route_tokens(self.routed_spec().router, x, positions, temperature=self.router.temperature,
+                                full_index=self.full_index,
                                 full_tail=self.full_tail, uncertainty_threshold=self.uncertainty_threshold if auto else None)
         raw = self.router.raw(x, positions)
         routes = raw.argmax(-1)
@@ -563,7 +583,8 @@ class MetaAttention(nn.Module):
         `query_valid` (B, T) marks real tokens, for the loss and the statistics. With `cache`, k/v
         start with the cached keys (see `run_experts`).
         Returns the mixed head outputs (B, Hq, T, d) and the routing weights: (B, T, K), or (B, T)
-        routes under hard inference routing, None when every token ran on the full expert unrouted.
+        routes under hard inference routing (int32 on the GPU fast path), None when every token ran on
+        the full expert unrouted.
         """
         last = self._last
         last.heads = dict(q=q.detach(), k=k.detach(), v=v.detach(), scale=scale, causal=causal,

@@ -44,8 +44,8 @@ def read_documents(spec: str, max_chars: int, text_field: str = "text") -> list[
 
 
 def max_positions(model) -> Optional[int]:
-    """The longest sequence the model's positions allow (None: not bounded)."""
-    config = getattr(model, "config", None)
+    """The longest sequence a model's (or a config's) positions allow (None: not bounded)."""
+    config = getattr(model, "config", model)
     for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -88,7 +88,7 @@ def read_blocks(model, blocks: Sequence[torch.Tensor], *, routed: bool, batch_si
         if routed:
             stats = routing_stats(model)
             layers = stats if layers is None else [a + b for a, b in zip(layers, stats)]
-            done = [routed_work(m, m.last_routes, ids.shape[1]) for m in meta_attention_modules(model)]
+            done = [routed_work(m, m.last_experts_run, ids.shape[1]) for m in meta_attention_modules(model)]
             work = [list(w) for w in done] if work is None else [[a[0] + b[0], a[1] + b[1]] for a, b in zip(work, done)]
         if progress is not None:
             progress.update(ids.shape[0])

@@ -60,7 +60,7 @@ def routed_heads(
     backend: str = "triton",
     state: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
-    """Heads (B, Hq, T, d) of hard-routed attention, routes (B, T) long: one expert per token.
+    """Heads (B, Hq, T, d) of hard-routed attention, routes (B, T) int32 or int64: one expert per token.
 
     q (B, Hq, T, d) are the last T of the keys k, v (B, Hkv, Tk, d). `state` (S, z): for the
     linear expert the keys before this call's; for the hybrid, decoding, its keys left of the

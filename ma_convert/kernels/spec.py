@@ -87,7 +87,8 @@ class RoutedSpec:
 @dataclass
 class RouterWeights:
     """A router MLP as the routing kernel reads it: LayerNorm over [x, ||x||/sqrt(D), pos], Linear,
-    GELU, Linear, / temperature. Tensors are the module's own parameters (shared, not copied)."""
+    GELU, Linear. Tensors are the module's own parameters (shared, not copied); the temperature, which
+    training schedules move, is passed on every call instead."""
 
     norm_weight: torch.Tensor  # (D + 2,)
     norm_bias: torch.Tensor
@@ -96,6 +97,5 @@ class RouterWeights:
     fc1_bias: torch.Tensor
     fc2_weight: torch.Tensor  # (K, H)
     fc2_bias: torch.Tensor
-    temperature: float
     max_positions: int
     concentration_eps: float  # the Bayesian router's floor on concentrations (auto routing reads it)

@@ -122,7 +122,7 @@ def _chunk_prefix_sums(
 ):
     """In place, for one kv head and a block of feature rows: slot 0 = the carried state (or zero),
     slot c += slot c - 1; with KEEP_END, the state after every key is also written apart."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit: a long prompt's chunk states can pass 2^31 elements
     rows = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < FEAT

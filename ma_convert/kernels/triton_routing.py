@@ -41,7 +41,7 @@ def _route_tokens(
     N_EXPERTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
     AUTO: tl.constexpr, IEEE: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # 64-bit: B * T * D can pass 2^31
     ok = rows < n_tokens
     t = rows % seq_len
     offs_k = tl.arange(0, BLOCK_K)
@@ -120,11 +120,13 @@ def route_tokens(
     x: torch.Tensor,
     positions: torch.Tensor,
     *,
+    temperature: float,
     full_index: int,
     full_tail: int = 0,
     uncertainty_threshold: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routes (B, T) int32 and the router's raw output (B, T, K) float32 for hidden states x (B, T, D).
+    """Routes (B, T) int32 and the router's raw output (B, T, K) float32 for hidden states x (B, T, D)
+    (the router's output divided by `temperature`, which the caller reads from the module each call).
 
     positions (T,), (1, T) or (B, T): the tokens' positions. With `uncertainty_threshold` (Bayesian
     router, `auto` routing), tokens whose uncertainty K / (K + sum gamma) exceeds it go to the full
@@ -146,7 +148,7 @@ def route_tokens(
         x, positions, weights.norm_weight, weights.norm_bias, weights.fc1_weight, weights.fc1_bias,
         weights.fc2_weight, weights.fc2_bias, raw, routes,
         b * t, t, x.stride(0), positions.stride(0) if positions.shape[0] > 1 else 0, d, hidden, weights.norm_eps,
-        1.0 / math.log1p(weights.max_positions), 1.0 / weights.temperature,
+        1.0 / math.log1p(weights.max_positions), 1.0 / temperature,
         full_tail, full_index, float(uncertainty_threshold or 0.0), weights.concentration_eps,
         N_EXPERTS=n_experts, BLOCK_T=block_t, BLOCK_K=64, BLOCK_H=max(16, triton.next_power_of_2(hidden)),
         AUTO=auto, IEEE=weights.fc1_weight.dtype == torch.float32, num_warps=4, num_stages=2,
