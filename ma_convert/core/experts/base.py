@@ -161,6 +161,7 @@ def blocked_softmax_attention(
     attn_bias: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     block: int = 256,
+    dense: bool = False,
 ) -> torch.Tensor:
     """Softmax attention for queries at arbitrary key indices, one query block at a time.
 
@@ -174,7 +175,7 @@ def blocked_softmax_attention(
     # Padding slots (-1) neither lower a block's first position nor raise its last.
     lows = torch.where(per_block >= 0, per_block, tk).amin(dim=(0, 2)).tolist()  # one host sync
     highs = per_block.amax(dim=(0, 2)).tolist()
-    outs = []
+    outs, masks = [], {}
     for b, (p_lo, p_hi) in enumerate(zip(lows, highs)):
         rows = slice(b * block, min((b + 1) * block, n))
         if p_hi < 0:  # padding slots only
@@ -190,14 +191,18 @@ def blocked_softmax_attention(
             vb = torch.cat([v[:, :, :n_sinks], v[:, :, lo:hi]], dim=2)
         else:
             kb, vb = k[:, :, lo:hi], v[:, :, lo:hi]
-        allowed = allowed_keys(
-            q_pos[:, rows].clamp_min(p_lo),  # a padding slot acts as the block's first query
-            key_index,
-            causal=causal,
-            window=window,
-            sinks=sinks,
-            key_mask=None if key_mask is None else key_mask[:, key_index],
-        )
+        shape = (rows.stop - rows.start, p_lo - lo, hi - lo, n_sinks)  # a dense block's mask depends on these only
+        allowed = masks.get(shape) if dense and key_mask is None else None
+        if allowed is None:
+            allowed = allowed_keys(
+                q_pos[:, rows].clamp_min(p_lo),  # a padding slot acts as the block's first query
+                key_index,
+                causal=causal,
+                window=window,
+                sinks=sinks,
+                key_mask=None if key_mask is None else key_mask[:, key_index],
+            )
+            masks[shape] = allowed
         bias = None
         if attn_bias is not None:
             bias = attn_bias if attn_bias.shape[-2] == 1 else attn_bias[..., rows, :]

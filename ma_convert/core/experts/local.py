@@ -45,6 +45,7 @@ class LocalAttention(HeadAttentionExpert):
             # launch-bound (960 attention calls, 10x the GPU's own time), so blocks are large there.
             # Gathered (routed) queries keep small blocks everywhere: a block spans its first to last position.
             block=1024 if dense and q.device.type != "cpu" else 64,
+            dense=dense,
         )
 
     def extra_repr(self) -> str:
