@@ -52,6 +52,7 @@ from _common import (  # noqa: E402
 
 from ma_convert import convert, force_expert, routing_stats, set_routing_mode  # noqa: E402
 from ma_convert.core.control import meta_attention_modules  # noqa: E402
+from ma_convert.core.cost import routed_work  # noqa: E402
 from ma_convert.core.stats import RoutingStats  # noqa: E402
 
 LEARNED_MIX = (0.11, 0.76, 0.13)  # full / hybrid / local of the quality headline model (quality.md)
@@ -171,6 +172,12 @@ def converted_models(original, args, ids):
 TARGET_LENGTHS = {"defaults": (1024, 8064), "learned hybrid mix": (2048, 8064), "learned hybrid mix, full_tail 16": (8064,)}
 
 
+def real_cost(model, n_keys: int) -> float:
+    """The real attention cost of the model's last forward (`ma_convert.core.cost`)."""
+    work = [routed_work(m, m.last_experts_run, n_keys) for m in meta_attention_modules(model)]
+    return sum(w for w, _ in work) / sum(f for _, f in work)
+
+
 def eager_rows(original, models, tokenizer, args) -> list[dict]:
     rows = []
     for length in args.lengths:
@@ -200,7 +207,8 @@ def eager_rows(original, models, tokenizer, args) -> list[dict]:
                 model(ids[:, :length])
             stats = RoutingStats.aggregate(routing_stats(model))
             row = {"config": name, "length": length, "prefill": pre, "generate": gen, "error": error or gen_error,
-                   "expert_fractions": stats.expert_fractions, "projected_cost": stats.projected_cost}
+                   "expert_fractions": stats.expert_fractions, "projected_cost": stats.projected_cost,
+                   "real_cost": real_cost(model, length)}
             rows.append(row)
             log(f"  {name} @ {length}: prefill {ratio(pre)}, generate {args.new_tokens} {ratio(gen)}"
                 f"{' ERROR ' + (error or gen_error) if (error or gen_error) else ''}")
@@ -355,10 +363,11 @@ def markdown(results: dict, env: dict) -> str:
     if results.get("eager"):
         parts += ["## SmolLM2-135M-Instruct, eager (ms, median; converted / original)\n", markdown_table(
             ["configuration", "T", "prefill orig", "prefill conv", "prefill ratio", "generate orig", "generate conv",
-             "generate ratio", "full / kernel / local", "projected cost"],
+             "generate ratio", "full / kernel / local", "projected cost", "real attention cost"],
             [[row["config"], row["length"], cell(row["prefill"], "original"), cell(row["prefill"]), r(row["prefill"]),
               cell(row["generate"], "original"), cell(row["generate"]), r(row["generate"]),
-              " / ".join(f"{f:.2f}" for f in row["expert_fractions"]), f"{row['projected_cost']:.2f}"]
+              " / ".join(f"{f:.2f}" for f in row["expert_fractions"]), f"{row['projected_cost']:.2f}",
+              f"{row['real_cost']:.2f}" if row.get("real_cost") is not None else "-"]
              for row in results["eager"]])]
     if results.get("compiled"):
         parts += ["\n## SmolLM2, generate with a static cache (compiled by transformers on a GPU)\n", markdown_table(

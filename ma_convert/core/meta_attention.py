@@ -133,8 +133,7 @@ class _Decision:
         """(B, T, K) bool: the experts each token ran on (every expert with a weight, under soft routing)."""
         if self.only is not None:
             return self._one_hot()
-        if self._routes is not None:
-            return F.one_hot(self._routes.long(), len(self.module.experts)).bool()
+        self._expand_hard()  # the lean hard path: one expert per token, as `chosen`
         return self.weights.detach() != 0
 
     def routes(self) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_linear import _phi
+from .triton_linear import _head_map, _key_phi
 
 
 @triton.jit
@@ -37,9 +37,7 @@ def _advance_state(
     rows = pid_bh * FEAT + half * HEAD_DIM + offs_d
     acc = tl.load(s_ptr + cell, mask=d_ok[:, None] & d_ok[None, :], other=0.0)
     z = tl.load(z_ptr + rows, mask=d_ok, other=0.0)
-    if HEDGEHOG:
-        w = tl.load(w_ptr + h * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+    w = _head_map(w_ptr, h, offs_d, d_ok, HEAD_DIM, HEDGEHOG)
     for t0 in range(0, n_keys, BLOCK_T):
         t = t0 + offs_t
         ok = (t < n_keys)[:, None] & d_ok[None, :]
@@ -47,13 +45,7 @@ def _advance_state(
         v_rows = v_ptr + b * stride_vb + h * stride_vh + t[:, None] * stride_vt
         k = tl.load(k_rows + offs_d[None, :], mask=ok, other=0.0)
         v = tl.load(v_rows + offs_d[None, :], mask=ok, other=0.0)
-        if HEDGEHOG:
-            x = tl.dot(k, w.to(k.dtype))  # in the keys' dtype, as the prefill's chunk states
-            x = tl.where(d_ok[None, :], x, tl.where(half == 0, float("-inf"), float("inf")))
-            phi = tl.where(half == 0, _phi(x, True, False), _phi(x, True, True))
-        else:
-            phi = _phi(k.to(tl.float32), False, False)
-        phi = tl.where(ok, phi, 0.0).to(k.dtype)
+        phi = tl.where(ok, _key_phi(k, w, half, d_ok, HEDGEHOG), 0.0).to(k.dtype)
         acc += tl.dot(tl.trans(phi), v.to(k.dtype))
         z += tl.sum(phi.to(tl.float32), 0)
     tl.store(s_out_ptr + cell, acc, mask=d_ok[:, None] & d_ok[None, :])

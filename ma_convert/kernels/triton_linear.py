@@ -33,6 +33,30 @@ def _phi(x, HEDGEHOG: tl.constexpr, NEGATIVE: tl.constexpr):
 
 
 @triton.jit
+def _head_map(w_ptr, h, offs_d, d_ok, HEAD_DIM: tl.constexpr, HEDGEHOG: tl.constexpr):
+    """Head h's Hedgehog map W_h (d, d); ELU+1 has none (a placeholder)."""
+    if HEDGEHOG:
+        w = tl.load(w_ptr + h * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        w = tl.zeros([1], tl.float32)
+    return w
+
+
+@triton.jit
+def _key_phi(k, w, half, d_ok, HEDGEHOG: tl.constexpr):
+    """One half of phi(k) for a block of keys (rows): softmax(+-k W) in fp32 (the product in k's
+    dtype), or elu(k) + 1."""
+    if HEDGEHOG:
+        x = tl.dot(k, w.to(k.dtype))
+        x = tl.where(d_ok[None, :], x, tl.where(half == 0, float("-inf"), float("inf")))
+        phi = tl.where(half == 0, _phi(x, True, False), _phi(x, True, True))
+    else:
+        phi = _phi(k.to(tl.float32), False, False)
+    return phi
+
+
+@triton.jit
 def _key_features_and_chunk_states(
     k_ptr, v_ptr, w_ptr, phik_ptr, s_ptr, z_ptr,
     stride_kb, stride_kh, stride_kt,
@@ -52,21 +76,14 @@ def _key_features_and_chunk_states(
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    if HEDGEHOG:
-        w = tl.load(w_ptr + h * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+    w = _head_map(w_ptr, h, offs_d, d_ok, HEAD_DIM, HEDGEHOG)
     acc = tl.zeros([BLOCK_D, BLOCK_D], tl.float32)
     z = tl.zeros([BLOCK_D], tl.float32)
     for t0 in range(c * CHUNK_SIZE, (c + 1) * CHUNK_SIZE, BLOCK_T):
         t = t0 + offs_t
         ok = (t < n_keys)[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + b * stride_kb + h * stride_kh + t[:, None] * stride_kt + offs_d[None, :], mask=ok, other=0.0)
-        if HEDGEHOG:
-            x = tl.dot(k, w.to(k.dtype))
-            x = tl.where(d_ok[None, :], x, tl.where(half == 0, float("-inf"), float("inf")))
-            phi = tl.where(half == 0, _phi(x, True, False), _phi(x, True, True))
-        else:
-            phi = _phi(k.to(tl.float32), False, False)
+        phi = _key_phi(k, w, half, d_ok, HEDGEHOG)
         phi = tl.where(ok & (t >= first_key)[:, None], phi, 0.0).to(k.dtype)  # keys past the end add nothing
         tl.store(phik_ptr + ((pid_bh * n_keys + t[:, None]) * FEAT + half * HEAD_DIM + offs_d[None, :]), phi, mask=ok)
         v = tl.load(v_ptr + b * stride_vb + h * stride_vh + t[:, None] * stride_vt + offs_d[None, :], mask=ok, other=0.0)
