@@ -408,3 +408,46 @@ def test_long_prefills_launch_each_softmax_expert_with_its_own_tiles(monkeypatch
     routes = torch.randint(0, 3, (2, t))
     got, _ = fast(meta, q, k, v, routes, DTYPES[0])
     assert rel_err(got, reference(meta, q, k, v, routes)) <= TOL
+
+
+def test_direct_launch_key_separates_what_triton_specialises_on():
+    """Integers that are 1, multiples of 16 or past 32 bits, tensors of another dtype or 16-byte
+    alignment: each gets its own key, so one cached kernel never serves two specialisations."""
+    from ma_convert.kernels.launch import _arg_key
+
+    ints = [1, 2, 16, 2**31, 2**31 + 1, -(2**31) - 1, 2**63]
+    assert len({_arg_key(i) for i in ints}) == len(ints)
+    assert _arg_key(2) == _arg_key(17) and _arg_key(16) == _arg_key(48)
+    base = torch.zeros(64, dtype=torch.bfloat16)
+    assert _arg_key(base) != _arg_key(base[1:])  # 2 bytes off: not 16-byte aligned
+    assert _arg_key(base) == _arg_key(base[8:])
+    assert _arg_key(base) != _arg_key(base.float())
+    assert _arg_key(True) != _arg_key(False) and _arg_key(None) is None
+
+
+@pytest.mark.skipif(not CUDA, reason="direct launches run compiled kernels (CUDA)")
+def test_direct_launches_match_tritons_own_launcher():
+    """The state kernel through the direct launcher and through `kernel[grid]`, calls interleaved
+    over head sizes (constexprs), key counts (1, 16, other) and an unaligned view: equal results."""
+    from ma_convert.kernels import launch, triton_decode
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    calls = []
+    for d, n, offset in [(32, 1, 0), (64, 16, 0), (32, 37, 1), (64, 1, 3), (32, 16, 0)]:
+        # offset: a view 2*offset bytes into wider rows (unaligned pointer, strides not multiples of 16)
+        k = torch.randn(2, 3, n, d + offset, device="cuda", dtype=torch.bfloat16, generator=g)[..., offset:]
+        v = torch.randn(2, 3, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        w = torch.randn(3, d, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        s = (torch.randn(2, 3, 2 * d, d, device="cuda", generator=g),
+             torch.randn(2, 3, 2 * d, device="cuda", generator=g))
+        calls.append((w, k, v, s))
+    for _ in range(2):  # the second round runs on cached kernels
+        for w, k, v, s in calls:
+            direct = triton_decode.advance_state(w, k, v, s)
+            runner = launch._launchers[id(triton_decode._advance_state)]
+            runner.direct = False
+            try:
+                own = triton_decode.advance_state(w, k, v, s)
+            finally:
+                runner.direct = launch.ENABLED
+            assert torch.equal(direct[0], own[0]) and torch.equal(direct[1], own[1])

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .triton_linear import _head_map, _key_phi
 
 
@@ -60,7 +61,7 @@ def advance_state(k_weight, k: torch.Tensor, v: torch.Tensor, state: tuple[torch
     hedgehog = k_weight is not None
     s0, z0 = state[0].contiguous(), state[1].contiguous()
     s1, z1 = torch.empty_like(s0), torch.empty_like(z0)
-    _advance_state[(b * h, 2 if hedgehog else 1)](
+    launch(_advance_state, (b * h, 2 if hedgehog else 1),
         k, v, k_weight.contiguous() if hedgehog else k, s0, z0, s1, z1,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h, n,
@@ -138,7 +139,7 @@ def finish_decode(spec, q, part_out, part_lse, routes, state) -> torch.Tensor:
     out = torch.empty(b, hq, 1, d, device=q.device, dtype=q.dtype)
     n_splits = part_out.shape[2]
     hedgehog = spec.q_map_weight is not None
-    _finish_decode[(b * hq,)](
+    launch(_finish_decode, (b * hq,),
         part_out, part_lse, q, spec.q_map_weight if hedgehog else q, s, z,
         spec.log_weight if spec.hybrid else q, routes, out,
         q.stride(0), q.stride(1), hq, hq // s.shape[1], n_splits, spec.kernel,

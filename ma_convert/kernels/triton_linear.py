@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 CHUNK = 128  # keys per state chunk: a block of queries walks at most one chunk plus its own span
 
 
@@ -110,7 +112,7 @@ def key_features_and_states(k_weight, k: torch.Tensor, v: torch.Tensor, state=No
     s = torch.empty(b, h, n_chunks + 1, feat, d, device=k.device, dtype=torch.float32)
     z = torch.empty(b, h, n_chunks + 1, feat, device=k.device, dtype=torch.float32)
     w = k_weight.contiguous() if hedgehog else k
-    _key_features_and_chunk_states[(b * h, n_chunks, 2 if hedgehog else 1)](
+    launch(_key_features_and_chunk_states, (b * h, n_chunks, 2 if hedgehog else 1),
         k, v, w, phi_k, s, z,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -123,7 +125,7 @@ def key_features_and_states(k_weight, k: torch.Tensor, v: torch.Tensor, state=No
     s_end = torch.empty(b, h, feat, d, device=k.device, dtype=torch.float32) if keep_end else s
     z_end = torch.empty(b, h, feat, device=k.device, dtype=torch.float32) if keep_end else z
     s0, z0 = (s, z) if state is None else (state[0].contiguous(), state[1].contiguous())
-    _chunk_prefix_sums[(b * h, triton.cdiv(feat, 32))](
+    launch(_chunk_prefix_sums, (b * h, triton.cdiv(feat, 32)),
         s, z, s0, z0, s_end, z_end, n_chunks + 1,
         FEAT=feat, HEAD_DIM=d, BLOCK_F=32, BLOCK_D=block_d, HAS_STATE=state is not None, KEEP_END=keep_end,
         num_warps=4,
@@ -285,7 +287,7 @@ def routed_linear_prefill(
     hedgehog = q_map_weight is not None
     w = q_map_weight.contiguous() if hedgehog else q  # unused for ELU
     grid = (triton.cdiv(t, block_m), b * hq)
-    _routed_linear_prefill[grid](
+    launch(_routed_linear_prefill, grid,
         q, w, phi_k, v, states[0], states[1], out, perm, seg_start, seg_count,
         q.stride(0), q.stride(2), q.stride(1),
         phi_k.stride(0), phi_k.stride(1), phi_k.stride(2),

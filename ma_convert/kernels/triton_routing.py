@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .spec import RouterWeights
 
 
@@ -144,7 +145,7 @@ def route_tokens(
     routes = torch.empty(b, t, device=x.device, dtype=torch.int32)
     auto = uncertainty_threshold is not None
     block_t = 32
-    _route_tokens[(triton.cdiv(b * t, block_t),)](
+    launch(_route_tokens, (triton.cdiv(b * t, block_t),),
         x, positions, weights.norm_weight, weights.norm_bias, weights.fc1_weight, weights.fc1_bias,
         weights.fc2_weight, weights.fc2_bias, raw, routes,
         b * t, t, x.stride(0), positions.stride(0) if positions.shape[0] > 1 else 0, d, hidden, weights.norm_eps,
@@ -191,7 +192,7 @@ def sort_by_expert(routes: torch.Tensor, n_experts: int):
     perm = torch.empty(b, t, device=routes.device, dtype=torch.int32)
     counts = torch.empty(b, n_experts, device=routes.device, dtype=torch.int32)
     starts = torch.empty_like(counts)
-    _sort_by_expert[(b,)](
+    launch(_sort_by_expert, (b,),
         routes, perm, counts, starts, t,
         N_EXPERTS=n_experts, E_PAD=max(2, triton.next_power_of_2(n_experts)), BLOCK=1024, num_warps=4,
     )

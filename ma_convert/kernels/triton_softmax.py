@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .spec import NO_WINDOW  # noqa: F401  (the window table's "every earlier key")
 
 
@@ -196,7 +197,7 @@ def routed_softmax_prefill(
     grid = (triton.cdiv(t, block_m // pack), b * hkv * (group // pack), expert_meta.shape[1])
     merge = linear is not None
     lin = linear if merge else out
-    _routed_softmax_prefill[grid](
+    launch(_routed_softmax_prefill, grid,
         q, k, v, out, perm, seg_start, seg_count, expert_meta[0], expert_meta[1], expert_meta[2],
         lin, log_weight if merge else expert_meta,
         q.stride(0), q.stride(2), q.stride(1),
@@ -292,7 +293,7 @@ def softmax_decode_splits(q, k, v, routes, window_by_expert, sinks_by_expert, *,
     n_splits = triton.cdiv(n_keys, split)
     part_out = torch.empty(b, hq, n_splits, d, device=q.device, dtype=torch.float32)
     part_lse = torch.empty(b, hq, n_splits, device=q.device, dtype=torch.float32)
-    _routed_softmax_decode[(b * hkv, n_splits)](
+    launch(_routed_softmax_decode, (b * hkv, n_splits),
         q, k, v, part_out, part_lse, routes, window_by_expert, sinks_by_expert,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
