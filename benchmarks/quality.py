@@ -60,6 +60,9 @@ def parse_args(argv):
     p.add_argument("--kl-weight", type=float, default=1e-3)
     p.add_argument("--cost-target", type=float, default=0.28,
                    help="projected-cost budget (recipe training.cost_target, dual ascent); 0: a fixed --cost-lambda")
+    p.add_argument("--cost-unit", choices=["projected", "real"], default="projected",
+                   help="what --cost-target and the cost term count (recipe training.cost_unit): fixed expert costs, "
+                        "or the real attention cost at --seq-len")
     p.add_argument("--cost-lambda", type=float, default=0.02,
                    help="with --cost-target 0: the expected-cost weight, ramped up over the first half")
     p.add_argument("--expert-pretrain-tokens", type=int, default=0,
@@ -206,7 +209,7 @@ def finetune_variant(name: str, args, data: dict[str, Path]):
             steps=pretrain + steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
             warmup_steps=max(1, steps // 20), objective="distill", kl_weight=args.kl_weight, cost_lambda_start=0.0,
             cost_lambda_end=args.cost_lambda, cost_ramp_steps=max(1, steps // 2),
-            cost_target=args.cost_target or None, expert_pretrain_steps=pretrain,
+            cost_target=args.cost_target or None, cost_unit=args.cost_unit, expert_pretrain_steps=pretrain,
             transfer_steps=pretrain + max(1, steps // 6), hard_switch="steps",
             hard_at_step=pretrain + int(steps * 0.75), final_routing="hard", eval_every=pretrain + steps,
             save_every=pretrain + steps + 1,
@@ -239,6 +242,8 @@ def finetune_variant(name: str, args, data: dict[str, Path]):
 def row_name(variant: str, args) -> str:
     """A table row: the variant and what its finetune optimised."""
     budget = f"cost target {args.cost_target:g}" if args.cost_target else f"cost weight {args.cost_lambda:g}"
+    if args.cost_unit == "real":
+        budget += f" (real cost at {args.seq_len})"
     if args.expert_pretrain_tokens:
         budget += f", {args.expert_pretrain_tokens / 1e6:g}M-token attention transfer"
     if args.linear_window:

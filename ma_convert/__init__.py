@@ -7,6 +7,7 @@ Public API::
     out, aux_loss, stats = layer(x)
 """
 
+from .adapters import register_auto_classes
 from .convert import convert
 from .core import (
     AttentionExpert,
@@ -28,7 +29,6 @@ from .core import (
     routing_stats,
     set_routing_mode,
 )
-from .modeling.auto import register_auto_classes
 from .version import __version__
 
 register_auto_classes()

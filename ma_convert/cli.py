@@ -154,7 +154,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .eval.lengths import check_lengths, evaluate_lengths, markdown_report, read_documents
     from .hub import REPORT_TAG, check_report_paths, write_report
-    from .verify import _load_base, converted_config, load_converted
+    from .verify import load_base, converted_config, load_converted
+    from .version import __version__ as package_version
 
     out = Path(args.out) if args.out else Path(f"eval-{Path(args.folder).name}")
     if out.suffix in (".json", ".md"):
@@ -171,19 +172,37 @@ def _eval(args: argparse.Namespace) -> int:
     dtype = next(model.parameters()).dtype
     model = model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(args.folder)
-    base = _load_base(args.base, dtype).to(device) if args.base else None
+    base = load_base(args.base, dtype).to(device) if args.base else None
     results = evaluate_lengths(model, tokenizer, documents, args.lengths, routing=args.routing,
                                uncertainty_threshold=args.threshold, base=base, max_blocks=args.max_blocks,
                                passkey=args.passkey)
     report = {"report": REPORT_TAG, "folder": str(args.folder), "text": str(args.text), "routing": args.routing,
-              "base": args.base, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "results": results}
-    title = f"{Path(args.folder).name}: {args.text}, routing {args.routing}, {device}"
-    markdown = f"<!-- {REPORT_TAG} -->\n" + markdown_report(results, title=title)
+              "base": args.base, "device": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
+              "versions": {"ma_convert": package_version, "torch": _installed_version("torch"),
+                           "transformers": _installed_version("transformers")},
+              "command": "ma-convert " + " ".join(args.argv), "results": results}
+    title = f"{Path(args.folder).name}: {args.text}, routing {args.routing}, {report['device']}, {report['dtype']}"
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+    markdown = (f"<!-- {REPORT_TAG} -->\n" + markdown_report(results, title=title)
+                + f"\n{versions}\n\n```\n{report['command']}\n```\n")
     check_report_paths(paths, args.overwrite)  # again: something may have appeared during the run
     write_report({paths[0]: json.dumps(report, indent=2) + "\n", paths[1]: markdown})
     print(markdown_report(results, title=title))
     print(f"wrote {paths[0]} and {paths[1]}")
     return 0
+
+
+def _installed_version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
 
 
 def _upgrade(args: argparse.Namespace) -> int:
@@ -336,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the reports' command line
     try:
         return args.func(args)
     except KeyboardInterrupt:

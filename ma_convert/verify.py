@@ -44,7 +44,7 @@ def _sample_ids(folder: Path, vocab: int) -> torch.Tensor:
         return torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0))
 
 
-def _load_base(base: str, dtype: torch.dtype):
+def load_base(base: str, dtype: torch.dtype):
     """The base model from a folder, a .gguf file or a Hub id (already downloaded), in `dtype`."""
     from .convert import load_model
     from .sources import resolve_source
@@ -138,7 +138,7 @@ def _check_base(model, full, ids, base: Optional[str], tolerance: float, say) ->
         say(f"(c) forced-full vs the base model skipped: pass --base with the original ({named or 'unnamed'}) to compare")
         return True
     with torch.no_grad():
-        diff, good = _agree(full, _load_base(base, model.dtype)(ids).logits, tolerance)
+        diff, good = _agree(full, load_base(base, model.dtype)(ids).logits, tolerance)
     say(f"(c) forced-full vs the base model ({str(model.dtype).replace('torch.', '')}): max |logit diff| = "
         f"{diff:.2e} {'ok' if good else 'FAILED'}")
     return good

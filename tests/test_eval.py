@@ -41,6 +41,23 @@ def test_real_cost_of_windows_and_kernels_falls_with_length():
     assert cost(meta, [1] * 40) > 1.0  # below its own overhead the kernel part costs more than full
 
 
+@pytest.mark.parametrize("overrides", [dict(), dict(linear_window=3, sink_tokens=1), dict(full_window=5)])
+def test_token_costs_average_to_the_real_cost_of_hard_routes(overrides):
+    """The objective's per-token real costs, averaged over a hard routing's choices, are the real cost
+    `routed_work` counts, less the kernel expert's per-key work (charged once per row)."""
+    from ma_convert.core.cost import key_work, token_costs
+
+    meta = layer(window_size=4, **overrides)
+    routes = torch.randint(0, 3, (1, 40), generator=torch.Generator().manual_seed(0))
+    costs = token_costs(meta, 40)
+    assert costs.shape == (40, 3)
+    charged = costs.gather(1, routes.T).mean().item()
+    work, full = routed_work(meta, routes, 40)
+    kernel = meta.experts[1]
+    assert charged == pytest.approx((work - key_work(kernel, 40, meta.cfg.d_head)) / full, rel=1e-5)
+    assert torch.allclose(token_costs(meta, 40)[:, 0].mean(), torch.tensor(1.0))  # full: 1 on average
+
+
 def test_real_cost_baseline_keeps_the_base_models_window():
     meta = layer(full_window=4)  # a Mistral-style model: full attention is itself windowed
     assert cost(meta, [0] * 10) == 1.0
@@ -70,7 +87,18 @@ def test_eval_reports_perplexity_routing_and_costs_per_length(converted, tmp_pat
         assert 0 < row["real_cost"] and 0 < row["projected_cost"] <= 1
         assert len(row["layers"]) == 2 and sum(row["routing"]["expert_fractions"]) == pytest.approx(1)
     assert "real cost" in (tmp_path / "report.md").read_text()
+    assert report["versions"]["torch"] == torch.__version__ and report["command"].startswith("ma-convert ")
     assert "wrote" in capsys.readouterr().out
+
+
+def test_eval_passkey_at_the_models_last_position_leaves_room_for_the_answer(converted, tmp_path):
+    """At the model's maximum length the passkey prompt is shortened by the answer's tokens (it used to
+    fail with 'the sequence has 8193 tokens' on SmolLM2 at 8192)."""
+    _, folder, text = converted
+    assert main(["eval", str(folder), "--text", str(text), "--lengths", "128", "--max-blocks", "1", "--passkey",
+                 "--out", str(tmp_path / "r")]) == 0
+    row = json.loads((tmp_path / "r.json").read_text())["results"]["128"]
+    assert row["passkey"]["prompt_tokens"] == 120 and 0 <= row["passkey"]["accuracy"] <= 1
 
 
 def test_eval_forced_full_is_the_original(converted, tmp_path):

@@ -242,6 +242,28 @@ def test_cost_target_is_dual_ascent_on_the_cost_weight_and_resumes_exactly(sourc
     assert [r["cost_lambda"] for r in resumed] == pytest.approx([r["cost_lambda"] for r in history], abs=1e-9)
 
 
+def test_a_real_cost_budget_is_dual_ascent_on_the_real_cost(source, tmp_path):
+    """cost_unit="real": the cost term charges each token its expert's work at its position, and the
+    budget follows the real cost of the hard routes, which every step logs."""
+    # 32-token blocks, window 8: the cheapest routing costs 0.60 of full attention here.
+    settings = dict(cost_target=0.7, cost_target_lr=0.5, cost_lambda_start=0.01, steps=6, cost_unit="real")
+    history = finetune(softmax_router_recipe(source, tmp_path / "run", **settings))["history"]
+    for now, after in zip(history, history[1:]):
+        expected = max(0.0, now["cost_lambda"] + 0.5 * (now["real_cost"] - 0.7))
+        assert after["cost_lambda"] == pytest.approx(expected, abs=1e-6)
+    assert all(0 < r["real_cost"] and r["real_cost"] != r["projected_cost"] for r in history)
+    with pytest.raises(ValueError, match="cost_unit='pairs'"):
+        Recipe.from_dict({"training": {"cost_unit": "pairs"}})
+
+
+def test_an_unreachable_real_cost_budget_is_refused_before_training(source, tmp_path):
+    """Windows as long as the blocks cost what full attention costs: no routing can meet the budget."""
+    r = softmax_router_recipe(source, tmp_path / "run", cost_target=0.05, cost_unit="real", steps=2)
+    with pytest.raises(ValueError, match=r"cost_target=0.05 \(real cost\) cannot be met at seq_len="):
+        finetune(r)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_a_cost_target_pulls_routing_to_the_budget(source, tmp_path):
     """Without a price, distillation keeps routing costly; a budget far below drives the projected cost
     down towards it."""
@@ -298,8 +320,11 @@ def test_routing_schedules_start_after_attention_transfer():
     them, the routing phase still gets the whole schedule (warm-up from 0, decay to 0)."""
     from transformers import get_cosine_schedule_with_warmup
 
-    from ma_convert.training.loop import lr_factor
+    from ma_convert.training.loop import lr_schedule
     from ma_convert.training.recipe import TrainingConfig
+
+    def lr_factor(step, t):
+        return lr_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), t).lr_lambdas[0](step)
 
     plain = TrainingConfig(steps=40, warmup_steps=5, hard_at_step=30)
     reference = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 5, 40)

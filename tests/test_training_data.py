@@ -255,3 +255,21 @@ def test_unreachable_hub_is_a_clear_error(tok, monkeypatch):
     with pytest.raises(HubUnreachableError, match=r"Hub is unreachable.*offline.*local .*file.*'pydoc'") as info:
         build_datasets(DataConfig(source="ma-convert-tests/no-such-dataset:cfg"), tok, 2048)
     assert isinstance(info.value, ValueError) and info.value.__suppress_context__  # no datasets traceback
+
+
+def test_offline_is_read_from_the_error_types():
+    """The Hub's typed errors anywhere in the chain mean offline; other errors do not."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    from ma_convert.training.data import _looks_offline
+
+    def raised(error, cause):
+        try:
+            raise error from cause
+        except Exception as caught:
+            return caught
+
+    assert _looks_offline(raised(ValueError("load failed"), OfflineModeIsEnabled("offline")))
+    assert _looks_offline(LocalEntryNotFoundError("not cached")) and _looks_offline(ConnectionError("no route"))
+    assert not _looks_offline(raised(ValueError("bad config"), KeyError("name")))
+    assert not _looks_offline(FileNotFoundError("no such dataset"))

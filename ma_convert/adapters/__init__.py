@@ -1,4 +1,6 @@
-"""One adapter per supported architecture, each in its own module, imported on first use."""
+"""One adapter per supported architecture, each in its own module, imported on first use, except by
+`register_auto_classes`, which `import ma_convert` calls so that transformers' Auto classes load
+converted folders."""
 
 from __future__ import annotations
 
@@ -30,3 +32,13 @@ def adapter_for(model_type: str):
         )
     module = importlib.import_module(f".{ADAPTER_MODULES[base]}", __name__)
     return module.ADAPTER
+
+
+def register_auto_classes() -> None:
+    """After this, AutoConfig / AutoModelForCausalLM load `ma_*` folders without remote code."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for model_type in supported_architectures():
+        adapter = adapter_for(model_type)
+        AutoConfig.register(adapter.config_class.model_type, adapter.config_class, exist_ok=True)
+        AutoModelForCausalLM.register(adapter.config_class, adapter.causal_lm_class, exist_ok=True)

@@ -99,3 +99,32 @@ def routed_work(module, ran: torch.Tensor, n_keys: int) -> tuple[float, float]:
         rows_using = int(chosen.any(dim=1).sum())
         work += rows_using * key_work(expert, n_keys, head_dim)
     return work, float(_visible(positions, full_window).double().sum())
+
+
+def token_costs(module, n_queries: int, device=None) -> torch.Tensor:
+    """(T, K) the real cost of each query position 0 .. T-1 on each expert: its pairs of work over
+    the mean pairs of full causal attention per query at this length. A hard routing's mean over
+    tokens of its chosen entries is its real cost, less the kernel experts' per-key work (paid once
+    per row, whatever the routing; `routed_work` counts it). What the training objective's cost
+    term charges with `cost_unit="real"`: cheap experts are worth more the later the token."""
+    positions = torch.arange(n_queries, device=device)
+    head_dim = module.cfg.d_head
+    full_window = module.cfg.full_window or NO_WINDOW
+    mean_full = _visible(positions, full_window).double().mean()
+    work = torch.stack([expert_work(e, positions, head_dim) for e in module.experts], dim=-1)
+    return (work / mean_full).float()
+
+
+def model_real_cost(modules, n_keys: int, *, routes: bool = False) -> float:
+    """Real attention cost of the modules' last forward (`n_keys` keys per row, no cache): of the
+    experts that ran (soft routing runs several per token), or with `routes`, of the hard routes
+    (each token's top expert), which is what a routed model at inference does."""
+    done = [routed_work(m, m.last_routes if routes else m.last_experts_run, n_keys) for m in modules]
+    return sum(w for w, _ in done) / sum(f for _, f in done)
+
+
+def cheapest_real_cost(modules, n_queries: int) -> float:
+    """The lowest real cost any routing reaches at this length: every token on its cheapest expert.
+    A window as long as the sequence is no cheaper than full attention, so a real-cost budget below
+    this cannot be met."""
+    return sum(float(token_costs(m, n_queries).min(-1).values.mean()) for m in modules) / len(modules)

@@ -30,6 +30,7 @@ from ..kernels.dense import dense_causal_attention
 from ..kernels.spec import DENSE_BELOW, RoutedSpec
 from .config import ROUTING_MODES, UNCERTAIN_ROUTES, MetaAttnConfig
 from .controller import DirichletRouter, RouterOutput, build_router
+from .cost import token_costs
 from .dispatch import gather_bias_rows, gather_queries, group_tokens, scatter_weighted
 from .experts import AttentionExpert, HeadAttentionExpert, build_expert  # the package: registers the built-ins
 from .experts.full import FullAttention
@@ -183,6 +184,9 @@ class MetaAttention(nn.Module):
         self.forced_expert: Optional[int | torch.Tensor] = None
         # Objective weights live on the module so training schedules can move them.
         self.kl_weight, self.cost_lambda, self.entropy_coeff = cfg.kl_weight, cfg.cost_lambda, cfg.entropy_coeff
+        # What the cost term charges: the experts' fixed costs ("projected"), or the work each does at
+        # the token's position over full attention's at this length ("real", `cost.token_costs`).
+        self.cost_unit = "projected"
         # What each forward leaves behind, on a plain object: nn.Module.__setattr__ is slow on a hot path.
         self._last = _LastCall()
         self._expert_list = tuple(experts)  # indexing a ModuleList costs more than a tuple on every call
@@ -370,7 +374,9 @@ class MetaAttention(nn.Module):
         if r.concentration is not None and self.kl_weight:
             per_token = per_token + self.kl_weight * dirichlet_kl(r.concentration, self.router.prior)
         if self.cost_lambda:
-            per_token = per_token + self.cost_lambda * expected_cost(r.mean, self.costs)
+            # Real costs assume the queries are positions 0 .. T-1 (training: no cache, no padding).
+            costs = self.costs if self.cost_unit == "projected" else token_costs(self, r.mean.shape[1], r.mean.device)
+            per_token = per_token + self.cost_lambda * expected_cost(r.mean, costs)
         if self.entropy_coeff:
             per_token = per_token - self.entropy_coeff * routing_entropy(r.mean)
         if valid is None:

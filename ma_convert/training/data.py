@@ -264,13 +264,15 @@ def _load_hub(src: _Source, cfg: DataConfig):
 
 
 def _looks_offline(error: BaseException) -> bool:
+    """Whether the error, or one it came from, is the Hub being unreachable: datasets raises
+    ConnectionError, huggingface_hub its typed offline and cache-miss errors."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    offline = (ConnectionError, TimeoutError, OfflineModeIsEnabled, LocalEntryNotFoundError)
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        name = type(error).__name__
-        if isinstance(error, (ConnectionError, TimeoutError)) or any(
-            word in name for word in ("Offline", "Connect", "Timeout", "LocalEntryNotFound")
-        ):
+        if isinstance(error, offline):
             return True
         error = error.__cause__ or error.__context__
     return False

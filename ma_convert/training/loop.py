@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ..card import conversion_card_info, render_model_card
 from ..core.control import force_expert, meta_attention_modules, routing_stats, set_routing_mode
+from ..core.cost import cheapest_real_cost, model_real_cost
 from ..core.stats import RoutingStats
 from ..hub import (
     OutputFolderError,
@@ -185,18 +186,19 @@ def evaluate(model, blocks, batch_size: int, accelerator, forced: Optional[str] 
     return result
 
 
-def lr_factor(step: int, t) -> float:
-    """The learning-rate multiplier: linear warm-up, then cosine decay to 0, over the routing steps.
-    Attention-transfer steps before them (`expert_pretrain_steps`) get their own warm-up and a flat rate,
-    so the routers still start from the whole schedule."""
+def lr_schedule(optimizer, t) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' warm-up + cosine decay to 0 over the routing steps. Attention-transfer steps before
+    them (`expert_pretrain_steps`) get their own warm-up and a flat rate, so the routers still start
+    from the whole schedule."""
+    from transformers import get_cosine_schedule_with_warmup
+
     pre = t.expert_pretrain_steps
-    if step < pre:
-        return min(1.0, (step + 1) / (t.warmup_steps + 1))
-    step, total = step - pre, t.steps - pre
-    if step < t.warmup_steps:
-        return step / max(1, t.warmup_steps)
-    progress = (step - t.warmup_steps) / max(1, total - t.warmup_steps)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    routing = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.steps - pre).lr_lambdas[0]
+
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / (t.warmup_steps + 1)) if step < pre else routing(step - pre)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def parameter_groups(model, t) -> list[dict]:
@@ -331,6 +333,20 @@ def prepare_output_dir(recipe: Recipe, source: ModelSource, resume: bool, overwr
     return check_output_dir(out, overwrite, sources)
 
 
+def check_budget(recipe: Recipe, modules) -> None:
+    """A real-cost budget must be reachable at the training length, or dual ascent only inflates the
+    cost weight."""
+    t, length = recipe.training, recipe.data.seq_len
+    if t.cost_unit != "real" or t.cost_target is None:
+        return
+    floor = cheapest_real_cost(modules, length)
+    if t.cost_target <= floor:
+        raise ValueError(
+            f"training.cost_target={t.cost_target:g} (real cost) cannot be met at seq_len={length}: every token on "
+            f"its cheapest expert already costs {floor:.3f} there (a window as long as the block is full attention); "
+            "raise cost_target, train on longer blocks or use smaller windows")
+
+
 def _start_accelerator(t, out: Path):
     from accelerate import Accelerator
 
@@ -356,6 +372,7 @@ def _finetune(recipe: Recipe, resume: bool, overwrite: bool, stop_after: Optiona
     train_blocks, eval_blocks = build_datasets(recipe.data, tokenizer, config.max_position_embeddings)
     batches = BatchSource(train_blocks, t.batch_size, t.seed)
     model = load_model(recipe, source)
+    check_budget(recipe, meta_attention_modules(model))
     base = model.config.meta_attention.get("base_model")
     freeze_all_but_routers_and_experts(model)
     if t.lora:
@@ -364,7 +381,7 @@ def _finetune(recipe: Recipe, resume: bool, overwrite: bool, stop_after: Optiona
         model = add_lora(model, adapter_for(model.config.model_type).lora_targets, t.lora_rank, t.lora_alpha)
     model.to(accelerator.device)
     optimizer = torch.optim.AdamW(parameter_groups(model, t), weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
+    scheduler = lr_schedule(optimizer, t)
     # The scheduler stays out of prepare(): Accelerate would step it once per process per step,
     # running an N-GPU schedule N times too fast. It is checkpointed (as JSON) all the same.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -414,7 +431,8 @@ def _finetune(recipe: Recipe, resume: bool, overwrite: bool, stop_after: Optiona
                 cost_lambda = t.cost_lambda_start if state.cost_lambda is None else state.cost_lambda
             routing_steps = t.steps - t.expert_pretrain_steps
             temperature = ramp("cosine", routing_step, max(routing_steps - 1, 1), t.temperature_start, t.temperature_end)
-            set_objective_weights(inner, kl_weight=t.kl_weight, cost_lambda=cost_lambda, temperature=temperature)
+            set_objective_weights(inner, kl_weight=t.kl_weight, cost_lambda=cost_lambda, temperature=temperature,
+                                  cost_unit=t.cost_unit)
             pretrain = step < t.expert_pretrain_steps
             transfer = step < t.transfer_steps
             set_transfer_capture(inner, transfer or pretrain, heads=pretrain)
@@ -479,12 +497,16 @@ def _finetune(recipe: Recipe, resume: bool, overwrite: bool, stop_after: Optiona
                 progress.set_postfix(transfer=f"{loss_mean:.3f}")
             else:
                 stats = RoutingStats.aggregate(routing_stats(inner))
+                # The last micro-batch's hard routes at its length (what `ma-convert eval` reports).
+                real = model_real_cost(meta_attention_modules(inner), ids.shape[1], routes=True)
                 if t.cost_target is not None:
-                    # Dual ascent on the budget, with the projected cost averaged over the processes.
-                    cost = accelerator.reduce(torch.tensor(stats.projected_cost, device=accelerator.device), "mean").item()
+                    # Dual ascent on the budget, with the cost averaged over the processes.
+                    cost = real if t.cost_unit == "real" else stats.projected_cost
+                    cost = accelerator.reduce(torch.tensor(cost, device=accelerator.device), "mean").item()
                     state.cost_lambda = max(0.0, cost_lambda + t.cost_target_lr * (cost - t.cost_target))
                 record = {"loss": loss_mean, "task": task_mean, "cost_lambda": cost_lambda, "temperature": temperature,
-                          "projected_cost": stats.projected_cost, "entropy": stats.entropy, "hard": float(state.hard)}
+                          "projected_cost": stats.projected_cost, "real_cost": real, "entropy": stats.entropy,
+                          "hard": float(state.hard)}
                 progress.set_postfix(loss=f"{loss_mean:.3f}", cost=f"{stats.projected_cost:.2f}", hard=state.hard)
             history.append(record)
             accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state.step)

@@ -100,9 +100,11 @@ def ramp(kind: str, step: int, total: int, start: float, end: float) -> float:
     return (cosine_ramp if kind == "cosine" else linear_ramp)(step, total, start, end)
 
 
-def set_objective_weights(model, *, kl_weight: float, cost_lambda: float, temperature: float) -> None:
-    """Apply the scheduled weights and router temperature to every Meta-Attention module."""
+def set_objective_weights(model, *, kl_weight: float, cost_lambda: float, temperature: float,
+                          cost_unit: str = "projected") -> None:
+    """Apply the scheduled weights, the cost unit and router temperature to every Meta-Attention module."""
     for module in meta_attention_modules(model):
         module.kl_weight = kl_weight
         module.cost_lambda = cost_lambda
+        module.cost_unit = cost_unit
         module.router.temperature = temperature

@@ -59,11 +59,15 @@ class TrainingConfig:
     cost_ramp_steps: int = 50
     cost_ramp: str = "cosine"  # "cosine" or "linear"
     # A budget instead of a price: with cost_target set, the cost weight starts at cost_lambda_start and
-    # follows dual ascent, lambda += cost_target_lr * (projected cost - cost_target) each step (floored
+    # follows dual ascent, lambda += cost_target_lr * (cost - cost_target) each step (floored
     # at 0), so routing settles at the target cost with the quality the task loss can keep there.
     # The ramp settings are then unused.
     cost_target: Optional[float] = None
     cost_target_lr: float = 0.02
+    # What the cost term and cost_target count: "projected" (each expert's fixed cost, 1.0 / 0.15 /
+    # 0.30) or "real" (the attention work each expert does at the token's position over full
+    # attention's at the training length, `core.cost.token_costs`; what `ma-convert eval` reports).
+    cost_unit: str = "projected"
     temperature_start: float = 1.0
     temperature_end: float = 1.0
     transfer_steps: int = 0  # attention-transfer warm-up: MSE of each cheap expert's output to the full expert's
@@ -105,9 +109,10 @@ class TrainingConfig:
             value = getattr(self, name)
             _need(_is_number(value) and value >= 0, w, name, value, "a number >= 0")
         _need(self.cost_target is None or (_is_number(self.cost_target) and 0 < self.cost_target <= 1), w,
-              "cost_target", self.cost_target, "unset, or a projected cost in (0, 1]")
+              "cost_target", self.cost_target, "unset, or a cost in (0, 1]")
         _need(_is_number(self.cost_target_lr) and self.cost_target_lr > 0, w, "cost_target_lr", self.cost_target_lr,
               "a number > 0")
+        _need(self.cost_unit in ("projected", "real"), w, "cost_unit", self.cost_unit, "'projected' or 'real'")
         for name in ("hard_below_entropy", "hard_below_uncertainty"):
             value = getattr(self, name)
             _need(_is_number(value) and 0 < value <= 1, w, name, value, "a number in (0, 1]")
