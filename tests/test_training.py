@@ -335,3 +335,26 @@ def test_routing_schedules_start_after_attention_transfer():
     assert 0 < lr_factor(0, staged) <= lr_factor(9, staged) == 1.0  # transfer: own warm-up, then flat
     with pytest.raises(ValueError, match="hard_at_step"):
         TrainingConfig(steps=50, hard_at_step=5, expert_pretrain_steps=10)
+
+
+def test_gradient_accumulation_syncs_once_per_step(source, tmp_path, monkeypatch):
+    """Under DDP the micro-batches before a step's last skip the all-reduce (accelerator.no_sync)."""
+    from ma_convert.training import loop
+
+    calls = []
+    start = loop._start_accelerator
+
+    def counting(*args, **kwargs):
+        accelerator = start(*args, **kwargs)
+        original = accelerator.no_sync
+
+        def no_sync(model):
+            calls.append(model)
+            return original(model)
+
+        accelerator.no_sync = no_sync
+        return accelerator
+
+    monkeypatch.setattr(loop, "_start_accelerator", counting)
+    finetune(recipe(source, tmp_path / "run", steps=2, grad_accum=3, transfer_steps=0, hard_at_step=2))
+    assert len(calls) == 2 * (3 - 1)

@@ -457,7 +457,9 @@ def _finetune(recipe: Recipe, resume: bool, overwrite: bool, stop_after: Optiona
                 if t.objective == "distill":
                     with inner.disable_adapter() if t.lora else contextlib.nullcontext():  # the original has no LoRA
                         teacher = teacher_logits(inner, ids)
-                with accelerator.accumulate(model):
+                # DDP all-reduces the summed gradients once, in the step's last micro-batch.
+                last = micro == t.grad_accum - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
                     logits = model(input_ids=ids).logits
                     if teacher is not None:
                         task = distillation_loss(logits, teacher, t.distill_temperature)

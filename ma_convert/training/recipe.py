@@ -46,7 +46,7 @@ class ModelConfig:
 class TrainingConfig:
     steps: int = 100
     batch_size: int = 4
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per update; under DDP only the last one all-reduces
     lr: float = 3e-3
     weight_decay: float = 0.0
     warmup_steps: int = 10
