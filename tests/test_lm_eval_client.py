@@ -196,8 +196,8 @@ def test_routing_for_eval_restores_the_model():
 
 
 def readme_command() -> tuple[dict, list[str]]:
-    """(environment assignments, argv) of the lm_eval command in the README's lm-eval section."""
-    section = re.search(r"## Evaluating with lm-evaluation-harness\n(.*?)\n## ", (ROOT / "README.md").read_text(),
+    """(environment assignments, argv) of the lm_eval command in the lm-eval section of docs/integrations.md."""
+    section = re.search(r"## Evaluating with lm-evaluation-harness\n(.*?)(?:\n## |\Z)", (ROOT / "docs" / "integrations.md").read_text(),
                         flags=re.S).group(1)
     block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1).replace("\\\n", " ")
     line = next(line for line in block.splitlines() if "lm_eval --model" in line)

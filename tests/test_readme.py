@@ -1,4 +1,5 @@
-"""The README's Python examples run as written, and its two commands are the ones CI and users run."""
+"""The Python examples of the README and of docs/ run as written, their relative links resolve, and the
+README's two commands are the ones CI and users run."""
 
 import contextlib
 import io
@@ -9,20 +10,37 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCKS = [(page.relative_to(ROOT), index, block) for page in PAGES
+          for index, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))]
 
 
-def test_readme_has_examples():
-    assert len(BLOCKS) >= 4
+def test_readme_and_docs_have_examples():
+    assert len(BLOCKS) >= 5 and any(str(page) == "README.md" for page, _, _ in BLOCKS)
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_example_runs(index):
+@pytest.mark.parametrize("page,index,block", BLOCKS, ids=[f"{page}[{index}]" for page, index, _ in BLOCKS])
+def test_example_runs(page, index, block):
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), {"__name__": "readme"})
-    for line in re.findall(r"print\(stats\)\s+# (RoutingStats\(.*\))", BLOCKS[index]):
+        exec(compile(block, f"{page}[python block {index}]", "exec"), {"__name__": "readme"})
+    for line in re.findall(r"print\(stats\)\s+# (RoutingStats\(.*\))", block):
         assert line in buffer.getvalue(), (line, buffer.getvalue())
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_relative_links_resolve(page):
+    """Every relative link names a file that exists, and every #anchor a heading of its page."""
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        assert file.exists(), f"{page.name}: {target}"
+        if anchor and file.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", file.read_text(), flags=re.M)
+            slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+            assert anchor in slugs, f"{page.name}: {target}"
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
