@@ -67,7 +67,7 @@ def _smollm2_pipeline(args: argparse.Namespace) -> int:
 
 
 def _layer_quick_start(args: argparse.Namespace) -> None:
-    """The core layer's quick start (docs/architecture.md), run for real: soft routing, then hard inference on the same layer."""
+    """The core layer's quick start (docs/architecture.md), run for real: soft routing, then hard inference."""
     import torch
 
     from . import MetaAttentionLayer, MetaAttnConfig, force_expert
