@@ -358,3 +358,25 @@ def test_gradient_accumulation_syncs_once_per_step(source, tmp_path, monkeypatch
     monkeypatch.setattr(loop, "_start_accelerator", counting)
     finetune(recipe(source, tmp_path / "run", steps=2, grad_accum=3, transfer_steps=0, hard_at_step=2))
     assert len(calls) == 2 * (3 - 1)
+
+
+def test_routing_schedule_without_accelerate():
+    """The per-step settings follow the recipe alone: attention transfer first, then the routing
+    schedules from their start; the steps switch to hard routing; dual ascent moves the cost weight."""
+    from ma_convert.training.loop import RoutingSchedule
+    from ma_convert.training.recipe import TrainingConfig
+
+    t = TrainingConfig(steps=30, expert_pretrain_steps=10, transfer_steps=12, hard_at_step=25, cost_lambda_start=0.0,
+                       cost_lambda_end=0.2, cost_ramp_steps=10, cost_ramp="linear", temperature_start=2.0,
+                       temperature_end=1.0)
+    s = RoutingSchedule(t)
+    assert [s.pretrain(k) for k in (0, 9, 10)] == [True, True, False]
+    assert [s.transfer(k) for k in (11, 12)] == [True, False]
+    assert [s.hard(k, False) for k in (24, 25)] == [False, True] and s.hard(0, True)
+    assert s.cost_weight(10, None) == 0.0 and s.cost_weight(15, None) == pytest.approx(0.1)
+    assert s.cost_weight(25, None) == pytest.approx(0.2)
+    assert s.temperature(10) == 2.0 and s.temperature(29) == pytest.approx(1.0)
+    budget = RoutingSchedule(TrainingConfig(steps=30, hard_at_step=25, cost_target=0.3, cost_target_lr=0.5,
+                                            cost_lambda_start=0.05))
+    assert budget.cost_weight(3, None) == 0.05 and budget.cost_weight(3, 0.2) == 0.2
+    assert budget.dual_update(0.2, 0.5) == pytest.approx(0.3) and budget.dual_update(0.01, 0.1) == 0.0

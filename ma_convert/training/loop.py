@@ -309,7 +309,10 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
     ends the run after that many steps without exporting, as a kill would (tests).
     """
     with terminate_as_interrupt():  # SIGTERM cleans up like Ctrl-C: no half-written checkpoint stays
-        return _finetune(recipe, resume, overwrite, stop_after, recipe_file)
+        run = RouterFinetune(recipe, resume=resume, overwrite=overwrite, recipe_file=recipe_file)
+        run.setup()
+        stopped = run.train(stop_after)
+        return stopped if stopped is not None else run.export()
 
 
 def _data_path(recipe: Recipe) -> list[Path]:
@@ -359,208 +362,306 @@ def _start_accelerator(t, out: Path):
     return accelerator
 
 
-def _finetune(recipe: Recipe, resume: bool, overwrite: bool, stop_after: Optional[int], recipe_file) -> dict:
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+class RoutingSchedule:
+    """What each step sets, from the recipe alone (no Accelerate): the phase, the routing mode, the
+    cost weight and the router temperature. The routing schedules start after attention transfer."""
 
-    t = recipe.training
-    source = resolve_source(recipe.model.source)
-    out = prepare_output_dir(recipe, source, resume, overwrite, recipe_file)
-    tokenizer, config = load_tokenizer_and_config(source)
-    accelerator = _start_accelerator(t, out)
-    set_seed(t.seed)
-    train_blocks, eval_blocks = build_datasets(recipe.data, tokenizer, config.max_position_embeddings)
-    batches = BatchSource(train_blocks, t.batch_size, t.seed)
-    model = load_model(recipe, source)
-    check_budget(recipe, meta_attention_modules(model))
-    base = model.config.meta_attention.get("base_model")
-    freeze_all_but_routers_and_experts(model)
-    if t.lora:
-        from ..adapters import adapter_for
+    def __init__(self, t) -> None:
+        self.t = t
+        self.routing_steps = t.steps - t.expert_pretrain_steps
 
-        model = add_lora(model, adapter_for(model.config.model_type).lora_targets, t.lora_rank, t.lora_alpha)
-    model.to(accelerator.device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, t), weight_decay=t.weight_decay)
-    scheduler = lr_schedule(optimizer, t)
-    # The scheduler stays out of prepare(): Accelerate would step it once per process per step,
-    # running an N-GPU schedule N times too fast. It is checkpointed (as JSON) all the same.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    inner = accelerator.unwrap_model(model)
-    state = TrainState()
-    if resume:
-        _load_checkpoint(accelerator, latest_checkpoint(out), state, scheduler)
-        accelerator.print(f"resumed from {latest_checkpoint(out)} at step {state.step}")
-        if accelerator.is_main_process:  # what a killed run was writing when it died
-            for partial in (out / "checkpoints").glob(".step-*.tmp"):
-                shutil.rmtree(partial, ignore_errors=True)
-    elif accelerator.is_main_process:  # the folder is written only once everything above has worked
-        if out.exists():
-            shutil.rmtree(out)  # checked by prepare_output_dir: an earlier run of ours
-        out.mkdir(parents=True)
-        write_marker(out, "run", RUN_ENTRIES)
-        (out / "recipe.yaml").write_text(recipe.to_yaml())
-    accelerator.wait_for_everyone()
-    if t.log_with:
-        accelerator.init_trackers("router_finetune", config=_flat_hparams(recipe.to_dict()))
-    if not resume:
-        state.before = before = {
-            "original": evaluate(model, eval_blocks, t.batch_size, accelerator, forced="full")["perplexity"],
-            "routed": evaluate(model, eval_blocks, t.batch_size, accelerator),
-        }
-        accelerator.print(
-            f"before: perplexity original (forced full) {before['original']:.2f}, "
-            f"routed {before['routed']['perplexity']:.2f} at projected cost {before['routed']['projected_cost']:.2f}"
-        )
+    def routing_step(self, step: int) -> int:
+        return max(0, step - self.t.expert_pretrain_steps)
 
-    train_routers_only(inner)
-    last_checkpoint = latest_checkpoint(out)
-    progress = tqdm(total=t.steps, initial=state.step, desc="router finetune", disable=not accelerator.is_local_main_process)
+    def pretrain(self, step: int) -> bool:
+        """Attention transfer before routing: only the cheap experts train, on a forced-full pass."""
+        return step < self.t.expert_pretrain_steps
 
-    history, before = state.history, state.before
-    started = time.perf_counter() - state.seconds
-    try:
-        while state.step < t.steps and (stop_after is None or state.step < stop_after):
-            step = state.step
-            routing_step = max(0, step - t.expert_pretrain_steps)  # the routing schedules start after attention transfer
-            if t.hard_switch == "steps" and step >= t.hard_at_step:
-                state.hard = True
-            set_routing_mode(inner, "hard" if state.hard else "soft")
-            if t.cost_target is None:
-                cost_lambda = ramp(t.cost_ramp, routing_step, t.cost_ramp_steps, t.cost_lambda_start, t.cost_lambda_end)
-            else:
-                cost_lambda = t.cost_lambda_start if state.cost_lambda is None else state.cost_lambda
-            routing_steps = t.steps - t.expert_pretrain_steps
-            temperature = ramp("cosine", routing_step, max(routing_steps - 1, 1), t.temperature_start, t.temperature_end)
-            set_objective_weights(inner, kl_weight=t.kl_weight, cost_lambda=cost_lambda, temperature=temperature,
-                                  cost_unit=t.cost_unit)
-            pretrain = step < t.expert_pretrain_steps
-            transfer = step < t.transfer_steps
-            set_transfer_capture(inner, transfer or pretrain, heads=pretrain)
-            step_loss, step_task = 0.0, 0.0
-            for micro in range(t.grad_accum):
-                ids = batches.batch(step * t.grad_accum + micro, accelerator.process_index,
-                                    accelerator.num_processes).to(accelerator.device)
-                if pretrain:
-                    with inner.disable_adapter() if t.lora else contextlib.nullcontext():
-                        # The forced-full pass whose heads and outputs the experts learn from; its logits are unused.
-                        teacher_logits(inner, ids, logits_to_keep=1)
-                    loss = layerwise_transfer_loss(inner)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLossError(f"the attention-transfer loss is {loss.item()} in step {step + 1}; "
-                                                 f"the last good checkpoint is {last_checkpoint or 'none (none was saved yet)'}")
-                    accelerator.backward(loss / t.grad_accum)
-                    step_loss, step_task = step_loss + loss.detach() / t.grad_accum, step_task + loss.detach() / t.grad_accum
-                    continue
-                # The teacher pass first: the student's forward must be the last one, since the aux
-                # loss and the routing stats are read from the modules afterwards.
-                teacher = None
-                if t.objective == "distill":
-                    with inner.disable_adapter() if t.lora else contextlib.nullcontext():  # the original has no LoRA
-                        teacher = teacher_logits(inner, ids)
-                # DDP all-reduces the summed gradients once, in the step's last micro-batch.
-                last = micro == t.grad_accum - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    logits = model(input_ids=ids).logits
-                    if teacher is not None:
-                        task = distillation_loss(logits, teacher, t.distill_temperature)
-                    else:
-                        task = lm_loss(logits, ids)
-                    loss = task + aux_loss(inner)
-                    if transfer:
-                        loss = loss + t.transfer_weight * transfer_loss(inner)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLossError(
-                            f"the loss is {loss.item()} in step {step + 1} (is the learning rate, {t.lr:g}, too high?): "
-                            f"training stopped before the bad update; "
-                            f"the last good checkpoint is {last_checkpoint or 'none (none was saved yet)'}"
-                        )
-                    accelerator.backward(loss / t.grad_accum)
-                    step_loss, step_task = step_loss + loss.detach() / t.grad_accum, step_task + task.detach() / t.grad_accum
-            if pretrain and accelerator.num_processes > 1:
-                # The pass ran outside the DDP wrapper (no_grad teacher), so DDP did not average these gradients.
-                for param in model.parameters():
-                    if param.grad is not None:
-                        param.grad = accelerator.reduce(param.grad, "mean")
-            grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
-            if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
-                # A finite loss can still give a non-finite gradient (Dirichlet sampling at tiny
-                # concentrations): skip the update rather than write NaN into the routers.
-                optimizer.zero_grad()
-                state.skipped += 1
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            state.step += 1
-            # Logged losses are means over the processes, so N-GPU curves compare with 1-GPU ones.
-            loss_mean, task_mean = accelerator.reduce(torch.stack([step_loss, step_task]), "mean").tolist()
-            state.seconds = time.perf_counter() - started
-            if pretrain:  # no routing ran: the loss is the attention-transfer loss, and there is no routing to log
-                record = {"loss": loss_mean, "transfer": loss_mean, "expert_pretrain": 1.0}
-                progress.set_postfix(transfer=f"{loss_mean:.3f}")
-            else:
-                stats = RoutingStats.aggregate(routing_stats(inner))
-                # The last micro-batch's hard routes at its length (what `ma-convert eval` reports).
-                real = model_real_cost(meta_attention_modules(inner), ids.shape[1], routes=True)
-                if t.cost_target is not None:
-                    # Dual ascent on the budget, with the cost averaged over the processes.
-                    cost = real if t.cost_unit == "real" else stats.projected_cost
-                    cost = accelerator.reduce(torch.tensor(cost, device=accelerator.device), "mean").item()
-                    state.cost_lambda = max(0.0, cost_lambda + t.cost_target_lr * (cost - t.cost_target))
-                record = {"loss": loss_mean, "task": task_mean, "cost_lambda": cost_lambda, "temperature": temperature,
-                          "projected_cost": stats.projected_cost, "real_cost": real, "entropy": stats.entropy,
-                          "hard": float(state.hard)}
-                progress.set_postfix(loss=f"{loss_mean:.3f}", cost=f"{stats.projected_cost:.2f}", hard=state.hard)
-            history.append(record)
-            accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state.step)
-            progress.update(1)
-            if state.step % t.eval_every == 0 or state.step == t.steps:
-                result = evaluate(model, eval_blocks, t.batch_size, accelerator)
-                per_layer = {f"eval/layer_{i:02d}/{k}": layer[k] for i, layer in enumerate(result["layer_stats"])
-                             for k in ("projected_cost", "entropy")}
-                accelerator.log({"eval/perplexity": result["perplexity"], "eval/projected_cost": result["projected_cost"],
-                                 "eval/entropy": result["entropy"], **per_layer}, step=state.step)
-                if t.hard_switch == "entropy" and result["entropy"] < t.hard_below_entropy:
-                    state.hard = True
-                if t.hard_switch == "uncertainty" and result["mean_uncertainty"] < t.hard_below_uncertainty:
-                    state.hard = True
-            if state.step % t.save_every == 0 and state.step < t.steps:
-                last_checkpoint = _save_checkpoint(accelerator, out / "checkpoints" / f"step-{state.step:06d}", state, scheduler)
-    finally:
-        progress.close()  # an error message then starts on a line of its own
-    if stop_after is not None and state.step < t.steps:
-        folder = out / "checkpoints" / f"step-{state.step:06d}"
-        if last_checkpoint != folder:  # unless this step's checkpoint was just written
-            last_checkpoint = _save_checkpoint(accelerator, folder, state, scheduler)
+    def transfer(self, step: int) -> bool:
+        """The attention-transfer term joins the loss."""
+        return step < self.t.transfer_steps
+
+    def hard(self, step: int, already: bool) -> bool:
+        return already or (self.t.hard_switch == "steps" and step >= self.t.hard_at_step)
+
+    def cost_weight(self, step: int, dual: Optional[float]) -> float:
+        """The ramp, or under a budget the dual variable (its start value until the first update)."""
+        t = self.t
+        if t.cost_target is None:
+            return ramp(t.cost_ramp, self.routing_step(step), t.cost_ramp_steps, t.cost_lambda_start, t.cost_lambda_end)
+        return t.cost_lambda_start if dual is None else dual
+
+    def temperature(self, step: int) -> float:
+        t = self.t
+        return ramp("cosine", self.routing_step(step), max(self.routing_steps - 1, 1), t.temperature_start,
+                    t.temperature_end)
+
+    def dual_update(self, cost_weight: float, cost: float) -> float:
+        """Dual ascent on the budget: the weight rises while the cost is over it (floored at 0)."""
+        return max(0.0, cost_weight + self.t.cost_target_lr * (cost - self.t.cost_target))
+
+
+class RouterFinetune:
+    """The recipe as an object: `setup`, `train`, `evaluate`, `save_checkpoint`, `export`."""
+
+    def __init__(self, recipe: Recipe, *, resume: bool = False, overwrite: bool = False, recipe_file=None) -> None:
+        self.recipe, self.t, self.resume = recipe, recipe.training, resume
+        self.source = resolve_source(recipe.model.source)
+        self.out = prepare_output_dir(recipe, self.source, resume, overwrite, recipe_file)
+        self.schedule = RoutingSchedule(self.t)
+        self.state = TrainState()
+        self.last_checkpoint: Optional[Path] = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Data, model, optimizer and the run folder; the routed and original perplexity before training."""
+        from accelerate.utils import set_seed
+
+        t, recipe = self.t, self.recipe
+        self.tokenizer, config = load_tokenizer_and_config(self.source)
+        self.accelerator = accelerator = _start_accelerator(t, self.out)
+        set_seed(t.seed)
+        train_blocks, self.eval_blocks = build_datasets(recipe.data, self.tokenizer, config.max_position_embeddings)
+        self.batches = BatchSource(train_blocks, t.batch_size, t.seed)
+        model = self._build_model()
+        optimizer = torch.optim.AdamW(parameter_groups(model, t), weight_decay=t.weight_decay)
+        # The scheduler stays out of prepare(): Accelerate would step it once per process per step,
+        # running an N-GPU schedule N times too fast. It is checkpointed (as JSON) all the same.
+        self.scheduler = lr_schedule(optimizer, t)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.inner = accelerator.unwrap_model(self.model)
+        self._open_run_folder()
+        if t.log_with:
+            accelerator.init_trackers("router_finetune", config=_flat_hparams(recipe.to_dict()))
+        if not self.resume:
+            self.state.before = before = {"original": self.evaluate(forced="full")["perplexity"], "routed": self.evaluate()}
+            accelerator.print(
+                f"before: perplexity original (forced full) {before['original']:.2f}, "
+                f"routed {before['routed']['perplexity']:.2f} at projected cost {before['routed']['projected_cost']:.2f}"
+            )
+        train_routers_only(self.inner)
+        self.last_checkpoint = latest_checkpoint(self.out)
+
+    def _build_model(self):
+        t = self.t
+        model = load_model(self.recipe, self.source)
+        check_budget(self.recipe, meta_attention_modules(model))
+        self.base = model.config.meta_attention.get("base_model")
+        freeze_all_but_routers_and_experts(model)
+        if t.lora:
+            from ..adapters import adapter_for
+
+            model = add_lora(model, adapter_for(model.config.model_type).lora_targets, t.lora_rank, t.lora_alpha)
+        return model.to(self.accelerator.device)
+
+    def _open_run_folder(self) -> None:
+        """Resume: load the last checkpoint and drop what a killed run was writing. Else: the folder
+        is written only once everything before has worked."""
+        accelerator, out = self.accelerator, self.out
+        if self.resume:
+            _load_checkpoint(accelerator, latest_checkpoint(out), self.state, self.scheduler)
+            accelerator.print(f"resumed from {latest_checkpoint(out)} at step {self.state.step}")
+            if accelerator.is_main_process:
+                for partial in (out / "checkpoints").glob(".step-*.tmp"):
+                    shutil.rmtree(partial, ignore_errors=True)
+        elif accelerator.is_main_process:
+            if out.exists():
+                shutil.rmtree(out)  # checked by prepare_output_dir: an earlier run of ours
+            out.mkdir(parents=True)
+            write_marker(out, "run", RUN_ENTRIES)
+            (out / "recipe.yaml").write_text(self.recipe.to_yaml())
+        accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ training
+    def train(self, stop_after: Optional[int] = None) -> Optional[dict]:
+        """Steps until the recipe's last (or `stop_after`, which then checkpoints as a kill would and
+        returns where it stopped)."""
+        from tqdm.auto import tqdm
+
+        t, state = self.t, self.state
+        self.progress = tqdm(total=t.steps, initial=state.step, desc="router finetune",
+                             disable=not self.accelerator.is_local_main_process)
+        started = time.perf_counter() - state.seconds
+        try:
+            while state.step < t.steps and (stop_after is None or state.step < stop_after):
+                record = self.train_step(state.step)
+                state.seconds = time.perf_counter() - started
+                state.history.append(record)
+                self.accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state.step)
+                self.progress.update(1)
+                if state.step % t.eval_every == 0 or state.step == t.steps:
+                    self._evaluate_and_switch()
+                if state.step % t.save_every == 0 and state.step < t.steps:
+                    self.save_checkpoint(self.out / "checkpoints" / f"step-{state.step:06d}")
+        finally:
+            self.progress.close()  # an error message then starts on a line of its own
+        if stop_after is not None and state.step < t.steps:
+            folder = self.out / "checkpoints" / f"step-{state.step:06d}"
+            if self.last_checkpoint != folder:  # unless this step's checkpoint was just written
+                self.save_checkpoint(folder)
+            self.accelerator.end_training()
+            return {"stopped_at": state.step, "checkpoint": str(self.last_checkpoint)}
+        return None
+
+    def _set_step(self, step: int) -> dict:
+        """Routing mode, objective weights and capture for this step; returns what the record logs."""
+        s, state, inner = self.schedule, self.state, self.inner
+        state.hard = s.hard(step, state.hard)
+        set_routing_mode(inner, "hard" if state.hard else "soft")
+        cost_weight, temperature = s.cost_weight(step, state.cost_lambda), s.temperature(step)
+        set_objective_weights(inner, kl_weight=self.t.kl_weight, cost_lambda=cost_weight, temperature=temperature,
+                              cost_unit=self.t.cost_unit)
+        set_transfer_capture(inner, s.transfer(step) or s.pretrain(step), heads=s.pretrain(step))
+        return {"cost_lambda": cost_weight, "temperature": temperature}
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step over `grad_accum` micro-batches; returns its history record."""
+        t, accelerator = self.t, self.accelerator
+        settings = self._set_step(step)
+        pretrain = self.schedule.pretrain(step)
+        step_loss, step_task = 0.0, 0.0
+        for micro in range(t.grad_accum):
+            ids = self.batches.batch(step * t.grad_accum + micro, accelerator.process_index,
+                                     accelerator.num_processes).to(accelerator.device)
+            loss, task = (self._transfer_loss if pretrain else self._routed_loss)(ids, step, micro)
+            step_loss, step_task = step_loss + loss / t.grad_accum, step_task + task / t.grad_accum
+        self._update(pretrain)
+        # Logged losses are means over the processes, so N-GPU curves compare with 1-GPU ones.
+        loss_mean, task_mean = accelerator.reduce(torch.stack([step_loss, step_task]), "mean").tolist()
+        if pretrain:  # no routing ran: the loss is the attention-transfer loss, and there is no routing to log
+            self.progress.set_postfix(transfer=f"{loss_mean:.3f}")
+            return {"loss": loss_mean, "transfer": loss_mean, "expert_pretrain": 1.0}
+        record = {"loss": loss_mean, "task": task_mean, **settings, **self._routing_record(ids.shape[1], settings)}
+        self.progress.set_postfix(loss=f"{loss_mean:.3f}", cost=f"{record['projected_cost']:.2f}", hard=self.state.hard)
+        return record
+
+    def _transfer_loss(self, ids, step: int, micro: int):
+        """Attention transfer: a forced-full pass (its logits unused) whose heads and outputs the cheap
+        experts learn from."""
+        with self.inner.disable_adapter() if self.t.lora else contextlib.nullcontext():
+            teacher_logits(self.inner, ids, logits_to_keep=1)
+        loss = layerwise_transfer_loss(self.inner)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"the attention-transfer loss is {loss.item()} in step {step + 1}; "
+                                     f"the last good checkpoint is {self._last_good()}")
+        self.accelerator.backward(loss / self.t.grad_accum)
+        return loss.detach(), loss.detach()
+
+    def _routed_loss(self, ids, step: int, micro: int):
+        """Distillation (or next-token loss) plus the routers' ELBO terms and any transfer term."""
+        t, inner = self.t, self.inner
+        # The teacher pass first: the student's forward must be the last one, since the aux loss and
+        # the routing stats are read from the modules afterwards.
+        teacher = None
+        if t.objective == "distill":
+            with inner.disable_adapter() if t.lora else contextlib.nullcontext():  # the original has no LoRA
+                teacher = teacher_logits(inner, ids)
+        # DDP all-reduces the summed gradients once, in the step's last micro-batch.
+        last = micro == t.grad_accum - 1
+        with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+            logits = self.model(input_ids=ids).logits
+            task = distillation_loss(logits, teacher, t.distill_temperature) if teacher is not None else lm_loss(logits, ids)
+            loss = task + aux_loss(inner)
+            if self.schedule.transfer(step):
+                loss = loss + t.transfer_weight * transfer_loss(inner)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"the loss is {loss.item()} in step {step + 1} (is the learning rate, {t.lr:g}, too high?): "
+                    f"training stopped before the bad update; the last good checkpoint is {self._last_good()}"
+                )
+            self.accelerator.backward(loss / t.grad_accum)
+        return loss.detach(), task.detach()
+
+    def _last_good(self) -> str:
+        return str(self.last_checkpoint) if self.last_checkpoint else "none (none was saved yet)"
+
+    def _update(self, pretrain: bool) -> None:
+        """Clip, step (or skip a non-finite gradient), schedule."""
+        accelerator, model, state = self.accelerator, self.model, self.state
+        if pretrain and accelerator.num_processes > 1:
+            # The pass ran outside the DDP wrapper (no_grad teacher), so DDP did not average these gradients.
+            for param in model.parameters():
+                if param.grad is not None:
+                    param.grad = accelerator.reduce(param.grad, "mean")
+        grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], self.t.max_grad_norm)
+        if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+            # A finite loss can still give a non-finite gradient (Dirichlet sampling at tiny
+            # concentrations): skip the update rather than write NaN into the routers.
+            self.optimizer.zero_grad()
+            state.skipped += 1
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        state.step += 1
+
+    def _routing_record(self, length: int, settings: dict) -> dict:
+        """Routing statistics of the step's last micro-batch; under a budget, the dual update."""
+        t, state = self.t, self.state
+        stats = RoutingStats.aggregate(routing_stats(self.inner))
+        # The last micro-batch's hard routes at its length (what `ma-convert eval` reports).
+        real = model_real_cost(meta_attention_modules(self.inner), length, routes=True)
+        if t.cost_target is not None:  # the cost averaged over the processes
+            cost = real if t.cost_unit == "real" else stats.projected_cost
+            cost = self.accelerator.reduce(torch.tensor(cost, device=self.accelerator.device), "mean").item()
+            state.cost_lambda = self.schedule.dual_update(settings["cost_lambda"], cost)
+        return {"projected_cost": stats.projected_cost, "real_cost": real, "entropy": stats.entropy,
+                "hard": float(state.hard)}
+
+    # ------------------------------------------------------------------ evaluation, checkpoints, export
+    def evaluate(self, forced: Optional[str] = None) -> dict:
+        return evaluate(self.model, self.eval_blocks, self.t.batch_size, self.accelerator, forced=forced)
+
+    def _evaluate_and_switch(self) -> None:
+        """Log an evaluation; the "entropy" and "uncertainty" soft-to-hard switches read it."""
+        t, state = self.t, self.state
+        result = self.evaluate()
+        per_layer = {f"eval/layer_{i:02d}/{k}": layer[k] for i, layer in enumerate(result["layer_stats"])
+                     for k in ("projected_cost", "entropy")}
+        self.accelerator.log({"eval/perplexity": result["perplexity"], "eval/projected_cost": result["projected_cost"],
+                              "eval/entropy": result["entropy"], **per_layer}, step=state.step)
+        if t.hard_switch == "entropy" and result["entropy"] < t.hard_below_entropy:
+            state.hard = True
+        if t.hard_switch == "uncertainty" and result["mean_uncertainty"] < t.hard_below_uncertainty:
+            state.hard = True
+
+    def save_checkpoint(self, folder: Path) -> Path:
+        self.last_checkpoint = _save_checkpoint(self.accelerator, folder, self.state, self.scheduler)
+        return self.last_checkpoint
+
+    def export(self) -> dict:
+        """Set the final routing mode, measure, write the model folder and results.json; return the results."""
+        t, inner, accelerator = self.t, self.inner, self.accelerator
+        set_routing_mode(inner, t.final_routing, uncertainty_threshold=t.uncertainty_threshold)
+        results = self._results(self.evaluate())
+        assert_only_routers_and_experts_train(inner, lora=t.lora)
+        if accelerator.is_main_process:
+            export(inner.merge_and_unload() if t.lora else inner, self.tokenizer, self.out / "model", self.recipe,
+                   results, self.source)
+            (self.out / "results.json").write_text(json.dumps(results, indent=2))
+        accelerator.wait_for_everyone()
         accelerator.end_training()
-        return {"stopped_at": state.step, "checkpoint": str(last_checkpoint)}
+        return results
 
-    set_routing_mode(inner, t.final_routing, uncertainty_threshold=t.uncertainty_threshold)
-    after = evaluate(model, eval_blocks, t.batch_size, accelerator)
-    results = {
-        "base_model": base,
-        "eval_tokens": sum(block.numel() for block in eval_blocks),
-        "trainable_parameters": sum(p.numel() for p in inner.parameters() if p.requires_grad),
-        "steps": t.steps,
-        "skipped_updates": state.skipped,
-        "train_seconds": state.seconds,
-        "perplexity": {
-            "original": before.get("original"),
-            "routed, before finetune": before.get("routed", {}).get("perplexity"),
-            "routed, after finetune": after["perplexity"],
-        },
-        "projected_cost": {"before": before.get("routed", {}).get("projected_cost"), "after": after["projected_cost"]},
-        "entropy": after["entropy"],
-        "expert_fractions": after["expert_fractions"],
-        "layer_stats": after["layer_stats"],
-        "history": history,
-    }
-    assert_only_routers_and_experts_train(inner, lora=t.lora)
-    if accelerator.is_main_process:
-        export(inner.merge_and_unload() if t.lora else inner, tokenizer, out / "model", recipe, results, source)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return results
+    def _results(self, after: dict) -> dict:
+        before, state = self.state.before, self.state
+        return {
+            "base_model": self.base,
+            "eval_tokens": sum(block.numel() for block in self.eval_blocks),
+            "trainable_parameters": sum(p.numel() for p in self.inner.parameters() if p.requires_grad),
+            "steps": self.t.steps,
+            "skipped_updates": state.skipped,
+            "train_seconds": state.seconds,
+            "perplexity": {
+                "original": before.get("original"),
+                "routed, before finetune": before.get("routed", {}).get("perplexity"),
+                "routed, after finetune": after["perplexity"],
+            },
+            "projected_cost": {"before": before.get("routed", {}).get("projected_cost"), "after": after["projected_cost"]},
+            "entropy": after["entropy"],
+            "expert_fractions": after["expert_fractions"],
+            "layer_stats": after["layer_stats"],
+            "history": state.history,
+        }
 
 
 def export(model, tokenizer, folder: Path, recipe: Recipe, results: dict, source: ModelSource) -> Path:
