@@ -313,9 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity, routing, projected and real attention cost per length (and passkey)")
     ev.add_argument("folder", help="a converted model folder")
-    ev.add_argument("--text", required=True, help="a .txt (documents separated by blank lines), .jsonl or .parquet "
-                    "file, 'pydoc', or a Hub dataset name[:config][@split] (where the Hub is reachable)")
-    ev.add_argument("--text-field", default="text", help="the text column of a .jsonl/.parquet file or dataset")
+    ev.add_argument("--text", required=True, help="a .txt (documents separated by blank lines); a .jsonl, .json, "
+                    ".csv or .parquet file (optionally compressed), a glob of them or a save_to_disk folder; 'pydoc'; "
+                    "or a Hub dataset name[:config][@split] (where the Hub is reachable)")
+    ev.add_argument("--text-field", default="text", help="the text column of a table or dataset")
     ev.add_argument("--lengths", type=int, nargs="+", default=[2048], help="prompt lengths to measure (default 2048)")
     ev.add_argument("--routing", choices=["saved", "full", "soft", "hard", "auto"], default="saved",
                     help="how the model routes (saved: as it was exported; full: the original attention)")

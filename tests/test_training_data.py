@@ -14,6 +14,7 @@ from ma_convert.training.data import (
     iter_texts,
     pack,
     pydoc_topics,
+    source_texts,
 )
 
 WORDS = [f"w{i:03d}" for i in range(200)]  # one width: documents of equal word count are equal in size
@@ -205,9 +206,11 @@ def test_missing_file(tmp_path):
             build_datasets(DataConfig(source=spec), _NoTokenizing(), 2048)
     with pytest.raises(ValueError, match="eval_source: file not found"):
         build_datasets(DataConfig(eval_source=str(tmp_path / "nope.txt")), _NoTokenizing(), 2048)
-    (tmp_path / "data.csv").write_text("text\nhello\n")
+    (tmp_path / "data.xml").write_text("<text>hello</text>\n")
     with pytest.raises(ValueError, match="unsupported local source"):
-        build_datasets(DataConfig(source=str(tmp_path / "data.csv")), _NoTokenizing(), 2048)
+        build_datasets(DataConfig(source=str(tmp_path / "data.xml")), _NoTokenizing(), 2048)
+    with pytest.raises(ValueError, match="no file matches"):
+        build_datasets(DataConfig(source=str(tmp_path / "nothing-*.jsonl")), _NoTokenizing(), 2048)
 
 
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
@@ -273,3 +276,43 @@ def test_offline_is_read_from_the_error_types():
     assert _looks_offline(LocalEntryNotFoundError("not cached")) and _looks_offline(ConnectionError("no route"))
     assert not _looks_offline(raised(ValueError("bad config"), KeyError("name")))
     assert not _looks_offline(FileNotFoundError("no such dataset"))
+
+
+
+def _table_docs(n=6):
+    return [f"document {i} " + "word " * (5 + i) for i in range(n)]
+
+
+def test_local_tables_read_through_datasets(tmp_path):
+    """.json, .csv, compressed .jsonl.gz, a glob of shards and a save_to_disk folder give the same
+    documents, in order (datasets.load_dataset with data_files, load_from_disk)."""
+    import gzip
+    import json
+
+    datasets = pytest.importorskip("datasets")
+    docs = _table_docs()
+    rows = [{"text": d, "id": i} for i, d in enumerate(docs)]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    (tmp_path / "a.csv").write_text("id,text\n" + "".join(f"{r['id']},{r['text']}\n" for r in rows))
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "shards").mkdir()
+    for k in range(2):
+        shard = "".join(json.dumps(r) + "\n" for r in rows[3 * k: 3 * k + 3])
+        (tmp_path / "shards" / f"part-{k}.jsonl").write_text(shard)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    for spec in ("a.json", "a.csv", "a.jsonl.gz", "shards/part-*.jsonl", "saved"):
+        got = list(source_texts(str(tmp_path / spec)))
+        assert got == docs, spec
+
+
+def test_a_table_that_does_not_parse_names_the_file_and_reader(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": unquoted}\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl: cannot be read as json \("):
+        list(source_texts(str(tmp_path / "broken.jsonl")))
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "mixed" / "b.csv").write_text("text\nx\n")
+    with pytest.raises(ValueError, match="different or unsupported kinds"):
+        build_datasets(DataConfig(source=str(tmp_path / "mixed" / "*")), _NoTokenizing(), 2048)

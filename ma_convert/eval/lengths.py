@@ -25,7 +25,7 @@ ROUTINGS = ("saved", "full", "soft", "hard", "auto")
 
 
 def read_documents(spec: str, max_chars: int, text_field: str = "text") -> list[str]:
-    """The documents of `spec` (a .txt, .jsonl or .parquet file, 'pydoc', or a Hub dataset
+    """The documents of `spec` (a .txt file, a local table, 'pydoc', or a Hub dataset
     ``name[:config][@split]`` where the Hub is reachable), read until `max_chars` characters."""
     from ..training.data import source_texts
 

@@ -4,8 +4,10 @@ Sources (``DataConfig.source``):
 
 * ``"pydoc"``: CPython's own reference text (``pydoc_data.topics.topics``). Every Python ships it, so
   the recipe runs with no download (~465k characters of English, ~110k tokens for a LLaMA tokenizer).
-* a local ``.txt`` (documents separated by blank lines), ``.jsonl`` (one JSON object per line, text in
-  ``text_field``) or ``.parquet`` file (column ``text_field``).
+* a local ``.txt`` file (documents separated by blank lines);
+* local tables, read by ``datasets.load_dataset`` with ``data_files``, text in column ``text_field``:
+  ``.jsonl`` / ``.json``, ``.csv`` and ``.parquet`` files, each optionally compressed (``.gz``, ``.bz2``,
+  ``.xz``, ``.zst``), a glob of them (``data/*.jsonl.gz``), or a folder written by ``save_to_disk``.
 * anything else: a Hub dataset for ``datasets.load_dataset``, written ``name``, ``name:config``, either
   optionally followed by ``@split`` (otherwise ``DataConfig.split``).
 
@@ -21,7 +23,6 @@ fixed ``seq_len`` blocks; the last partial block is dropped.
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,8 @@ __all__ = [
     "source_texts",
 ]
 
-_FILE_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+_FILE_KINDS = {".txt": "txt", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 _TOKENIZE_BATCH = 64  # documents per tokenizer call: fast tokenizers batch in Rust, and the stream stays lazy
 
 
@@ -97,33 +99,49 @@ def _is_int(value: object) -> bool:
 
 @dataclass(frozen=True)
 class _Source:
-    kind: str  # "pydoc", "txt", "jsonl", "parquet" or "hub"
+    kind: str  # "pydoc", "txt", "table" (datasets' json / csv / parquet builders), "disk" or "hub"
     spec: str
     path: Path | None = None
-    name: str | None = None  # hub only
+    name: str | None = None  # hub: the dataset; table: the builder
     config: str | None = None
     split: str | None = None
+    files: tuple = ()  # table: the data files
 
     def identity(self) -> tuple:
         """What makes two sources the same data (for the overlap check)."""
         if self.kind == "hub":
             return ("hub", self.name, self.config, self.split)
+        if self.kind == "table":
+            return ("table", tuple(str(f.resolve()) for f in self.files))
         return (self.kind, str(self.path.resolve()) if self.path else None)
+
+
+def _file_kind(path: Path) -> Optional[str]:
+    """txt, json, csv or parquet from the name (a compression suffix is looked through)."""
+    suffixes = [x.lower() for x in path.suffixes[-2:]]
+    if suffixes and suffixes[-1] in _COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    kind = _FILE_KINDS.get(suffixes[-1]) if suffixes else None
+    return None if kind == "txt" and path.suffix.lower() in _COMPRESSIONS else kind
 
 
 def _resolve(spec: str, cfg: DataConfig, field: str) -> _Source:
     if spec == "pydoc":
         return _Source("pydoc", spec)
+    if any(c in spec for c in "*?["):
+        return _resolve_glob(spec, field)
     path = Path(spec).expanduser()
-    kind = _FILE_KINDS.get(path.suffix.lower())
+    kind = _file_kind(path)
     if kind is not None:
         if not path.is_file():
             raise ValueError(f"DataConfig.{field}: file not found: {spec}")
-        return _Source(kind, spec, path=path)
+        return _Source("txt", spec, path=path) if kind == "txt" else _Source("table", spec, name=kind, files=(path,))
+    if path.is_dir() and (path / "dataset_info.json").is_file():
+        return _Source("disk", spec, path=path)  # datasets' save_to_disk
     if path.exists():
         raise ValueError(
-            f"DataConfig.{field}: unsupported local source {spec!r}; use a .txt, .jsonl or .parquet file, "
-            f"'pydoc', or a Hub dataset name"
+            f"DataConfig.{field}: unsupported local source {spec!r}; use a .txt, .jsonl, .json, .csv or .parquet "
+            f"file (optionally .gz/.bz2/.xz/.zst), a glob of them, a save_to_disk folder, 'pydoc', or a Hub dataset"
         )
     if path.is_absolute() or spec.startswith((".", "~")):
         # clearly meant as a path: don't send it to the Hub
@@ -131,6 +149,20 @@ def _resolve(spec: str, cfg: DataConfig, field: str) -> _Source:
     name, _, split = spec.partition("@")
     name, _, config = name.partition(":")
     return _Source("hub", spec, name=name, config=config or None, split=split or cfg.split)
+
+
+def _resolve_glob(spec: str, field: str) -> _Source:
+    import glob
+
+    files = tuple(sorted(Path(f) for f in glob.glob(str(Path(spec).expanduser()), recursive=True) if Path(f).is_file()))
+    if not files:
+        raise ValueError(f"DataConfig.{field}: no file matches {spec}")
+    kinds = {_file_kind(f) for f in files}
+    if len(kinds) != 1 or None in kinds or "txt" in kinds:
+        raise ValueError(f"DataConfig.{field}: {spec} matches files of different or unsupported kinds "
+                         f"({', '.join(sorted({f.name for f in files})[:5])}); a glob takes .jsonl, .json, .csv or "
+                         f".parquet files of one kind")
+    return _Source("table", spec, name=kinds.pop(), files=files)
 
 
 def pydoc_topics(part: Literal["train", "eval", "all"] = "all", eval_fraction: float = 0.1) -> list[str]:
@@ -160,7 +192,7 @@ def _split(items: Iterable, fraction: float, size=len) -> Iterator[tuple[object,
 
 def source_texts(spec: str, text_field: str = "text", split: str = "train") -> Iterator[str]:
     """Every non-empty document of one source, lazily, as the recipe reads it: a .txt (documents
-    separated by blank lines), .jsonl or .parquet file (`text_field`), 'pydoc', or a Hub dataset
+    separated by blank lines), a local table (`text_field`, see the module docstring), 'pydoc', or a Hub dataset
     ``name[:config][@split]``."""
     cfg = DataConfig(source=spec, text_field=text_field, split=split)
     return _iter_source(_resolve(spec, cfg, "source"), cfg)
@@ -175,12 +207,8 @@ def _iter_source(src: _Source, cfg: DataConfig) -> Iterator[str]:
             yield topics[key]
     elif src.kind == "txt":
         yield from _iter_txt(src.path)
-    elif src.kind == "jsonl":
-        yield from _iter_jsonl(src.path, cfg.text_field)
-    elif src.kind == "parquet":
-        yield from _iter_parquet(src.path, cfg.text_field)
     else:
-        yield from _iter_hub(src, cfg)
+        yield from _iter_rows(src, cfg)
 
 
 def _iter_txt(path: Path) -> Iterator[str]:
@@ -196,38 +224,6 @@ def _iter_txt(path: Path) -> Iterator[str]:
         yield "\n".join(lines)
 
 
-def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            if field not in row:
-                raise ValueError(f"{path}:{number}: no text_field {field!r}; the columns present are {sorted(row)}")
-            text = _as_text(row[field], f"{path}:{number}")
-            if text:
-                yield text
-
-
-def _iter_parquet(path: Path, field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(path)
-    columns = parquet.schema_arrow.names
-    if field not in columns:
-        raise ValueError(f"{path}: no text_field column {field!r}; the columns present are {columns}")
-    for batch in parquet.iter_batches(columns=[field], batch_size=1024):
-        for value in batch.column(0).to_pylist():
-            text = _as_text(value, str(path))
-            if text:
-                yield text
-
-
 def _as_text(value: object, where: str) -> str:
     if value is None:
         return ""
@@ -236,31 +232,73 @@ def _as_text(value: object, where: str) -> str:
     return value if value.strip() else ""
 
 
-def _load_hub(src: _Source, cfg: DataConfig):
+def _datasets():
     try:
         import datasets
     except ImportError:
         raise ImportError(
-            f"source {src.spec!r} is a Hub dataset, which needs the `datasets` package "
-            f"(pip install 'ma-convert[train]'); or use a local .txt/.jsonl/.parquet file or source='pydoc'"
+            "reading tables and Hub datasets needs the `datasets` package (pip install 'ma-convert[train]'); "
+            "or use a local .txt file or source='pydoc'"
         ) from None
+    return datasets
+
+
+def _load(src: _Source, cfg: DataConfig):
+    """The source as a `datasets` dataset (streamed if `cfg.streaming`), checked for `text_field`."""
+    datasets = _datasets()
+    if src.kind == "disk":
+        ds = datasets.load_from_disk(str(src.path))
+        if isinstance(ds, datasets.DatasetDict):
+            if cfg.split not in ds:
+                raise ValueError(f"{src.spec}: no split {cfg.split!r}; the splits are {sorted(ds)}")
+            ds = ds[cfg.split]
+    elif src.kind == "table":
+        ds = _load_table(src, cfg, datasets)
+    else:
+        ds = _load_hub(src, cfg, datasets)
+    if isinstance(ds, list):  # an empty table
+        return ds
+    columns = ds.column_names  # None for some streamed datasets: then the row check catches it
+    if columns is not None and cfg.text_field not in columns:
+        raise ValueError(f"{src.spec}: no text_field column {cfg.text_field!r}; the columns present are {columns}")
+    return ds if columns is None else ds.select_columns([cfg.text_field])  # decode only the text
+
+
+def _no_rows(files, builder: str) -> bool:
+    """Files with no data at all (datasets' builders fail on them instead of reading nothing)."""
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        return all(pq.ParquetFile(f).metadata.num_rows == 0 for f in files)
+    return all(f.suffix.lower() not in _COMPRESSIONS and not f.read_text(encoding="utf-8").strip() for f in files)
+
+
+def _load_table(src: _Source, cfg: DataConfig, datasets):
+    if _no_rows(src.files, src.name):
+        return []
+    files = [str(f) for f in src.files]
     try:
-        ds = datasets.load_dataset(src.name, src.config, split=src.split, streaming=cfg.streaming)
+        return datasets.load_dataset(src.name, data_files=files, split="train", streaming=cfg.streaming)
+    except Exception as error:  # a parse error deep in an Arrow builder: name the file and the reader
+        cause = error.__cause__ or error.__context__ or error
+        raise ValueError(f"{src.spec}: cannot be read as {src.name} "
+                         f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from None
+
+
+def _load_hub(src: _Source, cfg: DataConfig, datasets):
+    try:
+        return datasets.load_dataset(src.name, src.config, split=src.split, streaming=cfg.streaming)
     except Exception as error:  # datasets surfaces network trouble in many types; classify, then re-raise
         if _looks_offline(error):
             raise HubUnreachableError(
                 f"cannot load Hub dataset {src.spec!r}: the Hugging Face Hub is unreachable (offline mode, "
                 f"HF_HUB_OFFLINE=1, or no network) and the dataset is not in the local cache. "
-                f"Use a local .txt/.jsonl/.parquet file, or source='pydoc' (built in). "
+                f"Use a local file (.txt, .jsonl, .csv, .parquet, ...), or source='pydoc' (built in). "
                 f"[{type(error).__name__}: {error}]"
             ) from None
         if isinstance(error, FileNotFoundError):
             raise ValueError(f"{src.spec!r} is neither a local file nor a dataset found on the Hub [{error}]") from None
         raise
-    columns = ds.column_names  # None for some streamed datasets: then the row check below catches it
-    if columns is not None and cfg.text_field not in columns:
-        raise ValueError(f"{src.spec}: no text_field column {cfg.text_field!r}; the columns present are {columns}")
-    return ds if columns is None else ds.select_columns([cfg.text_field])  # decode only the text
 
 
 def _looks_offline(error: BaseException) -> bool:
@@ -278,8 +316,8 @@ def _looks_offline(error: BaseException) -> bool:
     return False
 
 
-def _iter_hub(src: _Source, cfg: DataConfig) -> Iterator[str]:
-    for number, row in enumerate(_load_hub(src, cfg)):
+def _iter_rows(src: _Source, cfg: DataConfig) -> Iterator[str]:
+    for number, row in enumerate(_load(src, cfg)):
         if cfg.text_field not in row:
             raise ValueError(
                 f"{src.spec} row {number}: no text_field {cfg.text_field!r}; the columns present are {sorted(row)}"
@@ -396,13 +434,7 @@ def _check_source(src: _Source, cfg: DataConfig) -> None:
     """Cheap checks before tokenizing: columns present and at least one document."""
     if src.kind == "pydoc":
         return
-    if src.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        columns = pq.read_schema(src.path).names
-        if cfg.text_field not in columns:
-            raise ValueError(f"{src.path}: no text_field column {cfg.text_field!r}; the columns present are {columns}")
-    # reading lazily, the first document also checks jsonl columns and Hub reachability
+    # reading lazily, the first document also checks the columns and Hub reachability
     if next(_iter_source(src, cfg), None) is None:
         raise ValueError(f"{src.spec}: contains no text")
 
