@@ -1,4 +1,5 @@
-"""The import rules of the package: core is plain torch, kernels sit below core."""
+"""The import rules of the package, read from the source (imports inside functions count too): kernels
+below core, core plain torch, modeling below the adapters, the library below training."""
 
 import ast
 from pathlib import Path
@@ -8,9 +9,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "ma_convert"
 
 
-def imported_modules(path: Path) -> set[str]:
+def imported_modules(path: Path, root: Path = PACKAGE) -> set[str]:
     """Every module a file imports, relative imports resolved against the package layout."""
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
     package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -25,15 +26,33 @@ def imported_modules(path: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("layer,forbidden", [
-    ("core", ("transformers", "ma_convert.modeling", "ma_convert.adapters", "ma_convert.training")),
-    ("kernels", ("transformers", "ma_convert.core", "ma_convert.modeling", "ma_convert.adapters")),
-])
-def test_layer_imports_nothing_above_it(layer, forbidden):
-    offenders = sorted(
-        f"{path.relative_to(PACKAGE.parent)} imports {module}"
-        for path in (PACKAGE / layer).rglob("*.py")
-        for module in imported_modules(path)
-        if any(module == f or module.startswith(f + ".") for f in forbidden)
+FORBIDDEN = {
+    "core": ("transformers", "accelerate", "peft", "datasets", "ma_convert.modeling", "ma_convert.adapters",
+             "ma_convert.training", "ma_convert.eval", "ma_convert.integrations", "ma_convert.convert"),
+    "kernels": ("transformers", "ma_convert.core", "ma_convert.modeling", "ma_convert.adapters", "ma_convert.training"),
+    "modeling": ("ma_convert.adapters", "ma_convert.training", "ma_convert.eval"),
+    "adapters": ("ma_convert.training", "ma_convert.eval"),
+}
+
+
+def offenders(layer: str, root: Path = PACKAGE) -> list[str]:
+    return sorted(
+        f"{path.relative_to(root.parent)} imports {module}"
+        for path in (root / layer).rglob("*.py")
+        for module in imported_modules(path, root)
+        if any(module == f or module.startswith(f + ".") for f in FORBIDDEN[layer])
     )
-    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_layer_imports_nothing_above_it(layer):
+    assert not offenders(layer)
+
+
+def test_the_check_finds_a_forbidden_lazy_import(tmp_path):
+    fake = tmp_path / "ma_convert"
+    (fake / "core").mkdir(parents=True)
+    code = "def f():\n    from transformers import AutoConfig\n    from ..adapters import x\n"
+    (fake / "core" / "bad.py").write_text(code)
+    assert offenders("core", fake) == ["ma_convert/core/bad.py imports ma_convert.adapters",
+                                       "ma_convert/core/bad.py imports transformers"]

@@ -181,3 +181,32 @@ def test_hybrid_linear_expert_saves_and_reloads(tmp_path):
     fresh = AutoModelForCausalLM.from_config(reloaded.config)
     weights = [p for n, p in fresh.named_parameters() if n.endswith("log_weight")]
     assert weights and all(torch.equal(w, torch.zeros_like(w)) for w in weights)
+
+
+def test_one_initialisation_path_for_constructors_and_transformers():
+    """`init_meta_weights` (what transformers calls for tensors a checkpoint lacks) sets each module's
+    `initial_values`, as its constructor did, and leaves tensors marked as loaded alone."""
+    from ma_convert.core.config import MetaAttnConfig
+    from ma_convert.core.initial import tensor_named
+    from ma_convert.core.meta_attention import MetaAttention
+    from ma_convert.modeling.base import init_meta_weights
+
+    meta = MetaAttention(MetaAttnConfig(d_model=32, n_heads=4, linear_window=4))
+    fresh = {n: t.clone() for n, t in list(meta.named_parameters()) + list(meta.named_buffers())}
+    loaded = meta.router.fc2.bias
+    with torch.no_grad():
+        for t in list(meta.parameters()) + list(meta.buffers()):
+            t.add_(1.0)
+    loaded._is_hf_initialized = True
+    touched = [m for m in meta.modules() if init_meta_weights(m)]
+    assert {type(m).__name__ for m in touched} == {"MetaAttention", "DirichletRouter", "HybridAttention",
+                                                  "HedgehogFeatureMap"}
+    for module in touched:
+        for name, value in module.initial_values().items():
+            tensor = tensor_named(module, name)
+            if tensor is loaded:
+                assert torch.equal(tensor, fresh["router.fc2.bias"] + 1.0)
+            elif name != "fc2.weight":  # random: only its scale is fixed
+                assert torch.equal(tensor, value.to(tensor.dtype)), name
+    assert meta.router.fc2.weight.std() < 0.1
+    assert torch.equal(meta.costs, fresh["costs"]) and torch.equal(meta.router.prior, fresh["router.prior"])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..kernels.spec import RouterWeights
 from .config import MetaAttnConfig
+from .initial import InitialValues
 from .objective import prior_concentration, routing_entropy
 
 
@@ -35,7 +36,7 @@ class RouterOutput:
     concentration: Optional[torch.Tensor] = None  # Dirichlet gamma(x); None for the softmax router
 
 
-class _RouterMLP(nn.Module):
+class _RouterMLP(InitialValues, nn.Module):
     def __init__(self, cfg: MetaAttnConfig, n_experts: int) -> None:
         super().__init__()
         self.max_positions = cfg.max_positions
@@ -65,11 +66,9 @@ class _RouterMLP(nn.Module):
             self.fc2.bias, self.max_positions, getattr(self, "eps", 0.0),
         )
 
-    def reset_output(self, bias: torch.Tensor) -> None:
+    def output_values(self, bias: torch.Tensor) -> dict[str, torch.Tensor]:
         """Small output weights and a bias that sets the initial routing distribution."""
-        with torch.no_grad():
-            nn.init.normal_(self.fc2.weight, std=0.02)
-            self.fc2.bias.copy_(bias)
+        return {"fc2.weight": torch.empty_like(self.fc2.weight).normal_(0.0, 0.02), "fc2.bias": bias}
 
 
 class DirichletRouter(_RouterMLP):
@@ -95,8 +94,9 @@ class DirichletRouter(_RouterMLP):
         target = (prior_concentration(self.cfg_costs, self.cfg_prior, self.cfg_beta0) - self.eps).clamp_min(1e-4)
         return target + torch.log(-torch.expm1(-target))  # softplus^-1
 
-    def reset_parameters(self) -> None:
-        self.reset_output(self.initial_bias())
+    def initial_values(self) -> dict[str, torch.Tensor]:
+        prior = prior_concentration(self.cfg_costs, self.cfg_prior, self.cfg_beta0)
+        return {"prior": prior, **self.output_values(self.initial_bias())}
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, sample: bool = False) -> RouterOutput:
         """`sample`: draw the training weights from the posterior (if `sample_posterior`)."""
@@ -129,7 +129,10 @@ class SoftmaxRouter(_RouterMLP):
 
     def __init__(self, cfg: MetaAttnConfig, n_experts: int) -> None:
         super().__init__(cfg, n_experts)
-        self.reset_output(torch.zeros(n_experts))
+        self.reset_parameters()
+
+    def initial_values(self) -> dict[str, torch.Tensor]:
+        return self.output_values(torch.zeros_like(self.fc2.bias))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, sample: bool = False) -> RouterOutput:
         return self.from_raw(self.raw(x, positions), sample)

@@ -31,6 +31,7 @@ from ..kernels.spec import DENSE_BELOW, RoutedSpec
 from .config import ROUTING_MODES, UNCERTAIN_ROUTES, MetaAttnConfig
 from .controller import DirichletRouter, RouterOutput, build_router
 from .cost import token_costs
+from .initial import InitialValues
 from .dispatch import gather_bias_rows, gather_queries, group_tokens, scatter_weighted
 from .experts import AttentionExpert, HeadAttentionExpert, build_expert  # the package: registers the built-ins
 from .experts.full import FullAttention
@@ -150,7 +151,7 @@ class _Decision:
         return self.module.aux_loss(self.r, self.query_valid)
 
 
-class MetaAttention(nn.Module):
+class MetaAttention(InitialValues, nn.Module):
     """Routes each query token among attention experts that share one set of projected heads."""
 
     def __init__(self, cfg: MetaAttnConfig, experts: Optional[Sequence[AttentionExpert]] = None) -> None:
@@ -292,6 +293,10 @@ class MetaAttention(nn.Module):
         if spec.n_experts != 3 or None in (spec.full, spec.kernel, spec.local):
             spec.reason = "the fast path serves the three built-in experts only"
         return spec
+
+    def initial_values(self) -> dict[str, torch.Tensor]:
+        """The experts' costs (a buffer no checkpoint holds); routers and experts start themselves."""
+        return {"costs": torch.tensor(self.cfg.expert_costs, dtype=torch.float32)}
 
     def _apply(self, fn, *args, **kwargs):
         self._spec = None  # its device tables and parameter references follow the module

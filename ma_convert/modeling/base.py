@@ -23,11 +23,8 @@ import torch
 import torch.nn as nn
 
 from ..core.config import FORMAT_VERSION, MetaAttnConfig
-from ..core.controller import DirichletRouter, SoftmaxRouter
-from ..core.experts.hybrid import HybridAttention
-from ..core.experts.linear import HedgehogFeatureMap
+from ..core.initial import InitialValues, tensor_named
 from ..core.meta_attention import MetaAttention
-from ..core.objective import prior_concentration
 from .attention import cache_argument
 
 # The format of the config's `meta_attention` block (the MetaAttnConfig inside has its own).
@@ -70,28 +67,14 @@ def _fill(tensor: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def init_meta_weights(module: nn.Module) -> bool:
-    """Initialise what a Meta-Attention module holds, as its constructor does, leaving loaded
-    tensors alone; False if `module` is not one. Non-persistent buffers (costs, the prior) are
-    never in a checkpoint and are always recomputed from the config."""
-    if isinstance(module, MetaAttention):
-        _fill(module.costs, torch.tensor(module.cfg.expert_costs))
-        return True
-    if isinstance(module, DirichletRouter):
-        _fill(module.prior, prior_concentration(module.cfg_costs, module.cfg_prior, module.cfg_beta0))
-        _fill(module.fc2.weight, torch.randn_like(module.fc2.weight) * 0.02)
-        _fill(module.fc2.bias, module.initial_bias())
-        return True
-    if isinstance(module, SoftmaxRouter):
-        _fill(module.fc2.weight, torch.randn_like(module.fc2.weight) * 0.02)
-        _fill(module.fc2.bias, torch.zeros_like(module.fc2.bias))
-        return True
-    if isinstance(module, HybridAttention):
-        _fill(module.log_weight, torch.zeros_like(module.log_weight))
-        return True
-    if isinstance(module, HedgehogFeatureMap):
-        _fill(module.weight, torch.eye(module.weight.shape[-1]).expand_as(module.weight))
-        return True
-    return False
+    """Initialise what a Meta-Attention module holds, from its own `initial_values` (the values its
+    constructor starts from), leaving tensors loaded from the checkpoint alone; False if `module` is
+    not one. Non-persistent buffers (costs, the prior) are never loaded, so always recomputed."""
+    if not isinstance(module, InitialValues):
+        return False
+    for name, value in module.initial_values().items():
+        _fill(tensor_named(module, name), value)
+    return True
 
 
 class MetaInitMixin:

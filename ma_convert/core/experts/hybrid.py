@@ -15,12 +15,13 @@ import torch
 import torch.nn as nn
 
 from ..config import MetaAttnConfig
+from ..initial import InitialValues
 from .linear import _DEN_EPS, LinearAttention
 from .registry import register_expert
 
 
 @register_expert("hybrid")
-class HybridAttention(LinearAttention):
+class HybridAttention(InitialValues, LinearAttention):
     """Exact softmax over the last `window` keys and the `sinks` first keys, kernel attention over
     the keys between, one normalisation. Cost 0.15 (its window is small: 64 keys by default)."""
 
@@ -32,7 +33,11 @@ class HybridAttention(LinearAttention):
         super().__init__(cfg)
         self.window = cfg.linear_window or 64
         self.sinks = cfg.sink_tokens
-        self.log_weight = nn.Parameter(torch.zeros(cfg.n_heads))
+        self.log_weight = nn.Parameter(torch.empty(cfg.n_heads))
+        self.reset_parameters()
+
+    def initial_values(self) -> dict[str, torch.Tensor]:
+        return {"log_weight": torch.zeros_like(self.log_weight)}
 
     @property
     def state_start(self) -> int:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ...kernels.features import elu_features, hedgehog_features
 from ..config import MetaAttnConfig
+from ..initial import InitialValues
 from .base import HeadAttentionExpert
 from .registry import register_expert
 
@@ -57,7 +58,7 @@ class ELUFeatureMap(nn.Module):
         return elu_features(x)
 
 
-class HedgehogFeatureMap(nn.Module):
+class HedgehogFeatureMap(InitialValues, nn.Module):
     """phi(x) = [softmax(x W_h), softmax(-x W_h)] with a learnable W_h per head (Zhang et al., 2024).
 
     Softmax features are positive and spiky like softmax attention itself; W_h starts at the identity.
@@ -68,9 +69,8 @@ class HedgehogFeatureMap(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_heads, head_dim, head_dim))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.weight.copy_(torch.eye(self.weight.shape[-1]).expand_as(self.weight))
+    def initial_values(self) -> dict[str, torch.Tensor]:
+        return {"weight": torch.eye(self.weight.shape[-1]).expand_as(self.weight)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, d)
         return hedgehog_features(x, self.weight)
