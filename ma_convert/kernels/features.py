@@ -20,7 +20,8 @@ def elu_features(x: torch.Tensor) -> torch.Tensor:
 def hedgehog_features(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """phi(x) = [softmax(x W_h), softmax(-x W_h)] for x (B, H, T, d) and W (H, d, d) (Zhang et al., 2024)."""
     proj = torch.einsum("bhtd,hde->bhte", x, weight.to(x.dtype))
-    return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1)
+    both = torch.cat([proj, -proj], dim=-1)  # one copy; each half's softmax below, in one pass
+    return both.view(*proj.shape[:-1], 2, proj.shape[-1]).softmax(-1).view(both.shape)
 
 
 def features(x: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:

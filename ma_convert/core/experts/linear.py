@@ -137,21 +137,19 @@ class LinearAttention(HeadAttentionExpert):
         return (s, z) if state is None else (state[0] + s, state[1] + z)
 
     def _chunk_states(self, phi_k, v, state=None):
-        """Exclusive prefix states at chunk starts: S (B, Hkv, nC, F, d), z (B, Hkv, nC, F),
-        continuing `state` (the keys before these) when given."""
+        """Exclusive prefix states at chunk starts, (B, Hkv, nC, F, d + 1): S with z as its last
+        column (v carries a channel of ones), continuing `state` (the keys before these) when given."""
         c = self.chunk
         pad = -phi_k.shape[2] % c
         phi_k = F.pad(phi_k, (0, 0, 0, pad))
-        v = F.pad(v, (0, 0, 0, pad))
+        v = F.pad(v, (0, 1, 0, pad), value=1.0)  # the ones channel: the denominator rides along
         b, h, t, f = phi_k.shape
         kc = phi_k.view(b, h, t // c, c, f)
         vc = v.view(b, h, t // c, c, -1)
-        kv = torch.einsum("bhncf,bhncd->bhnfd", kc, vc)
-        z = kc.sum(3)
-        s, z = _exclusive_prefix_sum(kv), _exclusive_prefix_sum(z)
+        s = _exclusive_prefix_sum(torch.einsum("bhncf,bhncd->bhnfd", kc, vc))
         if state is not None:
-            s, z = s + state[0].unsqueeze(2), z + state[1].unsqueeze(2)
-        return kc, vc, s, z
+            s = s + torch.cat([state[0], state[1].unsqueeze(-1)], -1).unsqueeze(2)
+        return kc, vc, s
 
     def _causal(self, phi_q, phi_k, v, q_pos, state=None, normalise=True):
         """Causal outputs for queries at key indices `q_pos` (None: every key is a query); with
@@ -163,7 +161,7 @@ class LinearAttention(HeadAttentionExpert):
         number of queries, not with T.
         """
         c = self.chunk
-        kc, vc, s, z = self._chunk_states(phi_k, v, state)
+        kc, vc, s = self._chunk_states(phi_k, v, state)  # vc, s: the denominator as the last channel
         b, h, g, n, f = phi_q.shape
         n_chunks = kc.shape[2]
         if q_pos is None:
@@ -182,12 +180,10 @@ class LinearAttention(HeadAttentionExpert):
         buckets = buckets.view(b, h, g, n_chunks, m, f)
         key_pos = torch.arange(n_chunks * c, device=phi_q.device).view(n_chunks, 1, c)
         visible = (key_pos <= pos.view(-1, n_chunks, m, 1)).to(buckets.dtype)  # (B|1, nC, m, C)
-        num = torch.einsum("bhgnmf,bhnfd->bhgnmd", buckets, s)
-        den = torch.einsum("bhgnmf,bhnf->bhgnm", buckets, z)
         scores = torch.einsum("bhgnmf,bhncf->bhgnmc", buckets, kc) * visible[:, None, None]
-        num = num + torch.einsum("bhgnmc,bhncd->bhgnmd", scores, vc)
-        den = den + scores.sum(-1)
-        out = num / den.clamp_min(_DEN_EPS).unsqueeze(-1) if normalise else torch.cat([num, den.unsqueeze(-1)], -1)
+        out = torch.einsum("bhgnmf,bhnfd->bhgnmd", buckets, s) + torch.einsum("bhgnmc,bhncd->bhgnmd", scores, vc)
+        if normalise:
+            out = out[..., :-1] / out[..., -1:].clamp_min(_DEN_EPS)
         out = out.flatten(3, 4)
         if slot is None:
             return out[:, :, :, :n]
