@@ -92,3 +92,19 @@ def test_bench_real_cpu(tmp_path):
     if "eager" not in skip:
         fractions = next(r for r in saved["eager"] if r["config"] == "learned hybrid mix")["expert_fractions"]
         assert abs(fractions[1] - 0.76) < 0.1  # the routers were set to the learned mix
+
+
+def test_paper_phase1_cpu(tmp_path):
+    """Both routers train from scratch and report their held-out cost, entropy and bits per byte."""
+    data = tmp_path / "wiki.txt"
+    data.write_text("".join(f" = Article {i} = \n text {i} " + "words and more words " * 40 + "\n" for i in range(8)))
+    assert load("paper_phase1").main([
+        "--data", str(data), "--d-model", "32", "--heads", "2", "--layers", "1", "--seq-len", "64", "--window", "8",
+        "--batch", "2", "--steps", "3", "--seeds", "1", "--eval-blocks", "2", "--out-dir", str(tmp_path), "--tag", "t",
+    ]) == 0
+    rows = json.loads((tmp_path / "paper_phase1_t.json").read_text())["rows"]
+    assert [r["router"] for r in rows] == ["bayesian", "softmax"]
+    for row in rows:
+        assert positive_finite(row["bits_per_byte"]) and 0 < row["projected_cost"] <= 1 and 0 <= row["entropy"] <= 1
+        assert sum(row["expert_fractions"]) == pytest.approx(1.0)
+    assert "paper" in (tmp_path / "paper_phase1_t.md").read_text()
