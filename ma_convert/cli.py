@@ -161,7 +161,11 @@ def _eval(args: argparse.Namespace) -> int:
     if out.suffix in (".json", ".md"):
         out = out.with_suffix("")
     paths = out.with_name(out.name + ".json"), out.with_name(out.name + ".md")
+    if args.sweep_threshold:
+        paths += (out.with_name(out.name + ".png"),)
     check_report_paths(paths, args.overwrite)  # bad input fails before any model loads
+    if args.sweep_threshold and any(not 0.0 < t <= 1.0 for t in args.sweep_threshold):
+        raise ValueError(f"--sweep-threshold {args.sweep_threshold}: give thresholds in (0, 1]")
     if args.routing == "auto" and args.threshold is None:
         raise ValueError("--routing auto needs --threshold (the uncertainty above which a token goes full)")
     check_lengths(converted_config(args.folder), args.lengths)
@@ -173,6 +177,8 @@ def _eval(args: argparse.Namespace) -> int:
     model = model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(args.folder)
     base = load_base(args.base, dtype).to(device) if args.base else None
+    if args.sweep_threshold:
+        return _eval_frontier(args, model, tokenizer, documents, base, out, device, package_version)
     results = evaluate_lengths(model, tokenizer, documents, args.lengths, routing=args.routing,
                                uncertainty_threshold=args.threshold, base=base, max_blocks=args.max_blocks,
                                passkey=args.passkey)
@@ -189,6 +195,33 @@ def _eval(args: argparse.Namespace) -> int:
     write_report({paths[0]: json.dumps(report, indent=2) + "\n", paths[1]: markdown})
     print(markdown_report(results, title=title))
     print(f"wrote {paths[0]} and {paths[1]}")
+    return 0
+
+
+def _eval_frontier(args, model, tokenizer, documents, base, out, device, package_version) -> int:
+    """`ma-convert eval --sweep-threshold`: the cost-quality frontier as JSON, Markdown and a PNG plot."""
+    import json
+    from pathlib import Path
+
+    from .eval.lengths import frontier_markdown, frontier_png, threshold_frontier
+    from .hub import REPORT_TAG, check_report_paths, write_report
+
+    points = threshold_frontier(model, tokenizer, documents, args.lengths, args.sweep_threshold, base=base,
+                                max_blocks=args.max_blocks)
+    paths = tuple(out.with_name(out.name + suffix) for suffix in (".json", ".md", ".png"))
+    title = f"{Path(args.folder).name}: {args.text}, {_device_name(device)}"
+    report = {"report": REPORT_TAG, "folder": str(args.folder), "text": str(args.text), "base": args.base,
+              "versions": {"ma_convert": package_version, "torch": _installed_version("torch"),
+                           "transformers": _installed_version("transformers")},
+              "command": "ma-convert " + " ".join(args.argv), "frontier": points}
+    table = frontier_markdown(points)
+    markdown = (f"<!-- {REPORT_TAG} -->\n# {title}: perplexity against real attention cost\n\n{table}\n"
+                f"![frontier]({paths[2].name})\n\n```\n{report['command']}\n```\n")
+    check_report_paths(paths, args.overwrite)
+    plot = frontier_png(points, title)
+    write_report({paths[0]: json.dumps(report, indent=2) + "\n", paths[1]: markdown, paths[2]: plot})
+    print(table)
+    print(f"wrote {paths[0]}, {paths[1]} and {paths[2]}")
     return 0
 
 
@@ -318,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "or a Hub dataset name[:config][@split] (where the Hub is reachable)")
     ev.add_argument("--text-field", default="text", help="the text column of a table or dataset")
     ev.add_argument("--lengths", type=int, nargs="+", default=[2048], help="prompt lengths to measure (default 2048)")
+    ev.add_argument("--sweep-threshold", type=float, nargs="+", metavar="T",
+                    help="the cost-quality frontier instead: auto routing at each uncertainty threshold, plus every "
+                         "token on each cheap expert; writes OUT.json, OUT.md and OUT.png (a plot)")
     ev.add_argument("--routing", choices=["saved", "full", "soft", "hard", "auto"], default="saved",
                     help="how the model routes (saved: as it was exported; full: the original attention)")
     ev.add_argument("--threshold", type=float, help="the uncertainty threshold of --routing auto")

@@ -101,6 +101,31 @@ def test_eval_passkey_at_the_models_last_position_leaves_room_for_the_answer(con
     assert row["passkey"]["prompt_tokens"] == 120 and 0 <= row["passkey"]["accuracy"] <= 1
 
 
+def test_eval_sweeps_thresholds_into_a_cost_quality_frontier(converted, tmp_path, capsys):
+    """--sweep-threshold: auto routing at each threshold plus each cheap expert forced, per length, as
+    JSON, Markdown and a PNG plot; a higher threshold sends fewer tokens to full."""
+    source, folder, text = converted
+    argv = ["eval", str(folder), "--text", str(text), "--lengths", "32", "64", "--max-blocks", "2",
+            "--base", str(source), "--sweep-threshold", "0.9", "0.001", "--out", str(tmp_path / "front")]
+    assert main(argv) == 0
+    points = json.loads((tmp_path / "front.json").read_text())["frontier"]
+    assert [(p["length"], p["point"]) for p in points] == [
+        (n, label) for n in (32, 64) for label in ("auto 0.001", "auto 0.9", "all linear", "all local")]
+    for n in (32, 64):
+        auto = {p["point"]: p for p in points if p["length"] == n}
+        low, high = auto["auto 0.001"], auto["auto 0.9"]
+        assert low["expert_fractions"][0] == 1.0  # every token is more uncertain than 0.001: all full
+        # (at 32 tokens the kernel expert's per-key work makes it dearer than full in real cost)
+        assert high["expert_fractions"][0] < 1.0 and high["projected_cost"] < low["projected_cost"] == 1.0
+        assert low["real_cost"] == pytest.approx(1.0) and low["perplexity"] == pytest.approx(low["original_perplexity"])
+        assert auto["all local"]["expert_fractions"][2] == 1.0
+    assert (tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "front.png" in (tmp_path / "front.md").read_text()
+    assert main([*argv, "--overwrite"]) == 0  # the plot is recognised as ours too
+    assert main([*argv[:-5], "--sweep-threshold", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert "give thresholds in (0, 1]" in capsys.readouterr().err
+
+
 def test_eval_forced_full_is_the_original(converted, tmp_path):
     source, folder, text = converted
     out = tmp_path / "full"

@@ -186,3 +186,78 @@ def markdown_report(results: dict, *, title: str) -> str:
 
 def _num(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def threshold_frontier(model, tokenizer, documents: Sequence[str], lengths: Sequence[int],
+                       thresholds: Sequence[float], *, base=None, max_blocks: int = 8,
+                       progress: bool = True) -> list[dict]:
+    """Perplexity against real attention cost with no retraining: `auto` routing at each uncertainty
+    threshold (a token more uncertain than it goes full), plus every token forced onto each cheap
+    expert, at each length. The original's perplexity is measured once per length."""
+    from tqdm.auto import tqdm
+
+    from ..core.control import force_expert
+
+    thresholds = sorted(float(t) for t in thresholds)
+    if not thresholds or any(not 0.0 < t <= 1.0 for t in thresholds):
+        raise ValueError(f"--sweep-threshold {thresholds}: give thresholds in (0, 1]")
+    lengths = check_lengths(model, lengths)
+    module = meta_attention_modules(model)[0]
+    cheap = [name for name in module.expert_names if name != module.expert_names[module.full_index]]
+    points = []
+    for n in lengths:
+        blocks = blocks_of(documents, tokenizer, n, max_blocks)
+        original = read_blocks(base, blocks, routed=False)["perplexity"] if base is not None else None
+        runs = [(f"auto {t:g}", dict(routing="auto", threshold=t)) for t in thresholds]
+        runs += [(f"all {name}", dict(expert=name)) for name in cheap]
+        for label, how in tqdm(runs, desc=f"frontier at {n}", disable=not progress):
+            if "expert" in how:
+                with force_expert(model, how["expert"]):
+                    row = read_blocks(model, blocks, routed=True)
+            else:
+                with routing_for_eval(model, "auto", uncertainty_threshold=how["threshold"]):
+                    row = read_blocks(model, blocks, routed=True)
+            points.append({"length": n, "point": label, "threshold": how.get("threshold"),
+                           "perplexity": row["perplexity"], "original_perplexity": original,
+                           "real_cost": row["real_cost"], "projected_cost": row["projected_cost"],
+                           "expert_fractions": row["routing"]["expert_fractions"]})
+    return points
+
+
+def frontier_markdown(points: Sequence[dict]) -> str:
+    lines = ["| length | point | perplexity | vs original | real cost | full / kernel / local |",
+             "|---|---|---|---|---|---|"]
+    for p in points:
+        change = "-" if p["original_perplexity"] is None else f"{p['perplexity'] / p['original_perplexity'] - 1:+.1%}"
+        fractions = " / ".join(f"{f:.2f}" for f in p["expert_fractions"])
+        lines.append(f"| {p['length']} | {p['point']} | {p['perplexity']:.3f} | {change} | {p['real_cost']:.3f} "
+                     f"| {fractions} |")
+    return "\n".join(lines) + "\n"
+
+
+def frontier_png(points: Sequence[dict], title: str) -> bytes:
+    """The curve per length (auto thresholds), the forced cheap experts as marked points."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for n in sorted({p["length"] for p in points}):
+        curve = [p for p in points if p["length"] == n and p["threshold"] is not None]
+        line, = ax.plot([p["real_cost"] for p in curve], [p["perplexity"] for p in curve], "o-", label=f"auto, T={n}")
+        for p in points:
+            if p["length"] == n and p["threshold"] is None:
+                ax.plot(p["real_cost"], p["perplexity"], "s", color=line.get_color())
+                ax.annotate(p["point"], (p["real_cost"], p["perplexity"]), fontsize=7)
+        if curve and curve[0]["original_perplexity"] is not None:
+            ax.axhline(curve[0]["original_perplexity"], color=line.get_color(), ls=":", lw=1)
+    ax.set_xlabel("real attention cost (of full causal attention)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, metadata={"Description": "ma-convert report"})
+    return buffer.getvalue()
