@@ -209,7 +209,9 @@ def _eval_frontier(args, model, tokenizer, documents, base, out, device, package
     points = threshold_frontier(model, tokenizer, documents, args.lengths, args.sweep_threshold, base=base,
                                 max_blocks=args.max_blocks)
     paths = tuple(out.with_name(out.name + suffix) for suffix in (".json", ".md", ".png"))
-    title = f"{Path(args.folder).name}: {args.text}, {_device_name(device)}"
+    folder = Path(args.folder).resolve()
+    name = f"{folder.parent.name}/{folder.name}" if folder.name == "model" else folder.name
+    title = f"{name} on {Path(args.text).name}, {_device_name(device)}"
     report = {"report": REPORT_TAG, "folder": str(args.folder), "text": str(args.text), "base": args.base,
               "versions": {"ma_convert": package_version, "torch": _installed_version("torch"),
                            "transformers": _installed_version("transformers")},

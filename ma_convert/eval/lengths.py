@@ -255,7 +255,8 @@ def frontier_png(points: Sequence[dict], title: str) -> bytes:
         if curve and curve[0]["original_perplexity"] is not None:
             ax.axhline(curve[0]["original_perplexity"], color=line.get_color(), ls=":", lw=1)
     ax.set_xlabel("real attention cost (of full causal attention)")
-    ax.set_ylabel("perplexity")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_yscale("log")  # a forced cheap expert can be orders of magnitude off
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     buffer = io.BytesIO()
