@@ -108,3 +108,29 @@ def test_paper_phase1_cpu(tmp_path):
         assert positive_finite(row["bits_per_byte"]) and 0 < row["projected_cost"] <= 1 and 0 <= row["entropy"] <= 1
         assert sum(row["expert_fractions"]) == pytest.approx(1.0)
     assert "paper" in (tmp_path / "paper_phase1_t.md").read_text()
+
+
+def test_calibration_cpu(tmp_path):
+    """Uncertainty against the harm of routing on a tiny converted model: AUROC, rank correlation and
+    the reliability plot are written; the AUROC helper is right on a hand-made case."""
+    from pydoc_data.topics import topics
+
+    import torch
+    from tiny_models import save_tiny_llama
+
+    from ma_convert.cli import main as cli
+
+    source = save_tiny_llama(tmp_path / "source")
+    assert cli(["convert", str(source), str(tmp_path / "converted")]) == 0
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(topics[k] for k in sorted(topics)[:40]), encoding="utf-8")
+    module = load("calibration")
+    assert module.main([str(tmp_path / "converted"), "--text", str(text), "--length", "64", "--blocks", "2",
+                        "--margin", "0", "--out-dir", str(tmp_path), "--tag", "t"]) == 0
+    result = json.loads((tmp_path / "calibration_t.json").read_text())
+    assert result["tokens"] == 2 * 63 and 0 <= result["auroc"] <= 1 and len(result["reliability"]) == 10
+    assert (tmp_path / "calibration_t.png").read_bytes()[:4] == b"\x89PNG"
+    labels = torch.tensor([False, False, True, True])
+    assert module.auroc(torch.tensor([0.1, 0.2, 0.3, 0.4]), labels) == 1.0
+    assert module.auroc(torch.tensor([0.4, 0.3, 0.2, 0.1]), labels) == 0.0
+    assert module.auroc(torch.tensor([0.5, 0.5, 0.5, 0.5]), labels) == 0.5

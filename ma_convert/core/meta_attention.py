@@ -31,13 +31,13 @@ from ..kernels.spec import DENSE_BELOW, RoutedSpec
 from .config import ROUTING_MODES, UNCERTAIN_ROUTES, MetaAttnConfig
 from .controller import DirichletRouter, RouterOutput, build_router
 from .cost import token_costs
-from .initial import InitialValues
 from .dispatch import gather_bias_rows, gather_queries, group_tokens, scatter_weighted
 from .experts import AttentionExpert, HeadAttentionExpert, build_expert  # the package: registers the built-ins
 from .experts.full import FullAttention
 from .experts.hybrid import HybridAttention
 from .experts.linear import LinearAttention, feature_weight
 from .experts.local import LocalAttention
+from .initial import InitialValues
 from .objective import dirichlet_kl, expected_cost, routing_entropy
 from .stats import RoutingStats
 
@@ -216,6 +216,15 @@ class MetaAttention(InitialValues, nn.Module):
         """(B, T, K) bool: the experts each token of the last forward ran on (for the real attention cost)."""
         decision = self._last.decision
         return None if decision is None else decision.experts_run()
+
+    @property
+    def last_uncertainty(self) -> Optional[torch.Tensor]:
+        """(B, T) the router's uncertainty for each token of the last forward (None: no router ran)."""
+        decision = self._last.decision
+        if decision is None or decision.only is not None:
+            return None
+        decision._expand_hard()
+        return None if decision.r is None else decision.r.uncertainty
 
     @property
     def last_aux_loss(self) -> Optional[torch.Tensor]:
