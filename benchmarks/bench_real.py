@@ -40,7 +40,6 @@ from _common import (  # noqa: E402
     device_tag,
     environment,
     environment_markdown,
-    fmt_ms,
     free_memory,
     guarded,
     log,
@@ -52,7 +51,7 @@ from _common import (  # noqa: E402
 
 from ma_convert import convert, force_expert, routing_stats, set_routing_mode  # noqa: E402
 from ma_convert.core.control import meta_attention_modules  # noqa: E402
-from ma_convert.core.cost import routed_work  # noqa: E402
+from ma_convert.core.cost import model_real_cost  # noqa: E402
 from ma_convert.core.stats import RoutingStats  # noqa: E402
 
 LEARNED_MIX = (0.11, 0.76, 0.13)  # full / hybrid / local of the quality headline model (quality.md)
@@ -174,8 +173,7 @@ TARGET_LENGTHS = {"defaults": (1024, 8064), "learned hybrid mix": (2048, 8064), 
 
 def real_cost(model, n_keys: int) -> float:
     """The real attention cost of the model's last forward (`ma_convert.core.cost`)."""
-    work = [routed_work(m, m.last_experts_run, n_keys) for m in meta_attention_modules(model)]
-    return sum(w for w, _ in work) / sum(f for _, f in work)
+    return model_real_cost(meta_attention_modules(model), n_keys)
 
 
 def eager_rows(original, models, tokenizer, args) -> list[dict]:

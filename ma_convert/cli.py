@@ -184,9 +184,7 @@ def _eval(args: argparse.Namespace) -> int:
                                passkey=args.passkey)
     report = {"report": REPORT_TAG, "folder": str(args.folder), "text": str(args.text), "routing": args.routing,
               "base": args.base, "device": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
-              "versions": {"ma_convert": package_version, "torch": _installed_version("torch"),
-                           "transformers": _installed_version("transformers")},
-              "command": "ma-convert " + " ".join(args.argv), "results": results}
+              **_provenance(args, package_version), "results": results}
     title = f"{Path(args.folder).name}: {args.text}, routing {args.routing}, {report['device']}, {report['dtype']}"
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     markdown = (f"<!-- {REPORT_TAG} -->\n" + markdown_report(results, title=title)
@@ -213,9 +211,7 @@ def _eval_frontier(args, model, tokenizer, documents, base, out, device, package
     name = f"{folder.parent.name}/{folder.name}" if folder.name == "model" else folder.name
     title = f"{name} on {Path(args.text).name}, {_device_name(device)}"
     report = {"report": REPORT_TAG, "folder": str(args.folder), "text": str(args.text), "base": args.base,
-              "versions": {"ma_convert": package_version, "torch": _installed_version("torch"),
-                           "transformers": _installed_version("transformers")},
-              "command": "ma-convert " + " ".join(args.argv), "frontier": points}
+              **_provenance(args, package_version), "frontier": points}
     table = frontier_markdown(points)
     markdown = (f"<!-- {REPORT_TAG} -->\n# {title}: perplexity against real attention cost\n\n{table}\n"
                 f"![frontier]({paths[2].name})\n\n```\n{report['command']}\n```\n")
@@ -225,6 +221,13 @@ def _eval_frontier(args, model, tokenizer, documents, base, out, device, package
     print(table)
     print(f"wrote {paths[0]}, {paths[1]} and {paths[2]}")
     return 0
+
+
+def _provenance(args, package_version: str) -> dict:
+    """What a report records of how it was made: the versions and the command line."""
+    versions = {"ma_convert": package_version, "torch": _installed_version("torch"),
+                "transformers": _installed_version("transformers")}
+    return {"versions": versions, "command": "ma-convert " + " ".join(args.argv)}
 
 
 def _installed_version(distribution: str) -> str:

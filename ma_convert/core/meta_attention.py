@@ -188,6 +188,7 @@ class MetaAttention(InitialValues, nn.Module):
         # What the cost term charges: the experts' fixed costs ("projected"), or the work each does at
         # the token's position over full attention's at this length ("real", `cost.token_costs`).
         self.cost_unit = "projected"
+        self._token_costs_cache: tuple = (None, None)  # (length, device), token_costs there
         # What each forward leaves behind, on a plain object: nn.Module.__setattr__ is slow on a hot path.
         self._last = _LastCall()
         self._expert_list = tuple(experts)  # indexing a ModuleList costs more than a tuple on every call
@@ -389,7 +390,8 @@ class MetaAttention(InitialValues, nn.Module):
             per_token = per_token + self.kl_weight * dirichlet_kl(r.concentration, self.router.prior)
         if self.cost_lambda:
             # Real costs assume the queries are positions 0 .. T-1 (training: no cache, no padding).
-            costs = self.costs if self.cost_unit == "projected" else token_costs(self, r.mean.shape[1], r.mean.device)
+            real = self.cost_unit == "real"
+            costs = self._token_costs(r.mean.shape[1], r.mean.device) if real else self.costs
             per_token = per_token + self.cost_lambda * expected_cost(r.mean, costs)
         if self.entropy_coeff:
             per_token = per_token - self.entropy_coeff * routing_entropy(r.mean)
@@ -397,6 +399,13 @@ class MetaAttention(InitialValues, nn.Module):
             return per_token.mean()
         w = valid.to(per_token.dtype)
         return (per_token * w).sum() / w.sum().clamp_min(1.0)
+
+    def _token_costs(self, n: int, device) -> torch.Tensor:
+        """`cost.token_costs` at this length, kept while the length stays (every training step)."""
+        key = (n, str(device))
+        if self._token_costs_cache[0] != key:
+            self._token_costs_cache = (key, token_costs(self, n, device))
+        return self._token_costs_cache[1]
 
     # ------------------------------------------------------------------ experts
     def run_experts(

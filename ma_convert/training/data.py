@@ -270,7 +270,16 @@ def _no_rows(files, builder: str) -> bool:
         import pyarrow.parquet as pq
 
         return all(pq.ParquetFile(f).metadata.num_rows == 0 for f in files)
-    return all(f.suffix.lower() not in _COMPRESSIONS and not f.read_text(encoding="utf-8").strip() for f in files)
+    return all(f.suffix.lower() not in _COMPRESSIONS and not _has_text(f) for f in files)
+
+
+def _has_text(path: Path) -> bool:
+    """Whether a file holds anything but whitespace (read until the first character that is not)."""
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
 
 
 def _load_table(src: _Source, cfg: DataConfig, datasets):
