@@ -39,6 +39,7 @@ VARIANTS = {
     "bayesian-w256": dict(router="bayesian", window_size=256),
     "bayesian-w512": dict(router="bayesian", window_size=512),
     "softmax-w256": dict(router="softmax", window_size=256),  # the paper's prior-free ablation
+    "softmax-w512": dict(router="softmax", window_size=512),
 }
 
 
@@ -75,13 +76,15 @@ def parse_args(argv):
                         "merged on export, so full tokens no longer use the original weights); 0: off")
     p.add_argument("--lora-lr", type=float, default=1e-3, help="with --lora: the LoRA matrices' learning rate")
     p.add_argument("--full-tail", type=int, default=0,
-                   help="also measure passkey with full_tail=N (the prompt's last N tokens and every generated one full)")
+                   help="export the model with full_tail=N (the prompt's last N tokens and every generated one go full) "
+                        "and measure passkey with and without it")
     p.add_argument("--eval-tokens", type=int, default=200_000, help="per held-out set")
     p.add_argument("--retrieval-docs", type=int, default=100,
                    help="add this many long-range retrieval documents (ma_convert.eval.passkey.retrieval_documents, "
                         "about --seq-len tokens each) to the training text")
     p.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 2048, 4096])
     p.add_argument("--passkey-keys", type=int, default=2, help="keys per depth (5 depths)")
+    p.add_argument("--seed", type=int, default=0, help="the finetune's seed (data order, router initialisation)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--work-dir", type=Path, default=Path("outputs/quality"))
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
@@ -213,7 +216,8 @@ def finetune_variant(name: str, args, data: dict[str, Path]):
             transfer_steps=pretrain + max(1, steps // 6), hard_switch="steps",
             hard_at_step=pretrain + int(steps * 0.75), final_routing="hard", eval_every=pretrain + steps,
             save_every=pretrain + steps + 1,
-            mixed_precision="no", log_with=None, seed=0,
+            mixed_precision="no", log_with=None, seed=args.seed,
+            final_full_tail=args.full_tail,
             lora=bool(args.lora), lora_rank=args.lora or 8, lora_alpha=2 * (args.lora or 8),
             lora_lr=args.lora_lr if args.lora else None,
         ),
@@ -251,7 +255,8 @@ def row_name(variant: str, args) -> str:
     if args.lora:
         budget += f", LoRA r={args.lora}"
     budget += f", {args.train_tokens / 1e6:g}M routing tokens"
-    return f"{variant}, {budget}" + (f", {args.retrieval_docs} retrieval docs" if args.retrieval_docs else "")
+    budget += f", {args.retrieval_docs} retrieval docs" if args.retrieval_docs else ""
+    return f"{variant}, {budget}" + (f", seed {args.seed}" if args.seed else "")
 
 
 def merge(args) -> dict:
@@ -303,7 +308,7 @@ def main(argv=None) -> dict:
         name = row_name(variant, args)
         log(f"\n=== {name}: router finetune ===")
         model, results = finetune_variant(variant, args, data)
-        set_routing_mode(model, "hard")
+        set_routing_mode(model, "hard", full_tail=0)  # the exported tail (--full-tail) is measured apart below
         row = {s: perplexity(model, b, args) for s, b in sets.items()}
         row["passkey"] = passkey(model, tokenizer, args)
         if args.full_tail:

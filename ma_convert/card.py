@@ -112,6 +112,46 @@ def render_model_card(folder: str | Path, info: Mapping) -> str:
     return text
 
 
+def check_card(folder: str | Path) -> Path:
+    """The path of `folder`'s model card, which ma-convert wrote (else a clear error: it is not ours to change)."""
+    path = Path(folder) / "README.md"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no model card (README.md) to add the measurement to")
+    from huggingface_hub import ModelCard
+
+    if "ma-convert" not in (ModelCard.load(path).data.tags or []):
+        raise ValueError(f"{path} is not a card ma-convert wrote (no 'ma-convert' tag): it is left as it is")
+    return path
+
+
+def add_measurement(folder: str | Path, key: str, markdown: str, images: Mapping[str, bytes] | None = None) -> Path:
+    """Put a measurement (an `ma-convert eval` table, a frontier plot) into the card of a folder ma-convert
+    wrote: a section marked by `key`, replaced when the same key comes again, placed before "## Usage".
+    `images`: PNG files for the section, written into the folder beside the card. Returns the card's path."""
+    folder = Path(folder)
+    path = check_card(folder)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", key):
+        raise ValueError(f"measurement key {key!r}: use letters, digits, '.', '_' and '-'")
+    for name, data in (images or {}).items():
+        image = folder / name
+        if image.exists() and b"ma-convert" not in image.read_bytes()[:4096]:
+            raise ValueError(f"{image} exists and ma-convert did not write it: it is left as it is")
+    begin, end = f"<!-- ma-convert measurement: {key} -->", f"<!-- /ma-convert measurement: {key} -->"
+    section = f"{begin}\n{markdown.strip()}\n{end}\n"
+    text = path.read_text(encoding="utf-8")
+    old = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
+    if old.search(text):
+        text = old.sub(lambda _: section, text, count=1)
+    elif "\n## Usage" in text:
+        text = text.replace("\n## Usage", f"\n{section}\n## Usage", 1)
+    else:
+        text = text.rstrip("\n") + f"\n\n{section}"
+    for name, data in (images or {}).items():
+        _atomic_write(folder / name, lambda handle, data=data: handle.write(data))
+    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    return path
+
+
 def _front_matter(base_model: str, info: Mapping) -> str:
     from huggingface_hub import ModelCardData
 

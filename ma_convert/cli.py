@@ -152,6 +152,7 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
+    from .card import add_measurement, check_card
     from .eval.lengths import check_lengths, evaluate_lengths, markdown_report, read_documents
     from .hub import REPORT_TAG, check_report_paths, write_report
     from .verify import load_base, converted_config, load_converted
@@ -169,6 +170,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.routing == "auto" and args.threshold is None:
         raise ValueError("--routing auto needs --threshold (the uncertainty above which a token goes full)")
     check_lengths(converted_config(args.folder), args.lengths)
+    if args.card:
+        check_card(args.folder)
     # Enough text for the longest length's blocks (a token is rarely more than 16 characters).
     documents = read_documents(args.text, max(args.lengths) * args.max_blocks * 16, args.text_field)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -193,6 +196,10 @@ def _eval(args: argparse.Namespace) -> int:
     write_report({paths[0]: json.dumps(report, indent=2) + "\n", paths[1]: markdown})
     print(markdown_report(results, title=title))
     print(f"wrote {paths[0]} and {paths[1]}")
+    if args.card:
+        heading = f"Measured with `ma-convert eval`: {Path(args.text).name}, routing {args.routing}, {report['device']}"
+        section = markdown_report(results, title=heading).replace("# ", "## ", 1) + f"\n```\n{report['command']}\n```\n"
+        print(f"added to {add_measurement(args.folder, f'eval-{Path(args.text).stem}-{args.routing}', section)}")
     return 0
 
 
@@ -201,6 +208,7 @@ def _eval_frontier(args, model, tokenizer, documents, base, out, device, package
     import json
     from pathlib import Path
 
+    from .card import add_measurement
     from .eval.lengths import frontier_markdown, frontier_png, threshold_frontier
     from .hub import REPORT_TAG, check_report_paths, write_report
 
@@ -220,6 +228,12 @@ def _eval_frontier(args, model, tokenizer, documents, base, out, device, package
     write_report({paths[0]: json.dumps(report, indent=2) + "\n", paths[1]: markdown, paths[2]: plot})
     print(table)
     print(f"wrote {paths[0]}, {paths[1]} and {paths[2]}")
+    if args.card:  # the user picks the operating point after training: the curve goes with the model
+        key = f"frontier-{Path(args.text).stem}"
+        section = (f"## Cost against quality: `auto` routing's uncertainty threshold ({Path(args.text).name})\n\n"
+                   "Set a point with `ma_convert.set_routing_mode(model, \"auto\", uncertainty_threshold=T)`.\n\n"
+                   f"{table}\n![frontier]({key}.png)\n\n```\n{report['command']}\n```\n")
+        print(f"added to {add_measurement(args.folder, key, section, images={f'{key}.png': plot})}")
     return 0
 
 
@@ -368,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", help="default: cuda when there is one, else cpu")
     ev.add_argument("--out", help="the report's path without suffix, written as .json and .md (default eval-FOLDERNAME)")
     ev.add_argument("--overwrite", action="store_true", help="replace a report ma-convert wrote there before")
+    ev.add_argument("--card", action="store_true",
+                    help="also put the table (and the frontier's plot) into the folder's model card, README.md")
     ev.set_defaults(func=_eval)
 
     upg = sub.add_parser("upgrade", help="rewrite an exported folder's remote code files with this version's")

@@ -204,3 +204,29 @@ def test_eval_overwrite_replaces_its_own_report(converted, tmp_path):
     assert main([*argv, "--routing", "full", "--overwrite"]) == 0
     assert (tmp_path / "r.json").read_text() != first
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".r", "r."))) == ["r.json", "r.md"]
+
+
+def test_eval_card_puts_each_measurement_into_the_model_card_once(converted, tmp_path):
+    """--card: the per-length table and the frontier (with its plot) go into the folder's README.md, each
+    in its own marked section before "## Usage"; measuring again replaces the section, never doubles it."""
+    _, folder, text = converted
+    lengths = ["eval", str(folder), "--text", str(text), "--lengths", "32", "--max-blocks", "1", "--card",
+               "--out", str(tmp_path / "r")]
+    frontier = [*lengths[:-2], "--sweep-threshold", "0.5", "--out", str(tmp_path / "f")]
+    for _ in range(2):
+        assert main([*lengths, "--overwrite"]) == 0 and main([*frontier, "--overwrite"]) == 0
+    card = (folder / "README.md").read_text()
+    assert card.count("<!-- ma-convert measurement: eval-text-saved -->") == 1
+    assert card.count("<!-- ma-convert measurement: frontier-text -->") == 1
+    assert card.index("| length | perplexity |") < card.index("## Usage")
+    assert "![frontier](frontier-text.png)" in card and "real cost" in card
+    assert (folder / "frontier-text.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_card_refuses_a_card_it_did_not_write_before_measuring(converted, tmp_path, capsys):
+    _, folder, text = converted
+    (folder / "README.md").write_text("# my own notes\n")
+    argv = ["eval", str(folder), "--text", str(text), "--lengths", "32", "--card", "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert "not a card ma-convert wrote" in capsys.readouterr().err
+    assert (folder / "README.md").read_text() == "# my own notes\n" and not (tmp_path / "r.json").exists()

@@ -69,9 +69,10 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(source, tmp_path):
 
 def test_stopping_on_a_checkpoint_step_and_the_final_temperature(source, tmp_path):
     assert finetune(recipe(source, tmp_path / "run", temperature_start=2.0, temperature_end=0.5), stop_after=2)["stopped_at"] == 2
-    finetune(recipe(source, tmp_path / "run", temperature_start=2.0, temperature_end=0.5), resume=True)
+    finetune(recipe(source, tmp_path / "run", temperature_start=2.0, temperature_end=0.5, final_full_tail=16), resume=True)
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert config["meta_attention"]["attention"]["temperature"] == pytest.approx(0.5)
+    assert config["meta_attention"]["attention"]["full_tail"] == 16  # the saved policy: generated tokens go full
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(source, tmp_path, monkeypatch):
@@ -148,6 +149,8 @@ def test_bad_recipes_name_the_problem(source, tmp_path):
         Recipe.from_dict({"training": {"steps": True}})
     with pytest.raises(ValueError, match=r"model.meta_attention.*window_sise \(did you mean window_size\?\)"):
         Recipe.from_dict({"model": {"meta_attention": {"window_sise": 8}}})
+    with pytest.raises(ValueError, match="final_full_tail=-1"):
+        Recipe.from_dict({"training": {"final_full_tail": -1}})
     with pytest.raises(ValueError, match="cost_target=1.5"):
         Recipe.from_dict({"training": {"cost_target": 1.5}})
     with pytest.raises(ValueError, match="cost_target_lr=0"):

@@ -219,13 +219,19 @@ class MetaAttention(InitialValues, nn.Module):
         return None if decision is None else decision.experts_run()
 
     @property
-    def last_uncertainty(self) -> Optional[torch.Tensor]:
-        """(B, T) the router's uncertainty for each token of the last forward (None: no router ran)."""
+    def last_router_output(self) -> Optional[RouterOutput]:
+        """The router's output for the last forward: posterior mean, uncertainty, ... (None: no router ran)."""
         decision = self._last.decision
         if decision is None or decision.only is not None:
             return None
         decision._expand_hard()
-        return None if decision.r is None else decision.r.uncertainty
+        return decision.r
+
+    @property
+    def last_uncertainty(self) -> Optional[torch.Tensor]:
+        """(B, T) the router's uncertainty for each token of the last forward (None: no router ran)."""
+        r = self.last_router_output
+        return None if r is None else r.uncertainty
 
     @property
     def last_aux_loss(self) -> Optional[torch.Tensor]:

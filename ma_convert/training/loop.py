@@ -631,7 +631,8 @@ class RouterFinetune:
     def export(self) -> dict:
         """Set the final routing mode, measure, write the model folder and results.json; return the results."""
         t, inner, accelerator = self.t, self.inner, self.accelerator
-        set_routing_mode(inner, t.final_routing, uncertainty_threshold=t.uncertainty_threshold)
+        set_routing_mode(inner, t.final_routing, uncertainty_threshold=t.uncertainty_threshold,
+                         full_tail=t.final_full_tail)
         results = self._results(self.evaluate())
         assert_only_routers_and_experts_train(inner, lora=t.lora)
         if accelerator.is_main_process:

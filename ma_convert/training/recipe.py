@@ -84,6 +84,7 @@ class TrainingConfig:
     hard_below_uncertainty: float = 0.3  # "uncertainty": once the routers' mean uncertainty does
     final_routing: str = "hard"  # routing mode saved with the model: "soft", "hard" or "auto"
     uncertainty_threshold: Optional[float] = None  # with final_routing "auto"
+    final_full_tail: int = 0  # saved with the model: its last this-many tokens of a call (every generated one) go full
     eval_every: int = 25
     save_every: int = 50
     seed: int = 0
@@ -135,6 +136,8 @@ class TrainingConfig:
             w, "uncertainty_threshold", self.uncertainty_threshold,
             "a number in (0, 1] with final_routing 'auto', and unset otherwise",
         )
+        _need(isinstance(self.final_full_tail, int) and not isinstance(self.final_full_tail, bool)
+              and self.final_full_tail >= 0, w, "final_full_tail", self.final_full_tail, "a whole number >= 0")
         _need(self.mixed_precision in ("no", "bf16", "fp16"), w, "mixed_precision", self.mixed_precision, "'no', 'bf16' or 'fp16'")
         _need(self.log_with in (None, "tensorboard"), w, "log_with", self.log_with, "None or 'tensorboard'")
 
