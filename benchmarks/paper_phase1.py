@@ -83,7 +83,7 @@ def run(router: str, seed: int, data, args) -> dict:
     torch.manual_seed(seed)
     cfg = MetaAttnConfig(d_model=args.d_model, n_heads=args.heads, window_size=args.window, router=router,
                          max_positions=args.seq_len, kl_weight=args.kl_weight if router == "bayesian" else 0.0,
-                         cost_lambda=args.cost_lambda, beta0=args.beta0)
+                         cost_lambda=args.cost_lambda, beta0=args.beta0, prior=args.prior)
     model = TinyLM(cfg, args.layers, args.seq_len).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
@@ -128,7 +128,7 @@ def evaluate(model, held, args) -> dict:
 
 def markdown(rows: list[dict], args, env: dict) -> str:
     table = []
-    for router in ("bayesian", "softmax"):
+    for router in args.routers:
         mine = [r for r in rows if r["router"] == router]
         mean = lambda key: statistics.mean(r[key] for r in mine)  # noqa: E731
         sd = lambda key: statistics.stdev(r[key] for r in mine) if len(mine) > 1 else 0.0  # noqa: E731
@@ -158,6 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--kl-weight", type=float, default=0.01)
     p.add_argument("--cost-lambda", type=float, default=0.01)
     p.add_argument("--beta0", type=float, default=3.0)
+    p.add_argument("--prior", choices=["compute", "uniform"], default="compute",
+                   help="the Bayesian router's Dirichlet prior: pi proportional to 1 / cost, or flat")
+    p.add_argument("--routers", nargs="+", choices=["bayesian", "softmax"], default=["bayesian", "softmax"])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--eval-blocks", type=int, default=128)
     p.add_argument("--device", default="cpu")
@@ -167,7 +170,7 @@ def main(argv=None) -> int:
     data = byte_splits(args.data)
     rows = []
     for seed in range(args.seeds):
-        for router in ("bayesian", "softmax"):
+        for router in args.routers:
             rows.append(run(router, seed, data, args))
             shown = {k: v for k, v in rows[-1].items() if k not in ("router", "seed")}
             log(f"{router} seed {seed}: {json.dumps(shown)}")
