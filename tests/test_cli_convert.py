@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 from arch_cases import all_cases
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from ma_convert.cli import main
 
@@ -68,6 +68,23 @@ def test_config_file_is_applied(source, tmp_path):
     assert main(["convert", str(source), str(out), "--config", str(tmp_path / "cfg.yaml")]) == 0
     attention = json.loads((out / "config.json").read_text())["meta_attention"]["attention"]
     assert (attention["window_size"], attention["router"], attention["feature_map"]) == (16, "softmax", "elu")
+
+
+@pytest.mark.parametrize("text", [
+    "window_size: 16\nhard_routing: true\nfull_tail: 16\ndense_below: 0\nkl_weight: 0.5\n",  # format 1
+    "window_size: 16\npolicy:\n  mode: hard\n  full_tail: 16\n  dense_below: 0\n",
+], ids=["format-1", "policy-section"])
+def test_config_file_policy_is_the_routing_the_model_loads_with(source, tmp_path, text):
+    from ma_convert.core.control import meta_attention_modules
+
+    (tmp_path / "cfg.yaml").write_text(text)
+    out = tmp_path / "converted"
+    assert main(["convert", str(source), str(out), "--config", str(tmp_path / "cfg.yaml")]) == 0
+    block = json.loads((out / "config.json").read_text())["meta_attention"]
+    assert block["attention"]["window_size"] == 16 and "kl_weight" not in block["attention"]
+    assert (block["policy"]["mode"], block["policy"]["full_tail"], block["policy"]["dense_below"]) == ("hard", 16, 0)
+    modules = meta_attention_modules(AutoModelForCausalLM.from_pretrained(out))
+    assert {(m.routing_mode, m.full_tail, m.dense_below) for m in modules} == {("hard", 16, 0)}
 
 
 def test_existing_output_is_refused_and_kept(source, tmp_path, capsys):
