@@ -4,7 +4,7 @@ q, k, v are given (no projections, no router): batch 1, Hq/Hkv heads of size d, 
 25% full / 25% linear / 50% local tokens placed by a seeded random permutation. For each T, in the
 same run: the SDPA baseline `F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)`,
 and `MetaAttention.run_experts` with forced per-token routes for every backend in --backends
-(`MetaAttnConfig.backend`; one that fails to build or to run is reported, not fatal).
+(`RoutingPolicy.backend`; one that fails to build or to run is reported, not fatal).
 
 Before timing, each backend's routed output is checked against the torch reference backend (and,
 routed all-full, against SDPA). Writes benchmarks/results/attention_<device>.{md,json,png}.
@@ -45,7 +45,7 @@ from _common import (
     write_results,
 )
 
-from ma_convert import MetaAttention, MetaAttnConfig
+from ma_convert import MetaAttention, MetaAttnConfig, RoutingPolicy
 
 EXPERTS = ("full", "linear", "local")  # MetaAttention's default expert order: route index = position here
 TOLERANCE = 1e-2
@@ -65,7 +65,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, help="key/value heads (default 8 CUDA, 2 CPU)")
     p.add_argument("--head-dim", type=int, help="default 128 CUDA, 64 CPU")
     p.add_argument("--window", type=int, help="local expert window (default 1024 CUDA, 256 CPU)")
-    p.add_argument("--backends", nargs="+", help="MetaAttnConfig.backend values (default: auto torch flex fla on CUDA, torch on CPU)")
+    p.add_argument("--backends", nargs="+",
+                   help="RoutingPolicy.backend values (default: auto torch flex fla on CUDA, torch on CPU)")
     p.add_argument("--dtype", help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--mix", default="0.25,0.25,0.50", help="token fractions full,linear,local")
     p.add_argument("--feature-map", default="hedgehog", choices=["hedgehog", "elu"])
@@ -97,11 +98,11 @@ def build_meta(args, backend: str, max_t: int) -> MetaAttention:
     routed_always = backend.endswith("-routed")
     cfg = MetaAttnConfig(
         d_model=args.heads * args.head_dim, n_heads=args.heads, n_kv_heads=args.kv_heads, head_dim=args.head_dim,
-        window_size=args.window, feature_map=args.feature_map, max_positions=max_t, hard_routing=True,
-        backend=backend.removesuffix("-routed"), dense_below=0 if routed_always else None,
-        linear_window=args.linear_window,
+        window_size=args.window, feature_map=args.feature_map, max_positions=max_t, linear_window=args.linear_window,
     )
-    return MetaAttention(cfg).to(args.device, args.dtype).eval()
+    policy = RoutingPolicy(mode="hard", backend=backend.removesuffix("-routed"),
+                           dense_below=0 if routed_always else None)
+    return MetaAttention(cfg, policy=policy).to(args.device, args.dtype).eval()
 
 
 def runs_all_full(meta: MetaAttention, t: int, device) -> bool:
@@ -110,14 +111,14 @@ def runs_all_full(meta: MetaAttention, t: int, device) -> bool:
     from ma_convert.kernels.backends import resolve_backend
 
     try:
-        backend = resolve_backend(meta.cfg.backend, torch.device(device))
+        backend = resolve_backend(meta.backend, torch.device(device))
     except Exception:  # noqa: BLE001 - an unavailable backend is reported elsewhere
         return False
     if backend in ("torch", "sdpa"):
         return False
-    from ma_convert.core.meta_attention import dense_below
+    from ma_convert.core.meta_attention import dense_below_keys
 
-    return t < dense_below(meta.cfg)
+    return t < dense_below_keys(meta.dense_below)
 
 
 def warn(message: str) -> None:
@@ -127,7 +128,7 @@ def warn(message: str) -> None:
 
 @dataclass
 class Backend:
-    """One MetaAttnConfig.backend under test, and what happened to it so far."""
+    """One RoutingPolicy.backend under test, and what happened to it so far."""
 
     name: str
     meta: MetaAttention | None = None

@@ -85,7 +85,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--decode-warmup", type=int, default=3)
     p.add_argument("--prefill-chunk", type=int, default=0,
                    help="build the P5 cache in chunks of this many tokens (0: one forward), to limit memory")
-    p.add_argument("--backend", default="auto", help="MetaAttnConfig.backend of the converted model")
+    p.add_argument("--backend", default="auto", help="RoutingPolicy.backend of the converted model")
     p.add_argument("--window", type=int, help="local expert window (default 1024; --small 64)")
     p.add_argument("--mix", default="0.25,0.25,0.50", help="fractions full,linear,local (tokens for P3, rows for P5)")
     p.add_argument("--warmup", type=int, default=2)
@@ -119,8 +119,8 @@ def build_models(args) -> tuple[torch.nn.Module, torch.nn.Module | None, str | N
     log(f"original: {param_count(n_params)} parameters, {str(args.dtype).replace('torch.', '')}")
 
     def conversion():
-        model = ma_convert.convert(copy.deepcopy(original), window_size=args.window, hard_routing=True,
-                                   backend=args.backend)
+        model = ma_convert.convert(copy.deepcopy(original), window_size=args.window,
+                                   policy=ma_convert.RoutingPolicy(mode="hard", backend=args.backend))
         return model.eval()
 
     converted, error = guarded("convert", conversion, args.device)

@@ -49,7 +49,7 @@ from _common import (  # noqa: E402
     write_results,
 )
 
-from ma_convert import convert, force_expert, routing_stats, set_routing_mode  # noqa: E402
+from ma_convert import RoutingPolicy, convert, force_expert, routing_stats, set_routing_mode  # noqa: E402
 from ma_convert.core.control import meta_attention_modules  # noqa: E402
 from ma_convert.core.cost import model_real_cost  # noqa: E402
 from ma_convert.core.stats import RoutingStats  # noqa: E402
@@ -153,7 +153,8 @@ def converted_models(original, args, ids):
         return {f"{args.model.name} (as saved)": (folder, contextlib.nullcontext)}
     defaults = convert(copy.deepcopy(original), window_size=512).eval()
     set_routing_mode(defaults, "hard")
-    learned = convert(copy.deepcopy(original), window_size=512, linear_window=64, dense_below=0).eval()
+    learned = convert(copy.deepcopy(original), window_size=512, linear_window=64,
+                      policy=RoutingPolicy(dense_below=0)).eval()
     set_routing_mode(learned, "hard")
     calibrate_mix(learned, ids, LEARNED_MIX)
     tail = copy.deepcopy(learned)
@@ -300,7 +301,8 @@ def billion_rows(args) -> list[dict]:
     torch.manual_seed(0)
     with torch.device(args.device):
         original = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa")).to(args.dtype).eval()
-    model = convert(copy.deepcopy(original), window_size=512, linear_window=64, dense_below=0).eval()
+    model = convert(copy.deepcopy(original), window_size=512, linear_window=64,
+                    policy=RoutingPolicy(dense_below=0)).eval()
     set_routing_mode(model, "hard")
     gen = torch.Generator().manual_seed(1)
     rows = []

@@ -28,7 +28,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from _common import RESULTS_DIR, environment, environment_markdown, log, markdown_table  # noqa: E402
 
-from ma_convert import MetaAttentionLayer, MetaAttnConfig, RoutingStats  # noqa: E402
+from ma_convert import MetaAttentionLayer, MetaAttnConfig, RoutingStats, set_objective_weights  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PAPER = {"bayesian": {"projected_cost": 0.251, "entropy": 0.433},
@@ -82,9 +82,10 @@ def run(router: str, seed: int, data, args) -> dict:
     train, held = data
     torch.manual_seed(seed)
     cfg = MetaAttnConfig(d_model=args.d_model, n_heads=args.heads, window_size=args.window, router=router,
-                         max_positions=args.seq_len, kl_weight=args.kl_weight if router == "bayesian" else 0.0,
-                         cost_lambda=args.cost_lambda, beta0=args.beta0, prior=args.prior)
+                         max_positions=args.seq_len, beta0=args.beta0, prior=args.prior)
     model = TinyLM(cfg, args.layers, args.seq_len).to(args.device)
+    kl_weight = args.kl_weight if router == "bayesian" else 0.0
+    set_objective_weights(model, kl_weight=kl_weight, cost_lambda=args.cost_lambda)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     started = time.perf_counter()

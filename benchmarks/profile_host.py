@@ -23,7 +23,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 import bench_real  # noqa: E402
 from _common import environment, environment_markdown, log  # noqa: E402
 
-from ma_convert import convert, set_routing_mode  # noqa: E402
+from ma_convert import RoutingPolicy, convert, set_routing_mode  # noqa: E402
 from ma_convert.kernels import launch  # noqa: E402
 
 
@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     ids = bench_real.prompt_ids(tokenizer, args.length, args.device)
     import copy
 
-    mix = convert(copy.deepcopy(original), window_size=512, linear_window=64, dense_below=0).eval()
+    mix = convert(copy.deepcopy(original), window_size=512, linear_window=64,
+                  policy=RoutingPolicy(dense_below=0)).eval()
     set_routing_mode(mix, "hard")
     bench_real.calibrate_mix(mix, ids, bench_real.LEARNED_MIX)
     report = {"launch_us": launch_cost()}

@@ -204,8 +204,8 @@ def finetune_variant(name: str, args, data: dict[str, Path]):
     recipe = Recipe(
         output_dir=str(args.work_dir / name),
         model=ModelConfig(source=args.gguf, dtype="float32",
-                          meta_attention=dict(VARIANTS[name], max_positions=8192, dense_below=0,
-                                                             linear_window=args.linear_window)),
+                          meta_attention=dict(VARIANTS[name], max_positions=8192, linear_window=args.linear_window),
+                          policy=dict(dense_below=0)),
         data=DataConfig(source=str(data["train"]), eval_source=str(data["wikitext"]), seq_len=args.seq_len,
                         max_train_tokens=args.train_tokens + args.expert_pretrain_tokens, max_eval_tokens=min(args.eval_tokens, 16 * args.seq_len)),
         training=TrainingConfig(

@@ -17,6 +17,8 @@ from .core import (
     MetaAttention,
     MetaAttentionLayer,
     MetaAttnConfig,
+    ObjectiveWeights,
+    RoutingPolicy,
     RoutingStats,
     build_expert,
     collect_aux_losses,
@@ -26,8 +28,11 @@ from .core import (
     list_experts,
     patch_module,
     register_expert,
+    routing_policy,
     routing_stats,
+    set_objective_weights,
     set_routing_mode,
+    set_routing_policy,
 )
 from .version import __version__
 
@@ -41,6 +46,8 @@ __all__ = [
     "MetaAttention",
     "MetaAttentionLayer",
     "MetaAttnConfig",
+    "ObjectiveWeights",
+    "RoutingPolicy",
     "RoutingStats",
     "build_expert",
     "collect_aux_losses",
@@ -51,7 +58,10 @@ __all__ = [
     "list_experts",
     "patch_module",
     "register_expert",
+    "routing_policy",
     "routing_stats",
+    "set_objective_weights",
     "set_routing_mode",
+    "set_routing_policy",
     "__version__",
 ]

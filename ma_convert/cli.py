@@ -7,7 +7,10 @@ import importlib.metadata
 import os
 import platform
 import sys
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
+
+if TYPE_CHECKING:
+    from .core.policy import RoutingPolicy
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -58,7 +61,7 @@ def _smollm2_pipeline(args: argparse.Namespace) -> int:
     n = prompt["input_ids"].shape[1]
     print("\n== generation (greedy)")
     print(f"   forced full (the original): {tokenizer.decode(exact[0, n:], skip_special_tokens=True)!r}")
-    print(f"   routed ({model.config.meta_attention['attention']['hard_routing'] and 'hard' or 'soft'}), "
+    print(f"   routed ({model.config.meta_attention['policy']['mode']}), "
           f"finetuned routers: {tokenizer.decode(routed[0, n:], skip_special_tokens=True)!r}")
     print(f"   {RoutingStats.aggregate(routing_stats(model))}")
     _print_summary(results, args.out)
@@ -103,15 +106,19 @@ def _layer_quick_start(args: argparse.Namespace) -> None:
     print(f"  {stats}")
 
 
-def _load_config_file(path: Optional[str]) -> dict:
-    """A YAML (or JSON) file of MetaAttnConfig fields; unknown keys are errors naming them.
-    Values are checked against the model by the conversion, before any weight is read."""
+def _load_config_file(path: Optional[str]) -> tuple[dict, Optional[RoutingPolicy]]:
+    """A YAML (or JSON) file of MetaAttnConfig fields, with RoutingPolicy fields in a ``policy:``
+    section: the config overrides and the policy (None: none given). A file of format 1 (policy
+    fields such as ``hard_routing: true`` among the config's) is migrated, as saved configs are;
+    unknown keys are errors naming them. Values are checked against the model by the conversion,
+    before any weight is read."""
     from dataclasses import fields
 
-    from .core.config import MetaAttnConfig
+    from .core.config import MetaAttnConfig, migrate_fields, moved_hint
+    from .core.policy import RoutingPolicy
 
     if path is None:
-        return {}
+        return {}, None
     import yaml
 
     try:
@@ -120,19 +127,28 @@ def _load_config_file(path: Optional[str]) -> dict:
     except (OSError, yaml.YAMLError) as error:
         raise ValueError(f"cannot read the config file {path}: {error}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of MetaAttnConfig fields")
-    unknown = sorted(set(data) - {f.name for f in fields(MetaAttnConfig)} - {"format_version"})
-    if unknown:
-        raise ValueError(f"{path}: MetaAttnConfig has no field(s) {unknown}")
-    return data
+        raise ValueError(f"{path} must hold a mapping of MetaAttnConfig fields (and a policy: section)")
+    data = dict(data)
+    section = data.pop("policy", None) or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: policy must be a mapping of RoutingPolicy fields, got {type(section).__name__}")
+    try:
+        settings, migrated = migrate_fields(data)
+        unknown = sorted(set(settings) - {f.name for f in fields(MetaAttnConfig)})
+        if unknown:
+            raise ValueError(f"MetaAttnConfig has no field(s) {unknown}{moved_hint(unknown)}")
+        policy = RoutingPolicy.from_dict({**migrated, **section}) if migrated or section else None
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return settings, policy
 
 
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint
 
-    settings = _load_config_file(args.config)
+    settings, policy = _load_config_file(args.config)
     out = convert_checkpoint(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                             base_model=args.base_model, **settings)
+                             base_model=args.base_model, policy=policy, **settings)
     print(f"converted model written to {out}; check it with: ma-convert verify {out} --base {args.src}")
     return 0
 
@@ -348,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert a checkpoint (folder, Hub id or .gguf file) to Meta-Attention")
     conv.add_argument("src", help="a model folder, a Hub id, or a .gguf file")
     conv.add_argument("out", help="the folder to write (must not exist, unless --overwrite)")
-    conv.add_argument("--config", help="YAML file of MetaAttnConfig fields (experts, router, windows)")
+    conv.add_argument("--config", help="YAML file of MetaAttnConfig fields (experts, router, windows), and "
+                      "RoutingPolicy fields in a policy: section (the routing it loads with)")
     conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load and save in this dtype")
     conv.add_argument("--overwrite", action="store_true",
                       help="replace OUT if it exists and holds only what ma-convert wrote there")

@@ -11,12 +11,15 @@ import torch.nn as nn
 
 from .adapters import adapter_for
 from .core.config import MetaAttnConfig
+from .core.policy import RoutingPolicy
 from .modeling.base import install_meta_attention, meta_attention_block
 from .sources import ModelSource, ModelSourceError, drop_gguf_quantization, error_summary, public_name, resolve_source
 
 
-def convert_config(config: Any, cfg: Optional[MetaAttnConfig] = None, *, base_model: Optional[str] = None, **overrides: Any):
-    """The converted (``Ma<Arch>Config``) twin of an original model config.
+def convert_config(config: Any, cfg: Optional[MetaAttnConfig] = None, *, base_model: Optional[str] = None,
+                   policy: Optional[RoutingPolicy] = None, **overrides: Any):
+    """The converted (``Ma<Arch>Config``) twin of an original model config, with `policy` (default:
+    soft routing) as the routing it loads with.
 
     Validates `cfg`/`overrides` against the model before any weight is touched: an unsupported
     architecture or a contradicting shape raises here.
@@ -33,6 +36,7 @@ def convert_config(config: Any, cfg: Optional[MetaAttnConfig] = None, *, base_mo
         base_model=public_name(base_model or getattr(config, "_name_or_path", None)),
         base_revision=getattr(config, "_commit_hash", None),
         base_type=config.model_type,
+        policy=policy,
     )
     new_config = adapter.config_class.from_dict(values)
     new_config._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
@@ -40,23 +44,26 @@ def convert_config(config: Any, cfg: Optional[MetaAttnConfig] = None, *, base_mo
 
 
 def convert(
-    model: nn.Module, cfg: Optional[MetaAttnConfig] = None, *, base_model: Optional[str] = None, **overrides: Any
+    model: nn.Module, cfg: Optional[MetaAttnConfig] = None, *, base_model: Optional[str] = None,
+    policy: Optional[RoutingPolicy] = None, **overrides: Any,
 ) -> nn.Module:
     """Convert `model` in place and return it.
 
     Every attention layer becomes Meta-Attention; the original parameters keep their names and
     tensors, so with ``force_expert(model, "full")`` the model computes exactly what it did.
     `cfg` and `overrides` set the experts and the router; heads, head_dim and positions come from
-    the model's config (a contradicting value is an error).
+    the model's config (a contradicting value is an error). `policy` is how it routes (default:
+    soft), saved with it as the routing it loads with.
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "model_type"):
         raise TypeError(f"convert expects a transformers PreTrainedModel, got {type(model).__name__}")
-    new_config = convert_config(config, cfg, base_model=base_model, **overrides)
+    new_config = convert_config(config, cfg, base_model=base_model, policy=policy, **overrides)
     adapter = adapter_for(config.model_type)
     if not isinstance(model, adapter.original_causal_lm_class):
         raise TypeError(f"convert expects a {adapter.original_causal_lm_class.__name__}, got {type(model).__name__}")
-    install_meta_attention(model, adapter.meta_config(config, cfg, **overrides), adapter, adapter.causal_lm_class.inner_class)
+    meta_cfg = adapter.meta_config(config, cfg, **overrides)
+    install_meta_attention(model, meta_cfg, adapter, adapter.causal_lm_class.inner_class, policy)
     model.__class__ = adapter.causal_lm_class
     for module in model.modules():  # every submodule holding the old config object gets the new one
         if getattr(module, "config", None) is config:
@@ -73,6 +80,7 @@ def convert_checkpoint(
     overwrite: bool = False,
     base_model: Optional[str] = None,
     verbose: bool = True,
+    policy: Optional[RoutingPolicy] = None,
     **overrides: Any,
 ) -> Path:
     """Convert a checkpoint (local folder, Hub id or .gguf file) and save it to `out_dir` with a model card.
@@ -80,7 +88,8 @@ def convert_checkpoint(
     Everything that can be checked is checked before any weight is read: the source, the output
     folder, the dtype, the architecture and the config. The model is converted in place (no second
     copy) and written atomically, tokenizer included when the source has one. `base_model` names
-    the original in config.json and the card (default: the source's Hub id or file name). Returns `out_dir`.
+    the original in config.json and the card (default: the source's Hub id or file name); `policy` is
+    the routing the model loads with (default: soft). Returns `out_dir`.
     """
     import torch
 
@@ -94,11 +103,12 @@ def convert_checkpoint(
         raise ValueError(f"dtype={dtype!r} is not a torch dtype name (float32, bfloat16, float16)")
     say(f"[1/4] reading the config of {src}")
     config = load_config(source)
-    convert_config(config, cfg, **overrides)  # unsupported architecture or contradicting config: fail now
+    # An unsupported architecture or a contradicting config fails now.
+    convert_config(config, cfg, policy=policy, **overrides)
     say(f"[2/4] loading the {config.model_type} weights")
     model = load_model(source, dtype=getattr(torch, dtype) if dtype else None)
     say("[3/4] converting the attention layers")
-    convert(model, cfg, base_model=base_model or source.name, **overrides)
+    convert(model, cfg, base_model=base_model or source.name, policy=policy, **overrides)
     say(f"[4/4] writing {out_dir}")
     with _disk_errors(out_dir), atomic_directory(out_dir, overwrite, sources) as tmp:
         model.save_pretrained(tmp)

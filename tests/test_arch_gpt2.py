@@ -32,7 +32,7 @@ def test_inverse_layer_scale_is_kept_and_matters():
 
 def test_dropout_comes_from_attn_pdrop():
     model = convert(make("sdpa", attn_pdrop=0.25))
-    assert read_meta_attention_block(model.config).dropout == 0.25
+    assert read_meta_attention_block(model.config)[0].dropout == 0.25
     assert convert(make("sdpa", attn_pdrop=0.25), dropout=0.0).transformer.h[0].attn.meta.cfg.dropout == 0.0
 
 

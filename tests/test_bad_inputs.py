@@ -250,6 +250,10 @@ CLI_CASES = [
     Case("convert: config contradicting the model", lambda r: config_file(r, "n_heads: 3\n"), r"MetaAttnConfig.n_heads=3 contradicts the llama model, which has n_heads=4"),
     Case("convert: two expert costs", lambda r: config_file(r, "expert_costs: [1.0, 0.15]\n"), r"give the three costs"),
     Case("convert: negative window", lambda r: config_file(r, "window_size: -1\n"), r"window_size"),
+    Case("convert: config file with an unknown policy key", lambda r: config_file(r, "policy:\n  mod: hard\n"), r"cfg.yaml: RoutingPolicy has no field\(s\) \['mod'\]"),
+    Case("convert: config file with a bad policy value", lambda r: config_file(r, "policy:\n  full_tail: -1\n"), r"RoutingPolicy.full_tail=-1 is invalid"),
+    Case("convert: config file with a policy that is not a mapping", lambda r: config_file(r, "policy: hard\n"), r"policy must be a mapping of RoutingPolicy fields"),
+    Case("convert: format-2 config file with a former field", lambda r: config_file(r, "format_version: 2\nhard_routing: true\n"), r"\['hard_routing'\] moved to the routing policy"),
     # convert: the output folder
     Case("convert: output exists", lambda r: foreign_file_in(r, "out") or convert_args(r, r / "source"), r"out already exists; choose another folder or pass --overwrite"),
     Case("convert: output is the source", lambda r: convert_args(r, r / "source", r / "source", "--overwrite"), r"the output folder .*source is the source .*source"),

@@ -2,17 +2,15 @@ import json
 
 import pytest
 
-from ma_convert import MetaAttnConfig
-from ma_convert.core.config import FORMAT_VERSION, PRESETS
+from ma_convert import MetaAttention, MetaAttnConfig, ObjectiveWeights, RoutingPolicy
+from ma_convert.core.config import FORMAT_VERSION, PRESETS, migrate_fields
+from ma_convert.core.policy import split_saved_block
 
 
 def test_defaults_and_derived_fields():
     cfg = MetaAttnConfig()
     assert cfg.n_experts == 3 and cfg.expert_costs == [1.0, 0.15, 0.30]
     assert cfg.kv_heads == cfg.n_heads and cfg.d_head == cfg.d_model // cfg.n_heads
-    assert cfg.routing_mode == "soft"
-    assert MetaAttnConfig(hard_routing=True).routing_mode == "hard"
-    assert MetaAttnConfig(hard_routing=True, uncertainty_threshold=0.4).routing_mode == "auto"
     gqa = MetaAttnConfig(d_model=576, n_heads=9, n_kv_heads=3, head_dim=64)
     assert (gqa.kv_heads, gqa.d_head) == (3, 64)
 
@@ -34,27 +32,18 @@ def test_presets(preset):
         ("head_dim", -1),
         ("window_size", 0),
         ("sink_tokens", -1),
-        ("full_tail", -2),
-        ("full_tail", 1.5),
         ("dropout", 1.0),
         ("temperature", 0),
-        ("gumbel_temp", -1.0),
         ("controller_hidden", 0),
         ("expert_costs", []),
         ("expert_costs", [1.0, -0.1, 0.3]),
-        ("hard_top_k", 4),
         ("router", "mlp"),
         ("prior", "flat"),
         ("feature_map", "relu"),
         ("linear_window", -1),
         ("linear_window", 2.5),
-        ("backend", "cuda"),
         ("beta0", 0),
-        ("kl_weight", -1),
-        ("uncertainty_threshold", 1.5),
-        ("uncertain_route", "linear"),
         ("max_positions", 0),
-        ("hard_routing", "yes"),
         ("causal", 1),
     ],
 )
@@ -63,13 +52,86 @@ def test_bad_values_name_the_field(field, value):
         MetaAttnConfig(**{field: value})
 
 
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("mode", "fast"),
+        ("full_tail", -2),
+        ("full_tail", 1.5),
+        ("hard_top_k", 0),
+        ("backend", "cuda"),
+        ("dense_below", -1),
+        ("uncertainty_threshold", 1.5),
+        ("uncertain_route", "linear"),
+    ],
+)
+def test_bad_policy_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"RoutingPolicy\.{field}=.*must be"):
+        RoutingPolicy(**{field: value})
+
+
+def test_a_policy_that_the_layer_cannot_run_is_refused():
+    with pytest.raises(ValueError, match=r"RoutingPolicy\.uncertainty_threshold=None.*must be.*'auto'"):
+        RoutingPolicy(mode="auto")
+    with pytest.raises(ValueError, match=r"RoutingPolicy\.hard_top_k=4.*must be.*\[1, 3\]"):
+        MetaAttention(MetaAttnConfig.small(), policy=RoutingPolicy(hard_top_k=4))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("kl_weight", -1), ("cost_lambda", -0.5), ("entropy_coeff", float("nan")), ("gumbel_temp", -1.0),
+     ("sample_posterior", "yes")],
+)
+def test_bad_objective_weights_name_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"ObjectiveWeights\.{field}=.*must be"):
+        ObjectiveWeights(**{field: value})
+
+
+def test_policy_and_weights_round_trip_and_reject_unknown_fields():
+    policy = RoutingPolicy(mode="auto", uncertainty_threshold=0.3, full_tail=16, dense_below=0)
+    assert RoutingPolicy.from_dict(policy.to_dict()) == policy
+    assert policy.replace(mode="hard").mode == "hard"
+    with pytest.raises(ValueError, match=r"RoutingPolicy has no field\(s\) \['modee'\]"):
+        RoutingPolicy.from_dict({"modee": "hard"})
+    with pytest.raises(ValueError, match=r"ObjectiveWeights has no field\(s\) \['kl'\]"):
+        ObjectiveWeights().replace(kl=1.0)
+
+
+@pytest.mark.parametrize(
+    "hard,threshold,mode", [(False, None, "soft"), (True, None, "hard"), (True, 0.4, "auto"), (False, 0.4, "soft")]
+)
+def test_format_1_policy_fields_migrate_as_routing_mode_derived_them(hard, threshold, mode):
+    old = {"format_version": 1, "d_model": 64, "n_heads": 4, "hard_routing": hard, "uncertainty_threshold": threshold,
+           "full_tail": 16, "dense_below": 0, "backend": "torch", "kl_weight": 0.5, "gumbel_temp": 2.0}
+    cfg, policy = split_saved_block({"attention": old})
+    assert cfg == MetaAttnConfig(d_model=64, n_heads=4)
+    assert policy == RoutingPolicy(mode=mode, uncertainty_threshold=threshold, full_tail=16, dense_below=0,
+                                   backend="torch")
+    assert MetaAttnConfig.from_dict(old) == cfg  # the config alone: the policy and training fields left
+    assert migrate_fields({k: v for k, v in old.items() if k != "format_version"}) == migrate_fields(old)
+    with pytest.raises(ValueError, match=r"MetaAttnConfig\.hard_routing='yes'.*must be True or False"):
+        migrate_fields({**old, "hard_routing": "yes"})
+
+
+def test_a_saved_policy_wins_over_migrated_fields():
+    block = {"attention": {"format_version": 1, "hard_routing": True}, "policy": {"mode": "soft"}}
+    assert split_saved_block(block)[1] == RoutingPolicy()
+
+
+def test_former_fields_in_the_current_format_say_where_they_went():
+    with pytest.raises(ValueError, match=r"hard_routing.*moved to the routing policy"):
+        MetaAttnConfig.from_dict({"format_version": FORMAT_VERSION, "hard_routing": True})
+    with pytest.raises(ValueError, match=r"kl_weight.*moved to training"):
+        MetaAttnConfig.from_dict({"format_version": FORMAT_VERSION, "kl_weight": 1.0})
+
+
 def test_replace_validates():
     with pytest.raises(ValueError, match="window_size"):
         MetaAttnConfig().replace(window_size=-3)
 
 
 def test_dict_and_json_round_trip():
-    cfg = MetaAttnConfig.llama_7b(router="softmax", uncertainty_threshold=0.3, hard_routing=True)
+    cfg = MetaAttnConfig.llama_7b(router="softmax", temperature=0.5)
     data = cfg.to_dict()
     assert data["format_version"] == FORMAT_VERSION
     assert MetaAttnConfig.from_dict(data) == cfg

@@ -21,9 +21,10 @@ def run(tmp_path: Path, source: Path, name: str, processes: int, batch: int, acc
         "output_dir": str(out),
         # No posterior samples and no Gumbel noise: each process draws its own, so only deterministic
         # routing can match one process bit for bit.
-        "model": {"source": str(source), "meta_attention": {"window_size": 8, "sample_posterior": False}},
+        "model": {"source": str(source), "meta_attention": {"window_size": 8}},
         "data": {"source": "pydoc", "seq_len": 32, "max_train_tokens": 4096, "max_eval_tokens": 256},
         "training": {"steps": 4, "batch_size": batch, "grad_accum": accum, "eval_every": 4, "save_every": 5,
+                     "sample_posterior": False,
                      "warmup_steps": 1, "transfer_steps": 1, "hard_switch": "never", "log_with": None, "seed": 0},
     }
     path = tmp_path / f"{name}.yaml"

@@ -6,7 +6,7 @@ Skipped without CUDA (CI has none); run on a GPU machine with `python -m pytest 
 import pytest
 import torch
 
-from ma_convert import MetaAttentionLayer, MetaAttnConfig, build_expert, force_expert
+from ma_convert import MetaAttentionLayer, MetaAttnConfig, RoutingPolicy, build_expert, force_expert
 from reference import allowed_mask, naive_linear, naive_softmax
 
 pytestmark = [
@@ -48,8 +48,8 @@ def test_expert_on_cuda_matches_reference(dtype, name, gathered):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_routed_layer_on_cuda_matches_cpu(dtype):
-    cfg = MetaAttnConfig(d_model=256, n_heads=8, n_kv_heads=2, window_size=64, dense_below=0)
-    layer = MetaAttentionLayer(cfg).eval()
+    cfg = MetaAttnConfig(d_model=256, n_heads=8, n_kv_heads=2, window_size=64)
+    layer = MetaAttentionLayer(cfg, policy=RoutingPolicy(dense_below=0)).eval()
     x = torch.randn(2, 700, 256)
     routes = torch.randint(0, 3, (2, 700))
     with torch.no_grad(), force_expert(layer, routes):

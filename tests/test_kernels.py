@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 from ma_convert.core.config import MetaAttnConfig  # noqa: E402
 from ma_convert.core.meta_attention import CacheInputs, MetaAttention  # noqa: E402
+from ma_convert.core.policy import RoutingPolicy  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float32]
@@ -43,9 +44,9 @@ def make_layer(hq, hkv, d, feature_map="hedgehog", window=64, sinks=4, dense_bel
     `hybrid`-key window), its learnable parts moved off their initial values."""
     cfg = MetaAttnConfig(
         d_model=hq * d, n_heads=hq, n_kv_heads=hkv, window_size=window, sink_tokens=sinks,
-        feature_map=feature_map, hard_routing=True, backend="torch", dense_below=dense_below, linear_window=hybrid,
+        feature_map=feature_map, linear_window=hybrid,
     )
-    meta = MetaAttention(cfg).eval()
+    meta = MetaAttention(cfg, policy=RoutingPolicy(mode="hard", backend="torch", dense_below=dense_below)).eval()
     with torch.no_grad():  # a feature map (and the hybrid's weight) away from the identity start
         for p in meta.experts[1].parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -193,7 +194,7 @@ def test_meta_attention_takes_the_fast_path_on_cuda(monkeypatch):
     """run_experts on CUDA with backend auto goes through the kernels (and matches torch)."""
     hq, hkv, d, t = 8, 2, 64, 2048
     meta = make_layer(hq, hkv, d)
-    meta.cfg.backend = "auto"  # dense_below=0: routed even at this length
+    meta.set_routing_mode("hard", backend="auto")  # dense_below=0: routed even at this length
     calls = []
     original = routed().routed_heads
     monkeypatch.setattr(routed(), "routed_heads", lambda *a, **kw: calls.append(1) or original(*a, **kw))
@@ -216,7 +217,7 @@ def test_converted_model_generates_the_same_with_kernels(hybrid):
     from arch_cases import all_cases
     from test_conversion import spread_routing
 
-    from ma_convert import convert, set_routing_mode
+    from ma_convert import convert, set_routing_mode, set_routing_policy
 
     case = next(c for c in all_cases() if c.name == "llama-gqa")
     model = convert(case.make("sdpa"), linear_window=hybrid).cuda().to(torch.bfloat16).eval()
@@ -225,9 +226,7 @@ def test_converted_model_generates_the_same_with_kernels(hybrid):
     ids = torch.randint(0, model.config.vocab_size, (2, 40), device="cuda")
     outs = {}
     for backend in ("torch", "triton"):
-        for m in model.modules():
-            if isinstance(m, MetaAttention):
-                m.cfg.backend, m.cfg.dense_below = backend, 0  # route the short prompt too
+        set_routing_policy(model, backend=backend, dense_below=0)  # route the short prompt too
         with torch.no_grad():
             outs[backend] = model.generate(ids, max_new_tokens=12, do_sample=False)
             logits = model(ids).logits
@@ -299,11 +298,11 @@ def test_short_contexts_run_the_original_attention_without_a_router(monkeypatch)
     from arch_cases import all_cases
     from test_conversion import spread_routing
 
-    from ma_convert import convert, force_expert, set_routing_mode
+    from ma_convert import RoutingPolicy, convert, force_expert, set_routing_mode
     from ma_convert.core.controller import DirichletRouter
 
     case = next(c for c in all_cases() if c.name == "llama-gqa")
-    model = convert(case.make("sdpa"), dense_below=64).cuda().to(torch.bfloat16).eval()
+    model = convert(case.make("sdpa"), policy=RoutingPolicy(dense_below=64)).cuda().to(torch.bfloat16).eval()
     spread_routing(model)
     set_routing_mode(model, "hard")
     ids = torch.randint(0, model.config.vocab_size, (2, 40), device="cuda")

@@ -9,11 +9,16 @@ import torch.nn.functional as F
 from ma_convert import (
     MetaAttentionLayer,
     MetaAttnConfig,
+    ObjectiveWeights,
+    RoutingPolicy,
     RoutingStats,
     build_expert,
     force_expert,
+    routing_policy,
     routing_stats,
+    set_objective_weights,
     set_routing_mode,
+    set_routing_policy,
 )
 from ma_convert.core.meta_attention import gumbel_top_k
 from reference import allowed_mask, naive_softmax
@@ -239,7 +244,7 @@ def test_auto_mode_sends_uncertain_tokens_to_full():
         _, _, stats = layer(x)
         assert all(c == [40] for c in calls.values())  # uncertain tokens stay soft: all experts, densely
         assert stats.projected_cost == pytest.approx(sum(CFG.expert_costs))
-    with pytest.raises(ValueError, match="mode 'fast'"):
+    with pytest.raises(ValueError, match="RoutingPolicy.mode='fast' is invalid"):
         layer.meta.set_routing_mode("fast")
 
 
@@ -248,6 +253,37 @@ def test_set_routing_mode_on_a_model():
     set_routing_mode(model, "auto", uncertainty_threshold=0.5)
     assert [m[0].meta.routing_mode for m in [model]] == ["auto"]
     assert all(layer.meta.routing_mode == "auto" for layer in model)
+
+
+def test_routing_policy_sets_and_restores_every_module():
+    model = torch.nn.Sequential(make_layer(mode="hard"), make_layer(mode="hard"))
+    before = [layer.meta.policy for layer in model]
+    with pytest.raises(KeyError), routing_policy(model, mode="auto", uncertainty_threshold=0.4, dense_below=0):
+        assert {layer.meta.policy for layer in model} == {
+            RoutingPolicy(mode="auto", uncertainty_threshold=0.4, dense_below=0)}
+        raise KeyError("the block fails: the policy still comes back")
+    assert [layer.meta.policy for layer in model] == before
+    set_routing_policy(model, RoutingPolicy(mode="hard", full_tail=4, backend="torch"))
+    assert {layer.meta.policy for layer in model} == {RoutingPolicy(mode="hard", full_tail=4, backend="torch")}
+    with pytest.raises(ValueError, match="hard_top_k=4"):  # checked on every module before any changes
+        set_routing_policy(model, hard_top_k=4)
+    assert all(layer.meta.hard_top_k == 1 for layer in model)
+    with pytest.raises(ValueError, match="RoutingPolicy has no field"):
+        set_routing_policy(model, tail=3)
+
+
+def test_objective_weights_are_set_on_the_modules():
+    layer = make_layer(training=True)
+    assert layer.meta.objective_weights == ObjectiveWeights()
+    set_objective_weights(layer, sample_posterior=False)
+    x = torch.randn(2, 12, 64)
+    r = layer.meta.router(x, torch.arange(12))
+    weights, _, _ = layer.meta.route(x, torch.arange(12))
+    torch.testing.assert_close(weights, r.mean)  # soft training on the posterior mean, not a sample
+    set_objective_weights(layer, ObjectiveWeights(kl_weight=0.0))
+    assert layer.meta.objective_weights == ObjectiveWeights(kl_weight=0.0)
+    with pytest.raises(ValueError, match="ObjectiveWeights.cost_lambda=-1"):
+        set_objective_weights(layer, cost_lambda=-1)
 
 
 def test_routing_stats_format_and_aggregation():
@@ -275,7 +311,8 @@ def test_aux_loss_terms():
     base = make_layer(training=True)
     torch.manual_seed(0)
     kl_only = base(x)[1]
-    with_cost = MetaAttentionLayer(CFG.replace(cost_lambda=2.0, entropy_coeff=0.5)).train()
+    with_cost = MetaAttentionLayer(CFG).train()
+    set_objective_weights(with_cost, cost_lambda=2.0, entropy_coeff=0.5)
     with_cost.load_state_dict(base.state_dict())
     torch.manual_seed(0)
     _, aux, _ = with_cost(x)

@@ -162,13 +162,13 @@ def test_saved_routing_is_what_lm_eval_loads(lm_eval, folders, tmp_path):
 
     folder = tmp_path / "hard"
     shutil.copytree(folders["converted"], folder)
-    attention = set_saved_routing(folder, "hard", dense_below=0)
-    assert attention["hard_routing"] is True and attention["dense_below"] == 0
+    policy = set_saved_routing(folder, "hard", dense_below=0)
+    assert policy["mode"] == "hard" and policy["dense_below"] == 0
     lm = HFLM(pretrained=str(folder), trust_remote_code=True, dtype="float32", device="cpu", batch_size=4)
     meta = [m for m in lm.model.modules() if type(m).__name__ == "MetaAttention"]
-    assert meta and all(m.routing_mode == "hard" and m.cfg.dense_below == 0 for m in meta)
+    assert meta and all(m.routing_mode == "hard" and m.dense_below == 0 for m in meta)
     set_saved_routing(folder, "auto", uncertainty_threshold=0.5)
-    assert json.loads((folder / "config.json").read_text())["meta_attention"]["attention"]["dense_below"] == 0
+    assert json.loads((folder / "config.json").read_text())["meta_attention"]["policy"]["dense_below"] == 0
     with pytest.raises(ValueError, match="uncertainty_threshold"):
         set_saved_routing(folder, "auto")
     with pytest.raises(ValueError, match="forced full"):
@@ -183,11 +183,11 @@ def test_routing_for_eval_restores_the_model():
     modules = meta_attention_modules(model)
 
     def state():
-        return [(m.routing_mode, m.uncertainty_threshold, id(m.cfg), m.forced_expert) for m in modules]
+        return [(m.policy, id(m.cfg), m.forced_expert) for m in modules]
 
     before = state()
     with routing_for_eval(model, "full", dense_below=0):
-        assert all(m.forced_expert == m.full_index and m.cfg.dense_below == 0 for m in modules)
+        assert all(m.forced_expert == m.full_index and m.dense_below == 0 for m in modules)
     with routing_for_eval(model, "auto", uncertainty_threshold=0.3):
         assert all(m.routing_mode == "auto" and m.uncertainty_threshold == 0.3 for m in modules)
     assert state() == before

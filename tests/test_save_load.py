@@ -12,12 +12,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from arch_cases import all_cases
-from ma_convert import convert, force_expert
+from ma_convert import RoutingPolicy, convert, force_expert, set_routing_mode
 from ma_convert.adapters import adapter_for
 from ma_convert.convert import convert_config
 from ma_convert.core.controller import DirichletRouter
 from ma_convert.core.experts.linear import HedgehogFeatureMap
-from test_conversion import spread_routing
+from test_conversion import TOL, spread_routing
 
 CASES = all_cases()
 
@@ -56,7 +56,8 @@ def test_reload_with_ma_convert_is_identical(case, saved):
     config = json.loads((folder / "config.json").read_text())
     block = config["meta_attention"]
     assert config["model_type"] == f"ma_{block['base_model_type']}"
-    assert {"format_version", "converter_version", "base_model", "base_model_revision", "attention"} <= set(block)
+    expected = {"format_version", "converter_version", "base_model", "base_model_revision", "attention", "policy"}
+    assert expected <= set(block)
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
     reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert type(reloaded) is type(model)
@@ -89,6 +90,71 @@ def test_reload_as_remote_code_without_the_package(saved):
     run = subprocess.run([sys.executable, "-c", script, *folders], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(run.stdout.splitlines()) == len(folders)
+
+
+# What format 1 (ma-convert 0.2) saved besides today's config fields: the routing policy and the objective weights.
+FORMAT_1_EXTRAS = dict(
+    hard_routing=True, hard_top_k=1, gumbel_temp=1.0, uncertainty_threshold=None, uncertain_route="full", full_tail=16,
+    backend="auto", dense_below=0, sample_posterior=True, kl_weight=1.0, cost_lambda=0.0, entropy_coeff=0.0,
+)
+
+
+def save_as_format_1(folder):
+    """Rewrite a saved folder's config.json as format 1 wrote it: every field in `attention`, no `policy`."""
+    config = json.loads((folder / "config.json").read_text())
+    block = config["meta_attention"]
+    block["attention"] = {**block.pop("attention"), **FORMAT_1_EXTRAS, "format_version": 1}
+    block.pop("policy")
+    block["format_version"] = 1
+    assert len(block["attention"]) == 31 + 1  # the 31 fields of format 1, and its version
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_a_format_1_folder_loads_with_its_policy(case, tmp_path):
+    original = case.make("sdpa")
+    model = converted_and_saved(type("Case", (), {"make": lambda self, impl: original})(), tmp_path)
+    save_as_format_1(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    modules = [m for m in reloaded.modules() if type(m).__name__ == "MetaAttention"]
+    assert modules and {m.policy for m in modules} == {RoutingPolicy(mode="hard", full_tail=16, dense_below=0)}
+    ids = torch.randint(3, case.vocab, (2, 10), generator=torch.Generator().manual_seed(0))
+    set_routing_mode(model, "hard", full_tail=16)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+        with force_expert(reloaded, "full"):  # as test_conversion (Falcon multi-query differs by 2e-7 there too)
+            torch.testing.assert_close(reloaded(ids).logits, original(ids).logits, **TOL)
+    reloaded.save_pretrained(tmp_path / "again")  # saved again: today's format, the same policy
+    block = json.loads((tmp_path / "again" / "config.json").read_text())["meta_attention"]
+    assert block["format_version"] == 2 and block["attention"]["format_version"] == 2
+    assert "hard_routing" not in block["attention"] and block["policy"]["full_tail"] == 16
+
+
+def test_a_format_1_folder_loads_as_remote_code_without_the_package(tmp_path):
+    """The remote code an export carries migrates format 1 too (a folder whose code was upgraded)."""
+    case = next(c for c in CASES if c.name == "llama-gqa")
+    model = converted_and_saved(case, tmp_path)
+    save_as_format_1(tmp_path)
+    ids = torch.randint(3, case.vocab, (2, 10), generator=torch.Generator().manual_seed(0))
+    set_routing_mode(model, "hard", full_tail=16)
+    with torch.no_grad():
+        torch.save(model(ids).logits, tmp_path / "expected.pt")
+    torch.save(ids, tmp_path / "ids.pt")
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["ma_convert"] = None
+        import torch
+        from transformers import AutoModelForCausalLM
+        folder = sys.argv[1]
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        with torch.no_grad():
+            got = model(torch.load(folder + "/ids.pt")).logits
+        assert torch.equal(got, torch.load(folder + "/expected.pt"))
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_missing_weight_is_an_error(tmp_path):

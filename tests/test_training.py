@@ -47,7 +47,7 @@ def test_finetune_trains_only_routers_and_experts(source, tmp_path):
     assert len(results["history"]) == 6 and results["history"][-1]["hard"] == 1.0
     assert 0 < results["projected_cost"]["after"] <= 1.45
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
-    assert config["meta_attention"]["attention"]["hard_routing"] is True
+    assert config["meta_attention"]["policy"]["mode"] == "hard"
     assert any((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))
     assert (tmp_path / "run" / "model" / "recipe.yaml").exists()
     del fresh
@@ -72,7 +72,7 @@ def test_stopping_on_a_checkpoint_step_and_the_final_temperature(source, tmp_pat
     finetune(recipe(source, tmp_path / "run", temperature_start=2.0, temperature_end=0.5, final_full_tail=16), resume=True)
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert config["meta_attention"]["attention"]["temperature"] == pytest.approx(0.5)
-    assert config["meta_attention"]["attention"]["full_tail"] == 16  # the saved policy: generated tokens go full
+    assert config["meta_attention"]["policy"]["full_tail"] == 16  # the saved policy: generated tokens go full
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(source, tmp_path, monkeypatch):
@@ -151,6 +151,20 @@ def test_bad_recipes_name_the_problem(source, tmp_path):
         Recipe.from_dict({"model": {"meta_attention": {"window_sise": 8}}})
     with pytest.raises(ValueError, match="final_full_tail=-1"):
         Recipe.from_dict({"training": {"final_full_tail": -1}})
+    with pytest.raises(ValueError, match="training.gumbel_temp=0"):
+        Recipe.from_dict({"training": {"gumbel_temp": 0}})
+    with pytest.raises(ValueError, match="training.sample_posterior='no'"):
+        Recipe.from_dict({"training": {"sample_posterior": "no"}})
+    with pytest.raises(ValueError, match="training.entropy_coeff=inf"):
+        Recipe.from_dict({"training": {"entropy_coeff": float("inf")}})
+    with pytest.raises(ValueError, match=r"model.meta_attention: \['sample_posterior'\] .* set them in the training"):
+        Recipe.from_dict({"model": {"meta_attention": {"sample_posterior": False}}})
+    with pytest.raises(ValueError, match=r"model.meta_attention: \['dense_below'\] .* set them in model.policy"):
+        Recipe.from_dict({"model": {"meta_attention": {"dense_below": 0}}})
+    with pytest.raises(ValueError, match=r"model.policy: RoutingPolicy.full_tail=-1 is invalid"):
+        Recipe.from_dict({"model": {"policy": {"full_tail": -1}}})
+    with pytest.raises(ValueError, match=r"model.policy: RoutingPolicy has no field\(s\) \['tail'\]"):
+        Recipe.from_dict({"model": {"policy": {"tail": 1}}})
     with pytest.raises(ValueError, match="cost_target=1.5"):
         Recipe.from_dict({"training": {"cost_target": 1.5}})
     with pytest.raises(ValueError, match="cost_target_lr=0"):
@@ -383,3 +397,23 @@ def test_routing_schedule_without_accelerate():
                                             cost_lambda_start=0.05))
     assert budget.cost_weight(3, None) == 0.05 and budget.cost_weight(3, 0.2) == 0.2
     assert budget.dual_update(0.2, 0.5) == pytest.approx(0.3) and budget.dual_update(0.01, 0.1) == 0.0
+
+
+def test_the_recipe_sets_every_objective_weight(source, tmp_path):
+    """The routers' objective weights come from the recipe's training section, not from the model; the
+    model's policy from its model section."""
+    from ma_convert import ObjectiveWeights, RoutingPolicy
+    from ma_convert.core.control import meta_attention_modules
+    from ma_convert.training.loop import RouterFinetune
+
+    chosen = recipe(source, tmp_path / "run", kl_weight=0.5, entropy_coeff=0.1, gumbel_temp=0.7, sample_posterior=False)
+    chosen.model.policy = {"dense_below": 0, "full_tail": 2}  # the policy the model is converted with
+    run = RouterFinetune(chosen)
+    run.setup()
+    assert run._set_step(0)["cost_lambda"] == 0.0
+    expected = ObjectiveWeights(kl_weight=0.5, cost_lambda=0.0, entropy_coeff=0.1, gumbel_temp=0.7,
+                                sample_posterior=False)
+    modules = meta_attention_modules(run.inner)
+    assert {m.objective_weights for m in modules} == {expected}
+    assert {m.policy for m in modules} == {RoutingPolicy(dense_below=0, full_tail=2)}
+    run.accelerator.end_training()

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Optional
 
 import torch.nn as nn
 
-from ..core.config import MetaAttnConfig
+from ..core.config import FORMAT_VERSION, MetaAttnConfig
 
 
 class ArchitectureAdapter:
@@ -77,7 +77,8 @@ class ArchitectureAdapter:
         sinks_given = "sink_tokens" in overrides or settings.get("sink_tokens", defaults["sink_tokens"]) != defaults["sink_tokens"]
         if derived["full_window"] is not None and not sinks_given:
             settings["sink_tokens"] = 0  # see below: a sliding-window model's cache has no first keys
-        meta = MetaAttnConfig.from_dict({**settings, **derived})
+        # This version's fields: a former one (hard_routing, ...) is an error saying where it went.
+        meta = MetaAttnConfig.from_dict({**settings, **derived, "format_version": FORMAT_VERSION})
         if meta.n_experts != 3:  # converted models route among the three built-in experts
             raise ValueError(
                 f"MetaAttnConfig.expert_costs={meta.expert_costs} is invalid for a converted model: give the "

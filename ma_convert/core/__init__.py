@@ -2,7 +2,16 @@
 # ruff: noqa: F401  (re-exports)
 
 from .config import FORMAT_VERSION, MetaAttnConfig
-from .control import collect_aux_losses, force_expert, meta_attention_modules, routing_stats, set_routing_mode
+from .control import (
+    collect_aux_losses,
+    force_expert,
+    meta_attention_modules,
+    routing_policy,
+    routing_stats,
+    set_objective_weights,
+    set_routing_mode,
+    set_routing_policy,
+)
 from .controller import DirichletRouter, RouterOutput, SoftmaxRouter, position_feature
 from .experts import (
     AttentionExpert,
@@ -17,5 +26,6 @@ from .experts import (
 from .generic import MetaMultiheadAttention, patch_module
 from .layer import MetaAttentionLayer
 from .meta_attention import MetaAttention
-from .objective import cosine_ramp, dirichlet_kl, linear_ramp, prior_concentration, prior_mean
+from .objective import ObjectiveWeights, cosine_ramp, dirichlet_kl, linear_ramp, prior_concentration, prior_mean
+from .policy import RoutingPolicy, split_saved_block
 from .stats import RoutingStats

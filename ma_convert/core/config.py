@@ -1,4 +1,8 @@
-"""`MetaAttnConfig`: every knob of a Meta-Attention layer, validated on construction."""
+"""`MetaAttnConfig`: what a Meta-Attention checkpoint is (shape, experts, router), validated on construction.
+
+How a layer runs is its `RoutingPolicy` (core/policy.py); how it trains, its `ObjectiveWeights`
+(core/objective.py). Format 1 kept both among the config fields: `migrate_fields` reads it.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,65 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
-# Kernel backends: "auto" picks Triton on CUDA, torch elsewhere (the one list is the kernels').
-from ..kernels.backends import BACKEND_NAMES as BACKENDS
-
 # Bumped whenever a saved config could be read differently by an older version.
-FORMAT_VERSION = 1
+# 2: the routing policy and the objective weights left the config.
+FORMAT_VERSION = 2
 
 ROUTERS = ("bayesian", "softmax")
 PRIORS = ("compute", "uniform")
 FEATURE_MAPS = ("elu", "hedgehog")
-UNCERTAIN_ROUTES = ("full", "soft")
-ROUTING_MODES = ("soft", "hard", "auto")
+
+# Format 1's config fields that are now the routing policy's (hard_routing becomes its `mode`) ...
+V1_POLICY_FIELDS = ("hard_routing", "hard_top_k", "uncertainty_threshold", "uncertain_route", "full_tail", "backend",
+                    "dense_below")
+# ... and those that are now training's objective weights (dropped when an old config is read).
+V1_OBJECTIVE_FIELDS = ("kl_weight", "cost_lambda", "entropy_coeff", "gumbel_temp", "sample_posterior")
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def checker(obj: Any):
+    """`need(ok, name, allowed)`: raise ValueError naming `obj`'s class, field and value unless ok."""
+
+    def need(ok: bool, name: str, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"{type(obj).__name__}.{name}={getattr(obj, name)!r} is invalid: must be {allowed}")
+
+    return need
+
+
+def migrate_fields(data: dict) -> tuple[dict, dict]:
+    """A saved config mapping of any format -> (MetaAttnConfig fields, RoutingPolicy fields).
+
+    The one place old formats are read. Format 1 (or no format_version) kept the runtime policy and
+    the training weights among the config fields: the policy's move to the policy, with
+    hard_routing and uncertainty_threshold giving its mode as format 1's `routing_mode` did; the
+    training weights are dropped (the training recipe sets them now).
+    """
+    data = dict(data)
+    version = data.pop("format_version", 1)
+    if not is_int(version) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"MetaAttnConfig format_version={version!r} is newer than this ma_convert understands "
+            f"({FORMAT_VERSION}); upgrade ma-convert"
+        )
+    if version >= 2:
+        return data, {}
+    policy = {name: data.pop(name) for name in V1_POLICY_FIELDS if name in data}
+    for name in V1_OBJECTIVE_FIELDS:
+        data.pop(name, None)
+    if "hard_routing" in policy:
+        hard = policy.pop("hard_routing")
+        if not isinstance(hard, bool):
+            raise ValueError(f"MetaAttnConfig.hard_routing={hard!r} is invalid: must be True or False")
+        policy["mode"] = "soft" if not hard else ("hard" if policy.get("uncertainty_threshold") is None else "auto")
+    return data, policy
 
 
 @dataclass
@@ -25,12 +77,8 @@ class MetaAttnConfig:
     """Configuration of one Meta-Attention layer.
 
     The defaults are the three built-in experts ``[full, linear, local]`` with costs
-    ``[1.0, 0.15, 0.30]``, a Bayesian Dirichlet router and soft routing.
-
-    Routing mode is derived from two fields: ``hard_routing=False`` is *soft* (every
-    expert runs, outputs mixed); ``hard_routing=True`` is *hard*; with an
-    ``uncertainty_threshold`` as well it is *auto* (tokens more uncertain than the
-    threshold go to ``uncertain_route``). See :attr:`routing_mode`.
+    ``[1.0, 0.15, 0.30]`` and a Bayesian Dirichlet router. What a checkpoint is; how it routes
+    (soft, hard, auto, the kernel backend) is its `RoutingPolicy`.
     """
 
     # --- shape ---------------------------------------------------------------------------
@@ -57,38 +105,16 @@ class MetaAttnConfig:
     # decoding reads the window from the KV cache and the older keys through a state lagging W keys.
     linear_window: int = 0
     dropout: float = 0.0  # attention-probability dropout of the softmax experts, training only
-    backend: str = "auto"
-    # GPU fast path, hard routing: while the context (prompt and cache) is shorter than this, every
-    # token runs on the full expert, with no router: the original attention at its own speed, which
-    # gathering cannot beat there. None: the measured crossover (ma_convert.kernels.spec.DENSE_BELOW);
-    # 0: always route.
-    dense_below: Optional[int] = None
 
     # --- router --------------------------------------------------------------------------
     router: str = "bayesian"  # "bayesian" (Dirichlet posterior) or "softmax" (prior-free ablation)
     controller_hidden: int = 64
     temperature: float = 1.0
     concentration_eps: float = 1e-3  # floor on Dirichlet concentrations
-    sample_posterior: bool = True  # training: reparameterised Dirichlet samples instead of the mean
 
-    # --- objective -----------------------------------------------------------------------
+    # --- prior ---------------------------------------------------------------------------
     prior: str = "compute"  # Dir(beta0 * pi); "compute": pi proportional to 1 / cost
     beta0: float = 3.0  # total prior concentration; 3 with a uniform prior is the flat Dir(1,1,1)
-    kl_weight: float = 1.0
-    cost_lambda: float = 0.0
-    entropy_coeff: float = 0.0
-
-    # --- routing mode --------------------------------------------------------------------
-    hard_routing: bool = False
-    hard_top_k: int = 1
-    gumbel_temp: float = 1.0
-    uncertainty_threshold: Optional[float] = None
-    uncertain_route: str = "full"  # where tokens above the threshold go: "full" or "soft"
-    # Hard and auto routing at inference: the last `full_tail` tokens of every forward (the end of a
-    # prompt, and so every generated token) go to the full expert whatever the router says. Reading a
-    # fact back from far away happens there, and a learned router at a tight budget loses it
-    # (benchmarks/results/quality.md).
-    full_tail: int = 0
 
     def __post_init__(self) -> None:
         self.expert_costs = [float(c) for c in self.expert_costs]
@@ -107,26 +133,9 @@ class MetaAttnConfig:
     def d_head(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
-    @property
-    def routing_mode(self) -> str:
-        if not self.hard_routing:
-            return "soft"
-        return "hard" if self.uncertainty_threshold is None else "auto"
-
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(
-                    f"MetaAttnConfig.{name}={getattr(self, name)!r} is invalid: must be {allowed}"
-                )
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
+        need = checker(self)
         need(is_int(self.d_model) and self.d_model >= 1, "d_model", "an integer >= 1")
         need(is_int(self.n_heads) and self.n_heads >= 1, "n_heads", "an integer >= 1")
         need(
@@ -160,34 +169,12 @@ class MetaAttnConfig:
         need(is_int(self.linear_window) and self.linear_window >= 0, "linear_window", "an integer >= 0")
         need(not (self.linear_window and not self.causal), "linear_window", "0 for bidirectional attention (causal=False)")
         need(is_num(self.dropout) and 0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
-        need(self.backend in BACKENDS, "backend", f"one of {BACKENDS}")
-        need(self.dense_below is None or (is_int(self.dense_below) and self.dense_below >= 0), "dense_below",
-             "None or an int >= 0")
         need(self.router in ROUTERS, "router", f"one of {ROUTERS}")
-        need(is_int(self.full_tail) and self.full_tail >= 0, "full_tail", "an integer >= 0")
         need(is_int(self.controller_hidden) and self.controller_hidden >= 1, "controller_hidden", "an integer >= 1")
         need(is_num(self.temperature) and self.temperature > 0, "temperature", "a number > 0")
         need(is_num(self.concentration_eps) and self.concentration_eps > 0, "concentration_eps", "a number > 0")
-        need(isinstance(self.sample_posterior, bool), "sample_posterior", "True or False")
         need(self.prior in PRIORS, "prior", f"one of {PRIORS}")
         need(is_num(self.beta0) and self.beta0 > 0, "beta0", "a number > 0")
-        need(is_num(self.kl_weight) and self.kl_weight >= 0, "kl_weight", "a number >= 0")
-        need(is_num(self.cost_lambda) and self.cost_lambda >= 0, "cost_lambda", "a number >= 0")
-        need(is_num(self.entropy_coeff), "entropy_coeff", "a finite number")
-        need(isinstance(self.hard_routing, bool), "hard_routing", "True or False")
-        need(
-            is_int(self.hard_top_k) and 1 <= self.hard_top_k <= self.n_experts,
-            "hard_top_k",
-            f"an integer in [1, {self.n_experts}] (the number of experts)",
-        )
-        need(is_num(self.gumbel_temp) and self.gumbel_temp > 0, "gumbel_temp", "a number > 0")
-        need(
-            self.uncertainty_threshold is None
-            or (is_num(self.uncertainty_threshold) and 0.0 < self.uncertainty_threshold <= 1.0),
-            "uncertainty_threshold",
-            "None or a number in (0, 1]",
-        )
-        need(self.uncertain_route in UNCERTAIN_ROUTES, "uncertain_route", f"one of {UNCERTAIN_ROUTES}")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
@@ -197,17 +184,14 @@ class MetaAttnConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "MetaAttnConfig":
-        data = dict(data)
-        version = data.pop("format_version", FORMAT_VERSION)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(
-                f"MetaAttnConfig format_version={version!r} is newer than this ma_convert understands "
-                f"({FORMAT_VERSION}); upgrade ma-convert"
-            )
+        """The config of a saved mapping, of any format (format 1's policy fields are dropped: read
+        them with `core.policy.split_saved_block`)."""
+        data, _ = migrate_fields(data)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"MetaAttnConfig has no field(s) {unknown}; known fields: {sorted(known)}")
+            raise ValueError(f"MetaAttnConfig has no field(s) {unknown}{moved_hint(unknown)}; "
+                             f"known fields: {sorted(known)}")
         return cls(**data)
 
     def to_json(self) -> str:
@@ -259,3 +243,15 @@ class MetaAttnConfig:
 
 
 PRESETS = ("small", "base", "large", "gpt2", "llama_7b")
+
+
+def moved_hint(names) -> str:
+    """Where former config fields went, for an error about them ('' if none of `names` moved)."""
+    policy = [n for n in names if n in V1_POLICY_FIELDS]
+    objective = [n for n in names if n in V1_OBJECTIVE_FIELDS]
+    hints = []
+    if policy:
+        hints.append(f"{policy} moved to the routing policy (RoutingPolicy; hard_routing is its mode)")
+    if objective:
+        hints.append(f"{objective} moved to training (ObjectiveWeights; the recipe's training section)")
+    return f" ({'; '.join(hints)})" if hints else ""

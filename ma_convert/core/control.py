@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
 from .meta_attention import MetaAttention
+from .objective import ObjectiveWeights
+from .policy import RoutingPolicy
 from .stats import RoutingStats
 
 
@@ -57,14 +59,54 @@ def set_routing_mode(
     uncertainty_threshold: Optional[float] = None,
     uncertain_route: Optional[str] = None,
     full_tail: Optional[int] = None,
+    backend: Optional[str] = None,
 ) -> None:
-    """Switch every Meta-Attention module to "soft", "hard" or "auto" routing, without reloading.
+    """Switch every Meta-Attention module to "soft", "hard" or "auto" routing, without reloading; the
+    other `RoutingPolicy` settings given change too (None: kept; `set_routing_policy` sets any).
 
     `full_tail`: at inference, the last this-many tokens of every forward (so every generated token)
-    go to the full expert (`MetaAttnConfig.full_tail`)."""
-    for m in _require_modules(model):
-        m.set_routing_mode(mode, uncertainty_threshold=uncertainty_threshold, uncertain_route=uncertain_route,
-                           full_tail=full_tail)
+    go to the full expert (`RoutingPolicy.full_tail`)."""
+    given = dict(uncertainty_threshold=uncertainty_threshold, uncertain_route=uncertain_route, full_tail=full_tail,
+                 backend=backend)
+    set_routing_policy(model, mode=mode, **{k: v for k, v in given.items() if v is not None})
+
+
+def set_routing_policy(model: nn.Module, policy: Optional[RoutingPolicy] = None, **changes: Any) -> None:
+    """Give every Meta-Attention module `policy`, or change the named fields of each module's own
+    (``set_routing_policy(model, dense_below=0)``). Everything is checked before anything changes."""
+    modules = _require_modules(model)
+    if policy is not None and changes:
+        raise ValueError("give a RoutingPolicy or the fields to change, not both")
+    policies = [policy if policy is not None else m.policy.replace(**changes) for m in modules]
+    for m, p in zip(modules, policies):
+        m.check_policy(p)
+    for m, p in zip(modules, policies):
+        m.set_policy(p)
+
+
+@contextlib.contextmanager
+def routing_policy(model: nn.Module, policy: Optional[RoutingPolicy] = None, **changes: Any) -> Iterator[nn.Module]:
+    """Inside the block, route as `set_routing_policy(model, policy, **changes)` does; each module's
+    previous policy comes back on exit. ``with routing_policy(model, mode="auto", uncertainty_threshold=0.3):``"""
+    modules = _require_modules(model)
+    previous = [m.policy for m in modules]
+    set_routing_policy(model, policy, **changes)
+    try:
+        yield model
+    finally:
+        for m, p in zip(modules, previous):
+            m.set_policy(p)
+
+
+def set_objective_weights(model: nn.Module, weights: Optional[ObjectiveWeights] = None, **changes: Any) -> None:
+    """Give every Meta-Attention module in `model` (or a layer) the training objective's `weights`, or
+    change the named ones of each module's own (``set_objective_weights(model, cost_lambda=0.05)``)."""
+    modules = _require_modules(model)
+    if weights is not None and changes:
+        raise ValueError("give ObjectiveWeights or the weights to change, not both")
+    chosen = [weights if weights is not None else m.objective_weights.replace(**changes) for m in modules]
+    for m, w in zip(modules, chosen):
+        m.set_objective_weights(w)
 
 
 def routing_stats(model: nn.Module) -> list[RoutingStats]:

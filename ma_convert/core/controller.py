@@ -81,7 +81,6 @@ class DirichletRouter(_RouterMLP):
     def __init__(self, cfg: MetaAttnConfig, n_experts: int) -> None:
         super().__init__(cfg, n_experts)
         self.eps = cfg.concentration_eps
-        self.sample_posterior = cfg.sample_posterior
         self.cfg_costs, self.cfg_prior, self.cfg_beta0 = list(cfg.expert_costs), cfg.prior, cfg.beta0
         self.register_buffer(
             "prior", prior_concentration(cfg.expert_costs, cfg.prior, cfg.beta0), persistent=False
@@ -99,7 +98,7 @@ class DirichletRouter(_RouterMLP):
         return {"prior": prior, **self.output_values(self.initial_bias())}
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, sample: bool = False) -> RouterOutput:
-        """`sample`: draw the training weights from the posterior (if `sample_posterior`)."""
+        """`sample`: draw the training weights from the posterior (the module asks, per its `sample_posterior`)."""
         return self.from_raw(self.raw(x, positions), sample)
 
     def from_raw(self, raw: torch.Tensor, sample: bool = False) -> RouterOutput:
@@ -108,7 +107,7 @@ class DirichletRouter(_RouterMLP):
         gamma = F.softplus(raw) + self.eps
         total = gamma.sum(-1, keepdim=True)
         mean = gamma / total
-        if sample and self.sample_posterior:
+        if sample:
             # No argument validation: non-finite concentrations (a diverged router) give a NaN loss, which
             # training reports with its last good checkpoint, instead of a ValueError holding the whole tensor.
             sample = torch.distributions.Dirichlet(gamma, validate_args=False).rsample().clamp_min(1e-12)

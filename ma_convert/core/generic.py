@@ -18,6 +18,7 @@ from .config import MetaAttnConfig
 from .control import collect_aux_losses
 from .masks import merge_key_masks, read_attention_mask, read_padding_mask
 from .meta_attention import MetaAttention
+from .policy import RoutingPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class MetaMultiheadAttention(nn.Module):
     # kernel with our projection weights directly, which would bypass routing. False keeps it off.
     _qkv_same_embed_dim = False
 
-    def __init__(self, mha: nn.MultiheadAttention, cfg: MetaAttnConfig) -> None:
+    def __init__(self, mha: nn.MultiheadAttention, cfg: MetaAttnConfig, policy: Optional[RoutingPolicy] = None) -> None:
         super().__init__()
         if mha.bias_k is not None or mha.add_zero_attn:
             raise NotImplementedError("patching nn.MultiheadAttention with add_bias_kv or add_zero_attn is not supported")
@@ -55,7 +56,7 @@ class MetaMultiheadAttention(nn.Module):
             self.v_proj_weight = mha.v_proj_weight
         self.in_proj_bias = mha.in_proj_bias
         self.out_proj = mha.out_proj
-        self.meta = MetaAttention(cfg)
+        self.meta = MetaAttention(cfg, policy=policy)
 
     def _projection_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.packed_qkv:
@@ -114,13 +115,14 @@ def patch_module(
     target: Type[nn.Module] = nn.MultiheadAttention,
     cfg: Optional[MetaAttnConfig] = None,
     verbose: bool = False,
+    policy: Optional[RoutingPolicy] = None,
 ) -> list[str]:
     """Replace every `target` module inside `model` with Meta-Attention, in place.
 
     Only `nn.MultiheadAttention` (and subclasses) can be patched generically. The cross-attention
     of `nn.TransformerDecoderLayer` is left alone. Head counts and dropout come from each module;
-    the rest of `cfg` (experts, router, window, ...) applies to all. Returns the names of the
-    replaced modules.
+    the rest of `cfg` (experts, router, window, ...) applies to all, and `policy` (default: soft
+    routing) to each. Returns the names of the replaced modules.
     """
     if not (isinstance(target, type) and issubclass(target, nn.MultiheadAttention)):
         raise TypeError(f"patch_module can replace nn.MultiheadAttention modules only, not {target!r}")
@@ -140,7 +142,7 @@ def patch_module(
                     "%s: using the module's d_model=%d, n_heads=%d instead of the config's %d, %d",
                     name, child.embed_dim, child.num_heads, cfg.d_model, cfg.n_heads,
                 )
-            setattr(parent, child_name, MetaMultiheadAttention(child, layer_cfg))
+            setattr(parent, child_name, MetaMultiheadAttention(child, layer_cfg, policy))
             full_name = f"{name}.{child_name}" if name else child_name
             replaced.append(full_name)
             if verbose:

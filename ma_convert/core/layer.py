@@ -12,6 +12,7 @@ from .config import MetaAttnConfig
 from .experts.base import AttentionExpert, HeadAttentionExpert
 from .masks import read_attention_mask, read_padding_mask
 from .meta_attention import MetaAttention
+from .policy import RoutingPolicy
 from .stats import RoutingStats
 
 
@@ -48,9 +49,13 @@ class MetaAttentionLayer(nn.Module):
     states themselves and always see the whole sequence.
 
     Causal by default; ``MetaAttnConfig(causal=False)`` makes every expert bidirectional.
+    `policy`: how it routes (default: a soft `RoutingPolicy`).
     """
 
-    def __init__(self, cfg: MetaAttnConfig, experts: Optional[Sequence[AttentionExpert]] = None, bias: bool = True) -> None:
+    def __init__(
+        self, cfg: MetaAttnConfig, experts: Optional[Sequence[AttentionExpert]] = None, bias: bool = True,
+        policy: Optional[RoutingPolicy] = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         hq, hkv, dh = cfg.n_heads, cfg.kv_heads, cfg.d_head
@@ -58,7 +63,7 @@ class MetaAttentionLayer(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, hkv * dh, bias=bias)
         self.v_proj = nn.Linear(cfg.d_model, hkv * dh, bias=bias)
         self.o_proj = nn.Linear(hq * dh, cfg.d_model, bias=bias)
-        self.meta = MetaAttention(cfg, experts)
+        self.meta = MetaAttention(cfg, experts, policy)
 
     @property
     def experts(self) -> nn.ModuleList:

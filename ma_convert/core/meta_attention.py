@@ -5,7 +5,8 @@ This is the part every Meta-Attention module shares: the standalone layer, the g
 hand the heads here. It routes each query token, runs the experts, mixes or scatters their outputs,
 and records the auxiliary loss and `RoutingStats` of the last forward.
 
-Routing modes (``routing_mode``, settable at any time):
+Routing modes (the `RoutingPolicy`'s ``mode``, settable at any time with `set_routing_mode` or
+`set_policy`; the module keeps the policy as plain attributes, read on every call):
 
 - ``soft``: every expert runs on every token; outputs are mixed with the routing weights
   (a Dirichlet sample in training, the posterior mean at inference).
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from ..kernels.backends import check_backend, resolve_backend
 from ..kernels.dense import dense_causal_attention
 from ..kernels.spec import DENSE_BELOW, RoutedSpec
-from .config import ROUTING_MODES, UNCERTAIN_ROUTES, MetaAttnConfig
+from .config import MetaAttnConfig
 from .controller import DirichletRouter, RouterOutput, build_router
 from .cost import token_costs
 from .dispatch import gather_bias_rows, gather_queries, group_tokens, scatter_weighted
@@ -38,7 +39,8 @@ from .experts.hybrid import HybridAttention
 from .experts.linear import LinearAttention, feature_weight
 from .experts.local import LocalAttention
 from .initial import InitialValues
-from .objective import dirichlet_kl, expected_cost, routing_entropy
+from .objective import ObjectiveWeights, dirichlet_kl, expected_cost, routing_entropy
+from .policy import RoutingPolicy
 from .stats import RoutingStats
 
 
@@ -154,7 +156,10 @@ class _Decision:
 class MetaAttention(InitialValues, nn.Module):
     """Routes each query token among attention experts that share one set of projected heads."""
 
-    def __init__(self, cfg: MetaAttnConfig, experts: Optional[Sequence[AttentionExpert]] = None) -> None:
+    def __init__(
+        self, cfg: MetaAttnConfig, experts: Optional[Sequence[AttentionExpert]] = None,
+        policy: Optional[RoutingPolicy] = None,
+    ) -> None:
         super().__init__()
         if experts is None:
             experts = [build_expert(name, cfg) for name in default_experts(cfg)]
@@ -163,7 +168,6 @@ class MetaAttention(InitialValues, nn.Module):
                 f"MetaAttnConfig.expert_costs has {cfg.n_experts} entries but {len(experts)} experts were "
                 f"given; give one cost per expert"
             )
-        check_backend(cfg.backend)  # a requested kernel library that is missing fails here, early
         self.cfg = cfg
         self.experts = nn.ModuleList(experts)
         self.router = build_router(cfg, len(experts))
@@ -175,16 +179,12 @@ class MetaAttention(InitialValues, nn.Module):
         self.kernel_index = next((i for i, e in enumerate(experts) if isinstance(e, LinearAttention)), None)
         # Custom experts map hidden states and need routing weights even when every token goes to one expert.
         self._head_experts_only = all(isinstance(e, HeadAttentionExpert) for e in experts)
-        self.routing_mode = cfg.routing_mode
-        self.hard_top_k = cfg.hard_top_k
-        self.gumbel_temp = cfg.gumbel_temp
-        self.uncertainty_threshold = cfg.uncertainty_threshold
-        self.uncertain_route = cfg.uncertain_route
-        self.full_tail = cfg.full_tail
+        # The policy as plain attributes (routing_mode, hard_top_k, ...): the hot path reads them.
+        self.set_policy(RoutingPolicy() if policy is None else policy)
         # An expert index for every token, or a (B|1, T) LongTensor of per-token indices.
         self.forced_expert: Optional[int | torch.Tensor] = None
         # Objective weights live on the module so training schedules can move them.
-        self.kl_weight, self.cost_lambda, self.entropy_coeff = cfg.kl_weight, cfg.cost_lambda, cfg.entropy_coeff
+        self.set_objective_weights(ObjectiveWeights())
         # What the cost term charges: the experts' fixed costs ("projected"), or the work each does at
         # the token's position over full attention's at this length ("real", `cost.token_costs`).
         self.cost_unit = "projected"
@@ -261,6 +261,29 @@ class MetaAttention(InitialValues, nn.Module):
             return names.index(expert)
         raise ValueError(f"unknown expert {expert!r}; this layer's experts are {names} (or their indices)")
 
+    @property
+    def policy(self) -> RoutingPolicy:
+        """The routing policy this module runs with now."""
+        return RoutingPolicy(
+            mode=self.routing_mode, uncertainty_threshold=self.uncertainty_threshold,
+            uncertain_route=self.uncertain_route, full_tail=self.full_tail, hard_top_k=self.hard_top_k,
+            backend=self.backend, dense_below=self.dense_below,
+        )
+
+    def check_policy(self, policy: RoutingPolicy) -> None:
+        """What a policy must satisfy on this module beyond its own validation."""
+        n = len(self.experts)
+        if policy.hard_top_k > n:
+            raise ValueError(f"RoutingPolicy.hard_top_k={policy.hard_top_k!r} is invalid: must be an integer in "
+                             f"[1, {n}] (the number of experts)")
+        check_backend(policy.backend)  # a requested kernel library that is missing fails here, early
+
+    def set_policy(self, policy: RoutingPolicy) -> None:
+        self.check_policy(policy)
+        self.routing_mode, self.uncertainty_threshold = policy.mode, policy.uncertainty_threshold
+        self.uncertain_route, self.full_tail = policy.uncertain_route, policy.full_tail
+        self.hard_top_k, self.backend, self.dense_below = policy.hard_top_k, policy.backend, policy.dense_below
+
     def set_routing_mode(
         self,
         mode: str,
@@ -268,24 +291,25 @@ class MetaAttention(InitialValues, nn.Module):
         uncertainty_threshold: Optional[float] = None,
         uncertain_route: Optional[str] = None,
         full_tail: Optional[int] = None,
+        backend: Optional[str] = None,
     ) -> None:
-        if mode not in ROUTING_MODES:
-            raise ValueError(f"routing mode {mode!r} is invalid: must be one of {ROUTING_MODES}")
-        if uncertainty_threshold is not None:
-            if not 0.0 < uncertainty_threshold <= 1.0:
-                raise ValueError(f"uncertainty_threshold={uncertainty_threshold!r} is invalid: must be in (0, 1]")
-            self.uncertainty_threshold = float(uncertainty_threshold)
-        if uncertain_route is not None:
-            if uncertain_route not in UNCERTAIN_ROUTES:
-                raise ValueError(f"uncertain_route={uncertain_route!r} is invalid: must be one of {UNCERTAIN_ROUTES}")
-            self.uncertain_route = uncertain_route
-        if full_tail is not None and not (isinstance(full_tail, int) and not isinstance(full_tail, bool) and full_tail >= 0):
-            raise ValueError(f"full_tail={full_tail!r} is invalid: must be an integer >= 0")
-        if mode == "auto" and self.uncertainty_threshold is None:
-            raise ValueError("routing mode 'auto' needs an uncertainty_threshold in (0, 1]")
-        if full_tail is not None:
-            self.full_tail = full_tail
-        self.routing_mode = mode
+        """Switch to "soft", "hard" or "auto" routing; the other settings given change too (None: kept)."""
+        given = dict(uncertainty_threshold=uncertainty_threshold, uncertain_route=uncertain_route,
+                     full_tail=full_tail, backend=backend)
+        self.set_policy(self.policy.replace(mode=mode, **{k: v for k, v in given.items() if v is not None}))
+
+    @property
+    def objective_weights(self) -> ObjectiveWeights:
+        """The weights of this module's training objective now."""
+        return ObjectiveWeights(
+            kl_weight=self.kl_weight, cost_lambda=self.cost_lambda, entropy_coeff=self.entropy_coeff,
+            gumbel_temp=self.gumbel_temp, sample_posterior=self.sample_posterior,
+        )
+
+    def set_objective_weights(self, weights: ObjectiveWeights) -> None:
+        self.kl_weight, self.cost_lambda = weights.kl_weight, weights.cost_lambda
+        self.entropy_coeff, self.gumbel_temp = weights.entropy_coeff, weights.gumbel_temp
+        self.sample_posterior = weights.sample_posterior
 
     def routed_spec(self) -> RoutedSpec:
         """The experts as the kernels see them (built once; parameters are shared, not copied)."""
@@ -331,7 +355,7 @@ class MetaAttention(InitialValues, nn.Module):
                 raise ValueError(f"forced routes cover {forced.shape[-1]} tokens but the input has {t}")
             onehot = F.one_hot(forced.expand(b, t), k).float()
             return onehot, onehot.bool(), None
-        r = self.router(x, positions, sample=self.training and self.routing_mode == "soft")
+        r = self.router(x, positions, sample=self.training and self.routing_mode == "soft" and self.sample_posterior)
         top = r.mean.topk(self.hard_top_k, dim=-1).indices
         chosen = torch.zeros_like(r.mean, dtype=torch.bool).scatter_(-1, top, True)
         if self.routing_mode == "soft":
@@ -537,7 +561,7 @@ class MetaAttention(InitialValues, nn.Module):
         """The kernel backend that serves this call, or None for the torch path."""
         if not q.is_cuda or not self._one_expert_per_token():
             return None
-        backend = resolve_backend(self.cfg.backend, q.device)
+        backend = resolve_backend(self.backend, q.device)
         if backend in ("torch", "sdpa"):
             return None
         try:  # absolute: a remote-code copy of this file runs without the package, on the torch path
@@ -591,7 +615,7 @@ class MetaAttention(InitialValues, nn.Module):
             return False
         if not self.training and self.routing_mode != "soft" and self.full_tail >= q.shape[2]:
             return True  # the whole call is the full tail (a decode step, with full_tail > 0)
-        if n_keys >= dense_below(self.cfg):
+        if n_keys >= dense_below_keys(self.dense_below):
             return False
         return self._kernels(q, causal, key_mask, attn_bias) is not None
 
@@ -653,8 +677,8 @@ class MetaAttention(InitialValues, nn.Module):
         """The full expert on every token: SDPA, or the dense kernel of a flash_attn / xformers backend."""
         full = self._expert_list[self.full_index]
         plain = q.is_cuda and causal and key_mask is None and attn_bias is None and q.shape[2] == k.shape[2] > 1
-        if plain and self.cfg.backend in ("flash_attn", "xformers") and not self.training:
-            return dense_causal_attention(q, k, v, scale=scale, backend=self.cfg.backend, window=full.window)
+        if plain and self.backend in ("flash_attn", "xformers") and not self.training:
+            return dense_causal_attention(q, k, v, scale=scale, backend=self.backend, window=full.window)
         return full.attend(q, k, v, None, scale=scale, causal=causal, key_mask=key_mask, attn_bias=attn_bias)
 
     def _advance_eagerly(self, cache: CacheInputs, k, v, key_mask, t: int) -> None:
@@ -666,6 +690,7 @@ class MetaAttention(InitialValues, nn.Module):
         return f"experts={self.expert_names}, costs={self.cfg.expert_costs}, mode={self.routing_mode}"
 
 
-def dense_below(cfg: MetaAttnConfig) -> int:
-    """Contexts shorter than this run all-full on the fast path (`dense_below`, else the measured default)."""
-    return DENSE_BELOW if cfg.dense_below is None else cfg.dense_below
+def dense_below_keys(dense_below: Optional[int]) -> int:
+    """Contexts shorter than this run all-full on the fast path (the policy's `dense_below`, else the
+    measured default)."""
+    return DENSE_BELOW if dense_below is None else dense_below

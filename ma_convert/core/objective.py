@@ -8,9 +8,43 @@ task loss pays for exact attention.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
 import torch
+
+from .config import checker, is_num
+
+
+@dataclass(frozen=True)
+class ObjectiveWeights:
+    """How a Meta-Attention module's training objective weighs its terms (not saved with a model:
+    the training recipe sets them, `set_objective_weights` applies them)."""
+
+    kl_weight: float = 1.0  # the ELBO's KL to the compute-aware prior
+    cost_lambda: float = 0.0  # x expected cost per token
+    entropy_coeff: float = 0.0  # - x routing entropy per token
+    gumbel_temp: float = 1.0  # straight-through Gumbel top-k under hard routing in training
+    sample_posterior: bool = True  # soft training: reparameterised Dirichlet samples instead of the mean
+
+    def __post_init__(self) -> None:
+        need = checker(self)
+        need(is_num(self.kl_weight) and self.kl_weight >= 0, "kl_weight", "a number >= 0")
+        need(is_num(self.cost_lambda) and self.cost_lambda >= 0, "cost_lambda", "a number >= 0")
+        need(is_num(self.entropy_coeff), "entropy_coeff", "a finite number")
+        need(is_num(self.gumbel_temp) and self.gumbel_temp > 0, "gumbel_temp", "a number > 0")
+        need(isinstance(self.sample_posterior, bool), "sample_posterior", "True or False")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes) -> "ObjectiveWeights":
+        """A validated copy with some weights changed (unknown names are errors)."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"ObjectiveWeights has no field(s) {unknown}; known fields: {sorted(known)}")
+        return ObjectiveWeights(**{**self.to_dict(), **changes})
 
 
 def prior_mean(costs: Sequence[float] | torch.Tensor, kind: str = "compute") -> torch.Tensor:

@@ -49,10 +49,11 @@ def set_saved_routing(
 ) -> dict:
     """Set the routing mode a converted folder loads with ("soft", "hard" or "auto", the last with an
     `uncertainty_threshold`), and optionally its `dense_below` (0: route short prompts on the GPU
-    fast path too; None: the default). Rewrites ``config.json`` in place; returns the new
-    ``meta_attention.attention`` mapping (validated as a `MetaAttnConfig` before anything is written).
+    fast path too; None: the default). Rewrites ``config.json`` in place (an older format is
+    migrated); returns the new ``meta_attention.policy`` mapping (validated before anything is written).
     """
-    from ..core.config import MetaAttnConfig
+    from ..core.policy import split_saved_block
+    from ..modeling.base import current_block
 
     if routing not in ("soft", "hard", "auto"):
         raise ValueError(f"routing={routing!r} is invalid: a saved folder routes 'soft', 'hard' or 'auto' "
@@ -64,13 +65,27 @@ def set_saved_routing(
     block = config.get("meta_attention")
     if not isinstance(block, dict) or not isinstance(block.get("attention"), dict):
         raise ValueError(f"{path} has no meta_attention block: {folder} is not a converted model")
-    attention = dict(block["attention"], hard_routing=routing != "soft", uncertainty_threshold=uncertainty_threshold)
+    cfg, policy = split_saved_block(block)
+    changes = dict(mode=routing, uncertainty_threshold=uncertainty_threshold)
     if dense_below != "keep":
-        attention["dense_below"] = dense_below
-    MetaAttnConfig.from_dict(attention)  # a bad value fails here, before the file changes
-    config["meta_attention"] = dict(block, attention=attention)
+        changes["dense_below"] = dense_below
+    policy = policy.replace(**changes)  # a bad value fails here, before the file changes
+    config["meta_attention"] = current_block(block, cfg, policy)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return attention
+    return policy.to_dict()
+
+
+def eval_policy_changes(routing: Optional[str], uncertainty_threshold: Optional[float],
+                        dense_below: Optional[int] | str) -> dict:
+    """The `RoutingPolicy` fields `routing_for_eval` changes (a threshold not given is kept)."""
+    changes = {}
+    if routing in ("soft", "hard", "auto"):
+        changes["mode"] = routing
+        if uncertainty_threshold is not None:
+            changes["uncertainty_threshold"] = uncertainty_threshold
+    if dense_below != "keep":
+        changes["dense_below"] = dense_below
+    return changes
 
 
 @contextlib.contextmanager
@@ -82,28 +97,18 @@ def routing_for_eval(
     asked: None keeps its mode, "full" forces every token to the full expert (the original
     model), "soft"/"hard"/"auto" switch the mode; `dense_below` overrides the GPU fast path's
     short-prompt threshold. Everything is restored on exit."""
-    from ..core.control import force_expert, meta_attention_modules, set_routing_mode
+    from ..core.control import force_expert, meta_attention_modules, routing_policy
 
     if routing is not None and routing not in ROUTINGS:
         raise ValueError(f"routing={routing!r} is invalid: must be None or one of {ROUTINGS}")
-    modules = meta_attention_modules(model)
-    if not modules:
+    if not meta_attention_modules(model):
         raise ValueError(
             f"{type(model).__name__} has no ma_convert Meta-Attention module (a model loaded as remote code "
             f"without ma_convert cannot be switched; pass the folder instead)"
         )
-    saved = [(m.routing_mode, m.uncertainty_threshold, m.uncertain_route, m.cfg) for m in modules]
-    try:
-        if dense_below != "keep":
-            for m in modules:
-                m.cfg = m.cfg.replace(dense_below=dense_below)
-        if routing in ("soft", "hard", "auto"):
-            set_routing_mode(model, routing, uncertainty_threshold=uncertainty_threshold)
+    with routing_policy(model, **eval_policy_changes(routing, uncertainty_threshold, dense_below)):
         with force_expert(model, "full") if routing == "full" else contextlib.nullcontext():
             yield model
-    finally:
-        for m, (mode, threshold, route, cfg) in zip(modules, saved):
-            m.routing_mode, m.uncertainty_threshold, m.uncertain_route, m.cfg = mode, threshold, route, cfg
 
 
 def evaluate(

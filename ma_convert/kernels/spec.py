@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 NO_WINDOW = 1 << 30  # the "window" of an expert that sees every earlier key
-# Contexts shorter than this run all-full on the fast path (MetaAttnConfig.dense_below overrides): on
+# Contexts shorter than this run all-full on the fast path (RoutingPolicy.dense_below overrides): on
 # an H100 gathering loses below ~8k tokens (benchmarks/results/attention_*.md).
 DENSE_BELOW = 8192
 

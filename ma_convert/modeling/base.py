@@ -4,7 +4,8 @@ A converted model is the original model class with three changes, made in place 
 original parameter keeps its name and its tensor:
 
 - the config becomes ``Ma<Arch>Config`` (``model_type`` ``ma_<arch>``) with a ``meta_attention``
-  block: format version, converter version, base model, and the `MetaAttnConfig`;
+  block: format version, converter version, base model, the `MetaAttnConfig` (``attention``) and
+  the default `RoutingPolicy` (``policy``), which every module takes on load;
 - each attention module becomes the architecture's routed subclass, with a ``meta`` submodule
   (router + experts);
 - the inner model becomes a subclass whose ``_init_weights`` knows the new parameters:
@@ -25,14 +26,17 @@ import torch.nn as nn
 from ..core.config import FORMAT_VERSION, MetaAttnConfig
 from ..core.initial import InitialValues, tensor_named
 from ..core.meta_attention import MetaAttention
+from ..core.policy import RoutingPolicy, split_saved_block
 from .attention import cache_argument
 
 # The format of the config's `meta_attention` block (the MetaAttnConfig inside has its own).
-BLOCK_FORMAT_VERSION = 1
+# 2: the routing policy beside the config, as `policy`.
+BLOCK_FORMAT_VERSION = 2
 CONVERTER_VERSION = "0.2.0"  # kept in step with ma_convert.version by a test
 
 
-def meta_attention_block(cfg: MetaAttnConfig, base_model: Optional[str], base_revision: Optional[str], base_type: str) -> dict:
+def meta_attention_block(cfg: MetaAttnConfig, base_model: Optional[str], base_revision: Optional[str], base_type: str,
+                         policy: Optional[RoutingPolicy] = None) -> dict:
     return {
         "format_version": BLOCK_FORMAT_VERSION,
         "converter_version": CONVERTER_VERSION,
@@ -40,11 +44,18 @@ def meta_attention_block(cfg: MetaAttnConfig, base_model: Optional[str], base_re
         "base_model_revision": base_revision,
         "base_model_type": base_type,
         "attention": cfg.to_dict(),
+        "policy": (policy or RoutingPolicy()).to_dict(),
     }
 
 
-def read_meta_attention_block(config) -> MetaAttnConfig:
-    """The MetaAttnConfig of a converted model's config, checked for a format we can read."""
+def current_block(block: dict, cfg: MetaAttnConfig, policy: RoutingPolicy) -> dict:
+    """`block` in this version's format: the config and the policy as read, the rest kept."""
+    return {**block, "format_version": BLOCK_FORMAT_VERSION, "attention": cfg.to_dict(), "policy": policy.to_dict()}
+
+
+def read_meta_attention_block(config) -> tuple[MetaAttnConfig, RoutingPolicy]:
+    """The MetaAttnConfig and default RoutingPolicy of a converted model's config, checked for a
+    format we can read (older formats are migrated)."""
     block = getattr(config, "meta_attention", None)
     if not isinstance(block, dict) or "attention" not in block:
         raise ValueError(
@@ -56,7 +67,7 @@ def read_meta_attention_block(config) -> MetaAttnConfig:
             f"this checkpoint's meta_attention format_version={version!r} is newer than this ma_convert "
             f"understands ({BLOCK_FORMAT_VERSION}, MetaAttnConfig {FORMAT_VERSION}); upgrade ma-convert"
         )
-    return MetaAttnConfig.from_dict(block["attention"])
+    return split_saved_block(block)
 
 
 def _fill(tensor: torch.Tensor, value: torch.Tensor) -> None:
@@ -96,7 +107,10 @@ class MetaCausalLMMixin(MetaInitMixin):
 
     def __init__(self, config, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
-        install_meta_attention(self, read_meta_attention_block(config), type(self).adapter, type(self).inner_class)
+        cfg, policy = read_meta_attention_block(config)
+        # An older format is rewritten as read, so that saving writes this version's.
+        config.meta_attention = current_block(config.meta_attention, cfg, policy)
+        install_meta_attention(self, cfg, type(self).adapter, type(self).inner_class, policy)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -206,9 +220,10 @@ def _check_inputs(model, args, kwargs) -> None:
             raise ValueError(f"token id {high if high >= vocab else low} is outside the vocabulary (0..{vocab - 1})")
 
 
-def install_meta_attention(model: nn.Module, cfg: MetaAttnConfig, adapter, inner_class: type) -> None:
+def install_meta_attention(model: nn.Module, cfg: MetaAttnConfig, adapter, inner_class: type,
+                           policy: Optional[RoutingPolicy] = None) -> None:
     """Swap the inner model's and the attention modules' classes and give each attention a router
-    and experts, in place; parameters are created on the attention's device and dtype."""
+    and experts routing by `policy`, in place; parameters are created on the attention's device and dtype."""
     model.ma_max_positions = cfg.max_positions
     if not getattr(model, "_ma_input_hook", None):
         model._ma_input_hook = model.register_forward_pre_hook(_check_inputs, with_kwargs=True)
@@ -219,4 +234,5 @@ def install_meta_attention(model: nn.Module, cfg: MetaAttnConfig, adapter, inner
         attention.__class__ = adapter.attention_class
         # A new module starts in training mode; it takes the model's, so a converted eval model routes
         # as at inference (no Gumbel sampling) without another .eval().
-        attention.meta = MetaAttention(cfg).to(device=reference.device, dtype=reference.dtype).train(attention.training)
+        meta = MetaAttention(cfg, policy=policy)
+        attention.meta = meta.to(device=reference.device, dtype=reference.dtype).train(attention.training)

@@ -39,7 +39,7 @@ from .objective import (
     layerwise_transfer_loss,
     lm_loss,
     ramp,
-    set_objective_weights,
+    set_step_weights,
     set_transfer_capture,
     teacher_logits,
     transfer_loss,
@@ -104,7 +104,7 @@ def load_model(recipe: Recipe, source: ModelSource):
     if source.is_converted:
         return AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype)
     model = load_original(source, dtype=dtype)
-    convert(model, base_model=source.name, **recipe.model.meta_attention)
+    convert(model, base_model=source.name, policy=recipe.model.routing_policy(), **recipe.model.meta_attention)
     return model
 
 
@@ -509,8 +509,8 @@ class RouterFinetune:
         state.hard = s.hard(step, state.hard)
         set_routing_mode(inner, "hard" if state.hard else "soft")
         cost_weight, temperature = s.cost_weight(step, state.cost_lambda), s.temperature(step)
-        set_objective_weights(inner, kl_weight=self.t.kl_weight, cost_lambda=cost_weight, temperature=temperature,
-                              cost_unit=self.t.cost_unit)
+        set_step_weights(inner, self.t.objective_weights(cost_weight), temperature=temperature,
+                         cost_unit=self.t.cost_unit)
         set_transfer_capture(inner, s.transfer(step) or s.pretrain(step), heads=s.pretrain(step))
         return {"cost_lambda": cost_weight, "temperature": temperature}
 
@@ -666,20 +666,15 @@ class RouterFinetune:
 
 
 def export(model, tokenizer, folder: Path, recipe: Recipe, results: dict, source: ModelSource) -> Path:
-    """Save the finetuned model (its config records the trained routing mode and temperature),
-    its tokenizer, the recipe and, where the card module is available, the model card."""
+    """Save the finetuned model (its config records the trained router temperature, and its routing
+    policy as the one it loads with), its tokenizer, the recipe and, where the card module is
+    available, the model card."""
     from ..hub import atomic_directory
 
-    block = dict(model.config.meta_attention)
-    attention = dict(block["attention"])
     module = meta_attention_modules(model)[0]
-    attention.update(
-        hard_routing=module.routing_mode != "soft",
-        uncertainty_threshold=module.uncertainty_threshold if module.routing_mode == "auto" else None,
-        temperature=float(module.router.temperature),
-        full_tail=module.full_tail,
-    )
-    block["attention"] = attention
+    block = dict(model.config.meta_attention)
+    block["attention"] = dict(block["attention"], temperature=float(module.router.temperature))
+    block["policy"] = module.policy.to_dict()
     model.config.meta_attention = block
     with atomic_directory(folder, overwrite=True) as tmp:
         model.save_pretrained(tmp)

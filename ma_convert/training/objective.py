@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..core.control import collect_aux_losses, force_expert, meta_attention_modules
+from ..core.control import collect_aux_losses, force_expert, meta_attention_modules, set_objective_weights
 from ..core.experts import HeadAttentionExpert
-from ..core.objective import cosine_ramp, linear_ramp
+from ..core.objective import ObjectiveWeights, cosine_ramp, linear_ramp
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -100,11 +100,9 @@ def ramp(kind: str, step: int, total: int, start: float, end: float) -> float:
     return (cosine_ramp if kind == "cosine" else linear_ramp)(step, total, start, end)
 
 
-def set_objective_weights(model, *, kl_weight: float, cost_lambda: float, temperature: float,
-                          cost_unit: str = "projected") -> None:
-    """Apply the scheduled weights, the cost unit and router temperature to every Meta-Attention module."""
+def set_step_weights(model, weights: ObjectiveWeights, *, temperature: float, cost_unit: str = "projected") -> None:
+    """Apply a step's objective weights, the cost unit and the router temperature to every Meta-Attention module."""
+    set_objective_weights(model, weights)
     for module in meta_attention_modules(model):
-        module.kl_weight = kl_weight
-        module.cost_lambda = cost_lambda
         module.cost_unit = cost_unit
         module.router.temperature = temperature

@@ -33,13 +33,42 @@ class ModelConfig:
     source: str = "smollm2"  # a converted folder, an original folder / Hub id / .gguf, or "smollm2" (the embedded GGUF)
     dtype: str = "float32"
     meta_attention: dict = field(default_factory=dict)  # MetaAttnConfig fields, used when `source` is not converted yet
+    # RoutingPolicy fields, likewise (e.g. dense_below, backend); training sets the mode, the export
+    # training.final_routing and final_full_tail.
+    policy: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from ..core.config import MetaAttnConfig
 
         _need(self.dtype in ("float32", "bfloat16", "float16"), "model", "dtype", self.dtype, "float32, bfloat16 or float16")
         _need(isinstance(self.meta_attention, dict), "model", "meta_attention", self.meta_attention, "a mapping")
+        _need(isinstance(self.policy, dict), "model", "policy", self.policy, "a mapping")
+        _reject_moved(self.meta_attention)
         _reject_unknown("recipe model.meta_attention", self.meta_attention, {f.name for f in dataclasses.fields(MetaAttnConfig)})
+        try:
+            self.routing_policy()
+        except ValueError as error:
+            raise ValueError(f"recipe model.policy: {error}") from None
+
+    def routing_policy(self):
+        """The `RoutingPolicy` a model converted here starts with."""
+        from ..core.policy import RoutingPolicy
+
+        return RoutingPolicy.from_dict(self.policy)
+
+
+def _reject_moved(meta_attention: dict) -> None:
+    """Former config fields (format 1) in model.meta_attention: say where the recipe sets them now."""
+    from ..core.config import V1_OBJECTIVE_FIELDS, V1_POLICY_FIELDS
+
+    policy = sorted(k for k in meta_attention if k in V1_POLICY_FIELDS)
+    if policy:
+        raise ValueError(f"recipe model.meta_attention: {policy} are routing policy settings now: set them in "
+                         "model.policy (hard_routing: training.final_routing)")
+    objective = sorted(k for k in meta_attention if k in V1_OBJECTIVE_FIELDS)
+    if objective:
+        raise ValueError(f"recipe model.meta_attention: {objective} are objective weights now: set them in the "
+                         "training section (cost_lambda: cost_lambda_start and cost_lambda_end)")
 
 
 @dataclass
@@ -54,6 +83,9 @@ class TrainingConfig:
     objective: str = "distill"  # "distill" (match the same model forced to full) or "lm" (next-token loss)
     distill_temperature: float = 1.0
     kl_weight: float = 1.0  # the ELBO's KL to the compute-aware prior
+    entropy_coeff: float = 0.0  # minus this x the routing entropy per token (> 0 keeps routing spread)
+    gumbel_temp: float = 1.0  # straight-through Gumbel top-k temperature, once routing is hard
+    sample_posterior: bool = True  # soft routing: train on Dirichlet samples (false: on the posterior mean)
     cost_lambda_start: float = 0.0
     cost_lambda_end: float = 0.05
     cost_ramp_steps: int = 50
@@ -103,7 +135,8 @@ class TrainingConfig:
         for name in ("warmup_steps", "cost_ramp_steps", "transfer_steps", "expert_pretrain_steps", "hard_at_step", "seed"):
             value = getattr(self, name)
             _need(_is_int(value) and value >= 0, w, name, value, "an integer >= 0")
-        for name in ("lr", "distill_temperature", "temperature_start", "temperature_end", "max_grad_norm"):
+        for name in ("lr", "distill_temperature", "temperature_start", "temperature_end", "max_grad_norm",
+                     "gumbel_temp"):
             value = getattr(self, name)
             _need(_is_number(value) and value > 0, w, name, value, "a number > 0")
         for name in ("weight_decay", "kl_weight", "cost_lambda_start", "cost_lambda_end", "transfer_weight"):
@@ -119,7 +152,8 @@ class TrainingConfig:
             _need(_is_number(value) and 0 < value <= 1, w, name, value, "a number in (0, 1]")
         _need(self.lora_lr is None or (_is_number(self.lora_lr) and self.lora_lr > 0), w, "lora_lr", self.lora_lr,
               "unset, or a number > 0")
-        for name in ("lora",):
+        _need(_is_number(self.entropy_coeff), w, "entropy_coeff", self.entropy_coeff, "a finite number")
+        for name in ("lora", "sample_posterior"):
             _need(isinstance(getattr(self, name), bool), w, name, getattr(self, name), "true or false")
         _need(self.expert_pretrain_steps < self.steps, w, "expert_pretrain_steps", self.expert_pretrain_steps,
               f"fewer than training.steps ({self.steps}), so that routing is trained too")
@@ -140,6 +174,13 @@ class TrainingConfig:
               and self.final_full_tail >= 0, w, "final_full_tail", self.final_full_tail, "a whole number >= 0")
         _need(self.mixed_precision in ("no", "bf16", "fp16"), w, "mixed_precision", self.mixed_precision, "'no', 'bf16' or 'fp16'")
         _need(self.log_with in (None, "tensorboard"), w, "log_with", self.log_with, "None or 'tensorboard'")
+
+    def objective_weights(self, cost_lambda: float):
+        """The routers' `ObjectiveWeights` in a step whose cost weight is `cost_lambda`."""
+        from ..core.objective import ObjectiveWeights
+
+        return ObjectiveWeights(kl_weight=self.kl_weight, cost_lambda=cost_lambda, entropy_coeff=self.entropy_coeff,
+                                gumbel_temp=self.gumbel_temp, sample_posterior=self.sample_posterior)
 
 
 @dataclass
