@@ -4,7 +4,9 @@ One update = the teacher pass (forced full, no grad) + the student's soft-routed
 backward, as `ma_convert.training.loop` runs it. Prints the median step time, tokens/s, and the
 profiler's top operators, so a slow phase is visible before a long GPU run is spent on it.
 
-    python benchmarks/bench_train_step.py [--seq-len 2048] [--batch-size 1] [--steps 8]
+    python benchmarks/bench_train_step.py [--seq-len 2048] [--batch-size 1] [--steps 8] [--gradient-checkpointing]
+
+It also prints the peak memory: the GPU's peak allocation, or on the CPU the process's peak resident size.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from _common import log, pick_device, synchronize  # noqa: E402
 
 import ma_convert  # noqa: E402
 from ma_convert.core.control import set_routing_mode  # noqa: E402
-from ma_convert.training.loop import train_routers_only  # noqa: E402
+from ma_convert.training.loop import enable_gradient_checkpointing, train_routers_only  # noqa: E402
 from ma_convert.training.objective import aux_loss, distillation_loss, teacher_logits  # noqa: E402
 from ma_convert.training.params import freeze_all_but_routers_and_experts  # noqa: E402
 
@@ -45,11 +47,15 @@ def main(argv=None) -> dict:
     p.add_argument("--mode", choices=["soft", "hard"], default="soft")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--profile", action="store_true", help="print the profiler's top operators of one step")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each layer in the backward pass (recipe: training.gradient_checkpointing)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     torch.manual_seed(0)
     model = ma_convert.convert(smollm2_shaped(args.layers), window_size=256).to(device)
     freeze_all_but_routers_and_experts(model)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     train_routers_only(model)
     model.train()
     set_routing_mode(model, args.mode)
@@ -74,8 +80,10 @@ def main(argv=None) -> dict:
             times.append(time.perf_counter() - started)
     median = statistics.median(times)
     tokens = args.batch_size * args.seq_len
-    log(f"{args.mode} step, {args.layers} layers, {args.batch_size}x{args.seq_len}: median {median * 1e3:.0f} ms "
-        f"({tokens / median:,.0f} tokens/s) on {device}")
+    peak = peak_memory_gib(device)
+    log(f"{args.mode} step, {args.layers} layers, {args.batch_size}x{args.seq_len}"
+        f"{', gradient checkpointing' if args.gradient_checkpointing else ''}: median {median * 1e3:.0f} ms "
+        f"({tokens / median:,.0f} tokens/s), peak memory {peak:.2f} GiB on {device}")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -85,7 +93,15 @@ def main(argv=None) -> dict:
             synchronize(device)
         key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=25))
-    return {"median_s": median, "tokens_per_s": tokens / median}
+    return {"median_s": median, "tokens_per_s": tokens / median, "peak_memory_gib": peak}
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ def parse_args(argv):
                         "about --seq-len tokens each) to the training text")
     p.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 2048, 4096])
     p.add_argument("--passkey-keys", type=int, default=2, help="keys per depth (5 depths)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute layers in the backward pass (training.gradient_checkpointing): long blocks fit")
     p.add_argument("--seed", type=int, default=0, help="the finetune's seed (data order, router initialisation)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--work-dir", type=Path, default=Path("outputs/quality"))
@@ -217,7 +219,7 @@ def finetune_variant(name: str, args, data: dict[str, Path]):
             hard_at_step=pretrain + int(steps * 0.75), final_routing="hard", eval_every=pretrain + steps,
             save_every=pretrain + steps + 1,
             mixed_precision="no", log_with=None, seed=args.seed,
-            final_full_tail=args.full_tail,
+            final_full_tail=args.full_tail, gradient_checkpointing=args.gradient_checkpointing,
             lora=bool(args.lora), lora_rank=args.lora or 8, lora_alpha=2 * (args.lora or 8),
             lora_lr=args.lora_lr if args.lora else None,
         ),
@@ -293,6 +295,7 @@ def main(argv=None) -> dict:
     log(f"held-out blocks of {args.seq_len}: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
     if args.baseline_from:
         earlier = json.loads(args.baseline_from.read_text())
+        check_same_blocks(earlier["args"], args)
         rows = {k: earlier["rows"][k] for k in ("original", "converted, forced full")}
     else:
         rows = {"original": {s: perplexity(original, b, args) for s, b in sets.items()}}
@@ -328,6 +331,16 @@ def main(argv=None) -> dict:
             torch.cuda.empty_cache()
         write(args, env, rows, details)  # after every variant: a cut-off run keeps what it measured
     return write(args, env, rows, details)
+
+
+def check_same_blocks(earlier: dict, args) -> None:
+    """--baseline-from reuses rows only for the same held-out blocks: another block count or length
+    would compare the finetuned model with the original on different text."""
+    differ = {k: (earlier.get(k), getattr(args, k)) for k in ("seq_len", "eval_tokens")
+              if str(earlier.get(k)) != str(getattr(args, k))}
+    if differ:
+        raise SystemExit(f"--baseline-from {args.baseline_from}: measured on other blocks ({differ}: earlier, now); "
+                         "run without it, or with the same --seq-len and --eval-tokens")
 
 
 def write(args, env, rows, details) -> dict:

@@ -68,8 +68,11 @@ def test_bench_e2e_cpu(tmp_path):
 
 
 def test_bench_train_step_cpu():
-    result = load("bench_train_step").main(["--device", "cpu", "--layers", "1", "--seq-len", "64", "--steps", "1"])
-    assert positive_finite(result["median_s"]) and positive_finite(result["tokens_per_s"])
+    bench = load("bench_train_step")
+    for extra in ([], ["--gradient-checkpointing"]):
+        result = bench.main(["--device", "cpu", "--layers", "1", "--seq-len", "64", "--steps", "1", *extra])
+        assert positive_finite(result["median_s"]) and positive_finite(result["tokens_per_s"])
+        assert positive_finite(result["peak_memory_gib"])
 
 
 def test_bench_real_cpu(tmp_path):
@@ -134,3 +137,15 @@ def test_calibration_cpu(tmp_path):
     assert module.auroc(torch.tensor([0.1, 0.2, 0.3, 0.4]), labels) == 1.0
     assert module.auroc(torch.tensor([0.4, 0.3, 0.2, 0.1]), labels) == 0.0
     assert module.auroc(torch.tensor([0.5, 0.5, 0.5, 0.5]), labels) == 0.5
+
+
+def test_quality_baseline_from_refuses_other_blocks():
+    """quality.py --baseline-from reuses the original's rows only when they were measured on the same
+    held-out blocks (a 10-block baseline beside a 1-block routed figure once made +1.8% read as +6.3%)."""
+    from types import SimpleNamespace
+
+    quality = load("quality")
+    same = {"seq_len": 6144, "eval_tokens": 61440}
+    quality.check_same_blocks(same, SimpleNamespace(seq_len=6144, eval_tokens=61440, baseline_from="b.json"))
+    with pytest.raises(SystemExit, match="eval_tokens"):
+        quality.check_same_blocks(same, SimpleNamespace(seq_len=6144, eval_tokens=6144, baseline_from="b.json"))

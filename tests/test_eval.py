@@ -94,11 +94,15 @@ def test_eval_reports_perplexity_routing_and_costs_per_length(converted, tmp_pat
 def test_eval_passkey_at_the_models_last_position_leaves_room_for_the_answer(converted, tmp_path):
     """At the model's maximum length the passkey prompt is shortened by the answer's tokens (it used to
     fail with 'the sequence has 8193 tokens' on SmolLM2 at 8192)."""
-    _, folder, text = converted
+    source, folder, text = converted
     assert main(["eval", str(folder), "--text", str(text), "--lengths", "128", "--max-blocks", "1", "--passkey",
-                 "--out", str(tmp_path / "r")]) == 0
+                 "--routing", "full", "--base", str(source), "--out", str(tmp_path / "r")]) == 0
     row = json.loads((tmp_path / "r.json").read_text())["results"]["128"]
     assert row["passkey"]["prompt_tokens"] == 120 and 0 <= row["passkey"]["accuracy"] <= 1
+    # with --base the original answers the same prompts; forced to full, the converted model answers as it does
+    assert len(row["passkey"]["answers"]) == row["passkey"]["n"] == row["original_passkey"]["n"]
+    assert row["passkey"]["answers"] == row["original_passkey"]["answers"]
+    assert f"({row['original_passkey']['accuracy']:.2f})" in (tmp_path / "r.md").read_text()
 
 
 def test_eval_sweeps_thresholds_into_a_cost_quality_frontier(converted, tmp_path, capsys):

@@ -417,3 +417,29 @@ def test_the_recipe_sets_every_objective_weight(source, tmp_path):
     assert {m.objective_weights for m in modules} == {expected}
     assert {m.policy for m in modules} == {RoutingPolicy(dense_below=0, full_tail=2)}
     run.accelerator.end_training()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_trains_the_same_weights(source, tmp_path, lora):
+    """training.gradient_checkpointing recomputes each layer in the backward pass: the same losses and
+    weights as keeping the activations, through attention transfer, soft (sampled) and hard routing."""
+    from ma_convert.core.meta_attention import MetaAttention
+
+    calls, forward = [0], MetaAttention.forward
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return forward(self, *args, **kwargs)
+
+    MetaAttention.forward = counted
+    try:
+        plain = finetune(recipe(source, tmp_path / "plain", lora=lora))
+        kept, calls[0] = calls[0], 0
+        recomputed = finetune(recipe(source, tmp_path / "recomputed", lora=lora, gradient_checkpointing=True))
+    finally:
+        MetaAttention.forward = forward
+    assert calls[0] > kept  # the layers did run again in the backward passes
+    assert [h["loss"] for h in recomputed["history"]] == pytest.approx([h["loss"] for h in plain["history"]], rel=1e-5)
+    a, b = meta_weights(tmp_path / "plain"), meta_weights(tmp_path / "recomputed")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name

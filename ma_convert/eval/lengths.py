@@ -133,7 +133,12 @@ def evaluate_lengths(
     if max_blocks < 1:
         raise ValueError(f"max_blocks={max_blocks}: must be >= 1")
     block_sets = {n: blocks_of(documents, tokenizer, n, max_blocks) for n in lengths}
-    steps = sum(len(b) for b in block_sets.values()) * (2 if base is not None else 1)
+    readers = 2 if base is not None else 1
+    steps = sum(len(b) for b in block_sets.values()) * readers
+    if passkey:
+        from .passkey import DEPTHS
+
+        steps += len(lengths) * len(DEPTHS) * passkey_keys * readers  # one step per prompt answered
     results = {}
     with tqdm(total=steps, desc="eval", unit="block", disable=not progress) as bar, \
             routing_for_eval(model, None if routing == "saved" else routing, uncertainty_threshold=uncertainty_threshold):
@@ -144,7 +149,9 @@ def evaluate_lengths(
                 row["original_perplexity"] = read_blocks(base, blocks, routed=False, progress=bar)["perplexity"]
                 row["perplexity_change"] = row["perplexity"] / row["original_perplexity"] - 1.0
             if passkey:
-                row["passkey"] = _passkey(model, tokenizer, n, passkey_keys)
+                row["passkey"] = _passkey(model, tokenizer, n, passkey_keys, bar)
+                if base is not None:  # a key the original cannot find either is no fault of the routing
+                    row["original_passkey"] = _passkey(base, tokenizer, n, passkey_keys, bar)
             results[str(n)] = row
     return results
 
@@ -152,30 +159,34 @@ def evaluate_lengths(
 PASSKEY_NEW_TOKENS = 8  # the answer's greedy tokens
 
 
-def _passkey(model, tokenizer, length: int, n_keys: int) -> dict:
+def _passkey(model, tokenizer, length: int, n_keys: int, progress=None) -> dict:
     """Passkey accuracy with prompts of `length` tokens, or fewer at the model's last positions, so
     that the answer fits too (`prompt_tokens` says how many)."""
-    from .passkey import passkey_table
+    from .passkey import make_passkey_prompts, passkey_accuracy
 
     limit = max_positions(model)
     prompt = length if limit is None else min(length, limit - PASSKEY_NEW_TOKENS)
-    result = passkey_table(model, tokenizer, lengths=(prompt,), n_keys=n_keys, progress=False,
-                           max_new_tokens=PASSKEY_NEW_TOKENS)[prompt]
-    return {"accuracy": result["accuracy"], "n": result["n"], "by_depth": result["by_depth"], "prompt_tokens": prompt}
+    prompts = make_passkey_prompts(tokenizer, prompt, n_keys=n_keys)
+    result = passkey_accuracy(model, tokenizer, prompts, max_new_tokens=PASSKEY_NEW_TOKENS, progress=progress)
+    answers = [{k: o[k] for k in ("key", "depth", "output")} for o in result["outputs"]]
+    return {"accuracy": result["accuracy"], "n": result["n"], "by_depth": result["by_depth"], "prompt_tokens": prompt,
+            "answers": answers}
 
 
 def markdown_report(results: dict, *, title: str) -> str:
     """The per-length table, then each length's per-layer real cost."""
     lines = [f"# {title}\n", "| length | perplexity | original | change | full / kernel / local | projected cost | "
-             "real cost | passkey |", "|---|---|---|---|---|---|---|---|"]
+             "real cost | passkey (original) |", "|---|---|---|---|---|---|---|---|"]
     for n, row in results.items():
         fractions = " / ".join(f"{f:.2f}" for f in row.get("routing", {}).get("expert_fractions", [])) or "-"
         original = row.get("original_perplexity")
         change = f"{row['perplexity_change']:+.1%}" if original else "-"
-        passkey = row.get("passkey", {}).get("accuracy")
+        passkey = _num(row.get("passkey", {}).get("accuracy"), 2)
+        if "original_passkey" in row:
+            passkey += f" ({row['original_passkey']['accuracy']:.2f})"
         lines.append(
             f"| {n} | {row['perplexity']:.3f} | {_num(original)} | {change} | {fractions} | "
-            f"{_num(row.get('projected_cost'))} | {_num(row.get('real_cost'))} | {_num(passkey, 2)} |"
+            f"{_num(row.get('projected_cost'))} | {_num(row.get('real_cost'))} | {passkey} |"
         )
     for n, row in results.items():
         if row.get("layers"):

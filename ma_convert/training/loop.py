@@ -211,6 +211,17 @@ def parameter_groups(model, t) -> list[dict]:
     return [{"params": [p for n, p in trainable if LORA_MARK not in n], "lr": t.lr}, {"params": lora, "lr": t.lora_lr}]
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """transformers' per-layer checkpointing, non-reentrant: the frozen embeddings need no gradient,
+    and the routers' random draws are replayed (the RNG state is restored for the recomputation)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"training.gradient_checkpointing: {type(model).__name__} does not support it")
+    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def train_routers_only(model) -> None:
     """Training mode for the Meta-Attention modules (posterior sampling, Gumbel routing) and eval
     mode for the frozen rest: the base model's own dropout would only add noise to the teacher and
@@ -218,6 +229,9 @@ def train_routers_only(model) -> None:
     model.eval()
     for module in meta_attention_modules(model):
         module.train()
+    for module in model.modules():  # transformers checkpoints a layer only in training mode; its children stay in eval
+        if getattr(module, "gradient_checkpointing", False) is True:
+            module.training = True
 
 
 TRAIN_STATE_FILE = "train_state.json"
@@ -448,6 +462,8 @@ class RouterFinetune:
         check_budget(self.recipe, meta_attention_modules(model))
         self.base = model.config.meta_attention.get("base_model")
         freeze_all_but_routers_and_experts(model)
+        if t.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         if t.lora:
             from ..adapters import adapter_for
 
