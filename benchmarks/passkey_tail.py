@@ -28,14 +28,29 @@ from ma_convert.core.control import meta_attention_modules  # noqa: E402
 from ma_convert.eval.passkey import passkey_table  # noqa: E402
 
 
-def route_everything_to(model, expert: str) -> None:
-    """Hard routing that always picks `expert`: zero router output weights, a dominating bias."""
-    for module in meta_attention_modules(model):
+def route_everything_to(model, expert: str, layers=None) -> None:
+    """Hard routing that always picks `expert` (in `layers`, default all): zero router output weights,
+    a dominating bias."""
+    modules = meta_attention_modules(model)
+    for module in modules if layers is None else [modules[i] for i in layers]:
         bias = torch.full((len(module.experts),), -10.0)
         bias[module.expert_index(expert)] = 10.0
-        module.router.reset_output(bias)
         with torch.no_grad():
+            module.router.fc2.bias.copy_(bias)
             module.router.fc2.weight.zero_()
+
+
+def real_cost(model, tail: int, length: int, full_layers: int = 0) -> float:
+    """The prefill's real attention cost at `length`, over all layers: every token local but the
+    last `tail`, and `full_layers` layers entirely full."""
+    from ma_convert.core.cost import routed_work
+
+    modules = meta_attention_modules(model)
+    module = modules[0]
+    routes = torch.full((1, length), module.expert_index("local"))
+    routes[:, max(0, length - tail):] = module.full_index
+    work, full = routed_work(module, routes, length)
+    return (work / full * (len(modules) - full_layers) + full_layers) / len(modules)
 
 
 def main(argv=None) -> dict:
@@ -46,6 +61,9 @@ def main(argv=None) -> dict:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     p.add_argument("--keys", type=int, default=1, help="keys per depth (5 depths)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--full-layers", type=int, nargs="*", default=[],
+                   help="layers whose every token goes to full attention (the others: local)")
+    p.add_argument("--tag", help="file-name tag (default: the device name)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -58,6 +76,7 @@ def main(argv=None) -> dict:
     drop_gguf_quantization(model)
     model = ma_convert.convert(model.eval(), window_size=args.window, max_positions=8192)
     route_everything_to(model, "local")
+    route_everything_to(model, "full", args.full_layers)
     env = environment(torch.device("cpu"), "benchmarks/passkey_tail.py", sys.argv[1:] if argv is None else argv)
     rows = {}
     for tail in args.tails:
@@ -66,13 +85,16 @@ def main(argv=None) -> dict:
         table = passkey_table(model, tokenizer, lengths=tuple(args.lengths), n_keys=args.keys)
         rows[tail] = {str(n): table[n]["accuracy"] for n in args.lengths}
         log(f"full_tail={tail}: {rows[tail]} ({time.perf_counter() - started:.0f} s)")
-    cost = {tail: {str(n): 0.30 + 0.70 * min(tail, n) / n for n in args.lengths} for tail in args.tails}
+    cost = {tail: {str(n): real_cost(model, tail, n, len(args.full_layers)) for n in args.lengths}
+            for tail in args.tails}
     lines = [
         "# Passkey retrieval with `full_tail` (SmolLM2-135M-Instruct, every other token local)",
         "",
-        f"Routing: every token to the local expert (W={args.window}, 4 sinks), then `full_tail` tokens at the end "
+        f"Routing: every token to the local expert (W={args.window}, 4 sinks)"
+        + (f", except layers {args.full_layers}: every token full" if args.full_layers else "")
+        + f", then `full_tail` tokens at the end "
         f"of the prompt and every generated token to full. {args.keys} key(s) x 5 depths per length, greedy. Prefill "
-        "cost: 0.30 for local tokens, 1.0 for the tail.",
+        "cost: the real attention cost (`ma_convert.core.cost`: query-key pairs over full causal attention's).",
         "",
         markdown_table(["full_tail"] + [f"passkey {n}" for n in args.lengths] + [f"prefill cost {n}" for n in args.lengths],
                        [[tail] + [f"{rows[tail][str(n)]:.2f}" for n in args.lengths]
@@ -81,7 +103,7 @@ def main(argv=None) -> dict:
         environment_markdown(env),  # ends with the command line
     ]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    out = args.out_dir / f"passkey_tail_{device_tag(torch.device('cpu'))}.md"
+    out = args.out_dir / f"passkey_tail_{args.tag or device_tag(torch.device('cpu'))}.md"
     out.write_text("\n".join(lines))
     log(f"wrote {out}")
     return rows

