@@ -386,6 +386,14 @@ def test_bad_model_input_is_a_clear_error(name, call, message, template):
         call(loaded(template))
 
 
+def test_the_vocabulary_check_makes_no_host_sync_while_compiling(template, monkeypatch):
+    """Under torch.compile (or a CUDA-graph capture) the prompt's ids are not read back to the host:
+    that would break the graph. The embedding lookup is then what fails on a bad id."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad(), pytest.raises(IndexError):
+        loaded(template)(torch.tensor([[1, 2, 128]]))
+
+
 def test_nan_router_weights_are_refused_at_load(template, tmp_path):
     shutil.copytree(template / "converted", tmp_path / "c")
     nan_router(tmp_path, "c")

@@ -376,6 +376,29 @@ def test_sort_kernel_matches_the_torch_counting_sort(t):
         assert torch.equal(g.cpu(), w)
 
 
+@pytest.mark.parametrize("carried", [False, True])
+def test_chunk_states_are_running_sums_over_many_chunks(carried):
+    """The state before every chunk is the carried state plus phi(k)^T v over the keys before it, over
+    more chunks than the prefix-sum kernel scans in one block (its carry between blocks)."""
+    from ma_convert.kernels.triton_linear import CHUNK, key_features_and_states
+
+    b, h, d, t = 1, 2, 16, CHUNK * 37 + 5
+    k, v = torch.randn(b, h, t, d, device=DEVICE), torch.randn(b, h, t, d, device=DEVICE)
+    weight = torch.randn(h, d, d, device=DEVICE) * 0.3
+    state = (torch.randn(b, h, 2 * d, d, device=DEVICE), torch.rand(b, h, 2 * d, device=DEVICE)) if carried else None
+    with torch.no_grad():
+        phi_k, s, z, end = key_features_and_states(weight, k, v, state)
+    phi, values = phi_k.float().cpu(), v.float().cpu()
+    s0 = state[0].cpu() if carried else torch.zeros(b, h, 2 * d, d)
+    z0 = state[1].cpu() if carried else torch.zeros(b, h, 2 * d)
+    close = lambda got, want: (got.cpu() - want).norm() <= TOL * (want.norm() + 1)  # noqa: E731 (slot 0 may be zero)
+    for c in (0, 1, 16, 17, 33, t // CHUNK):
+        keys = slice(0, c * CHUNK)
+        assert close(s[:, :, c], s0 + torch.einsum("bhtf,bhtd->bhfd", phi[:, :, keys], values[:, :, keys]))
+        assert close(z[:, :, c], z0 + phi[:, :, keys].sum(2))
+    assert close(end[0], s0 + torch.einsum("bhtf,bhtd->bhfd", phi, values)) and close(end[1], z0 + phi.sum(2))
+
+
 @pytest.mark.parametrize("feature_map", ["hedgehog", "elu"])
 @pytest.mark.parametrize("n", [1, 150])
 def test_state_kernel_matches_the_expert(feature_map, n):

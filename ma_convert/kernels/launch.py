@@ -32,14 +32,21 @@ def _hooks_set() -> bool:
 
 def _arg_key(value):
     """What Triton specialises a non-constexpr argument on, or finer."""
-    kind = type(value)
-    if kind is torch.Tensor or isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() & 15 == 0
-    if kind is int:
-        return value == 1, value & 15 == 0, -(2**31) <= value < 2**31, 0 <= value < 2**63
-    if kind is float:
-        return float
-    return value  # None, bools, anything Triton takes by value
+    return _arg_keys([value], [False])[0]
+
+
+def _arg_keys(values, constexpr) -> tuple:
+    """Per argument: a constexpr by value; a tensor by dtype and 16-byte alignment; an integer by
+    whether it is 1, a multiple of 16, and within 32 and 64 bits; a float as such; anything else
+    (None, bools) by value. One comprehension: this runs on every launch."""
+    return tuple([
+        v if c
+        else (v.dtype, not v.data_ptr() & 15) if isinstance(v, torch.Tensor)
+        else (v == 1, not v & 15, -2147483648 <= v < 2147483648, 0 <= v < 2**63) if type(v) is int
+        else float if type(v) is float
+        else v
+        for v, c in zip(values, constexpr)
+    ])
 
 
 class DirectLauncher:
@@ -62,8 +69,7 @@ class DirectLauncher:
         for name in self.names[len(args):]:
             values.append(kwargs.pop(name) if name in kwargs else self.defaults[name])
         device = torch.cuda.current_device()
-        key = (device, tuple(kwargs.items()),
-               tuple(v if c else _arg_key(v) for v, c in zip(values, self.constexpr)))  # constexprs by value
+        key = (device, tuple(kwargs.items()), _arg_keys(values, self.constexpr))
         compiled = self.compiled.get(key)
         if compiled is None:
             compiled = self.kernel[grid](*values, **kwargs)

@@ -29,12 +29,13 @@ import torch
 from . import triton_decode, triton_linear, triton_routing, triton_softmax
 from .spec import RoutedSpec
 
-# Triton launch settings per softmax expert (best of a sweep on an H100, d=128, bf16): the full
-# expert's blocks walk long key ranges, the windowed experts' a window.
+# Triton launch settings per softmax expert (best of sweeps on an H100, d=128, and an H200, d=64 and 128,
+# bf16): the full expert's blocks walk long key ranges, the windowed experts' a window. Below
+# ONE_LAUNCH_BELOW every expert shares "local"'s.
 PREFILL_CONFIGS = {
     "full": dict(block_m=128, block_n=128, num_warps=8, num_stages=3),
-    "local": dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
-    "kernel": dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    "local": dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    "kernel": dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
 }
 
 

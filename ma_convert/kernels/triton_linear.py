@@ -13,6 +13,8 @@ out_i = phi(q_i) . S_i / phi(q_i) . z_i, S_i = sum_{j<=i} phi(k_j) v_j^T, z_i = 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -125,10 +127,11 @@ def key_features_and_states(k_weight, k: torch.Tensor, v: torch.Tensor, state=No
     s_end = torch.empty(b, h, feat, d, device=k.device, dtype=torch.float32) if keep_end else s
     z_end = torch.empty(b, h, feat, device=k.device, dtype=torch.float32) if keep_end else z
     s0, z0 = (s, z) if state is None else (state[0].contiguous(), state[1].contiguous())
-    launch(_chunk_prefix_sums, (b * h, triton.cdiv(feat, 32)),
+    rows = 8  # feature rows per program: 8 x d contiguous cells
+    launch(_chunk_prefix_sums, (b * h, triton.cdiv(feat, rows)),
         s, z, s0, z0, s_end, z_end, n_chunks + 1,
-        FEAT=feat, HEAD_DIM=d, BLOCK_F=32, BLOCK_D=block_d, HAS_STATE=state is not None, KEEP_END=keep_end,
-        num_warps=4,
+        FEAT=feat, HEAD_DIM=d, BLOCK_F=rows, BLOCK_C=triton.next_power_of_2(rows * d), BLOCK_S=16,
+        HAS_STATE=state is not None, KEEP_END=keep_end, num_warps=4,
     )
     return phi_k, s, z, ((s_end, z_end) if keep_end else None)
 
@@ -136,35 +139,46 @@ def key_features_and_states(k_weight, k: torch.Tensor, v: torch.Tensor, state=No
 @triton.jit
 def _chunk_prefix_sums(
     s_ptr, z_ptr, s0_ptr, z0_ptr, s_end_ptr, z_end_ptr, n_slots,
-    FEAT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_STATE: tl.constexpr, KEEP_END: tl.constexpr,
+    FEAT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr, HAS_STATE: tl.constexpr, KEEP_END: tl.constexpr,
 ):
     """In place, for one kv head and a block of feature rows: slot 0 = the carried state (or zero),
-    slot c += slot c - 1; with KEEP_END, the state after every key is also written apart."""
+    slot c += slot c - 1; with KEEP_END, the state after every key is also written apart. BLOCK_S
+    slots at a time (a cumsum over the block plus the carry), so the dependent chain is
+    n_slots / BLOCK_S steps long, not n_slots: a sequential walk was latency-bound."""
     bh = tl.program_id(0).to(tl.int64)  # 64-bit: a long prompt's chunk states can pass 2^31 elements
-    rows = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    offs_d = tl.arange(0, BLOCK_D)
+    first_row = tl.program_id(1) * BLOCK_F
+    rows = first_row + tl.arange(0, BLOCK_F)
     row_ok = rows < FEAT
-    ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    cell = rows[:, None] * HEAD_DIM + offs_d[None, :]
+    offs_c = tl.arange(0, BLOCK_C)  # the block's rows x HEAD_DIM cells are contiguous
+    cell = first_row * HEAD_DIM + offs_c
+    ok = (offs_c < BLOCK_F * HEAD_DIM) & (cell < FEAT * HEAD_DIM)
     if HAS_STATE:
-        run_s = tl.load(s0_ptr + bh * FEAT * HEAD_DIM + cell, mask=ok, other=0.0)
-        run_z = tl.load(z0_ptr + bh * FEAT + rows, mask=row_ok, other=0.0)
+        carry_s = tl.load(s0_ptr + bh * FEAT * HEAD_DIM + cell, mask=ok, other=0.0)
+        carry_z = tl.load(z0_ptr + bh * FEAT + rows, mask=row_ok, other=0.0)
     else:
-        run_s = tl.zeros([BLOCK_F, BLOCK_D], tl.float32)
-        run_z = tl.zeros([BLOCK_F], tl.float32)
+        carry_s = tl.zeros([BLOCK_C], tl.float32)
+        carry_z = tl.zeros([BLOCK_F], tl.float32)
     s_base = s_ptr + bh * n_slots * FEAT * HEAD_DIM
     z_base = z_ptr + bh * n_slots * FEAT
-    tl.store(s_base + cell, run_s, mask=ok)
-    tl.store(z_base + rows, run_z, mask=row_ok)
-    for c in range(1, n_slots):
-        run_s += tl.load(s_base + c * FEAT * HEAD_DIM + cell, mask=ok, other=0.0)
-        run_z += tl.load(z_base + c * FEAT + rows, mask=row_ok, other=0.0)
-        tl.store(s_base + c * FEAT * HEAD_DIM + cell, run_s, mask=ok)
-        tl.store(z_base + c * FEAT + rows, run_z, mask=row_ok)
+    tl.store(s_base + cell, carry_s, mask=ok)
+    tl.store(z_base + rows, carry_z, mask=row_ok)
+    offs_s = tl.arange(0, BLOCK_S)
+    for first in range(1, n_slots, BLOCK_S):
+        slots = (first + offs_s).to(tl.int64)
+        s_at = s_base + slots[:, None] * (FEAT * HEAD_DIM) + cell[None, :]
+        z_at = z_base + slots[:, None] * FEAT + rows[None, :]
+        s_ok = (slots < n_slots)[:, None] & ok[None, :]
+        z_ok = (slots < n_slots)[:, None] & row_ok[None, :]
+        part_s = tl.load(s_at, mask=s_ok, other=0.0)
+        part_z = tl.load(z_at, mask=z_ok, other=0.0)
+        tl.store(s_at, tl.cumsum(part_s, 0) + carry_s[None, :], mask=s_ok)
+        tl.store(z_at, tl.cumsum(part_z, 0) + carry_z[None, :], mask=z_ok)
+        carry_s += tl.sum(part_s, 0)
+        carry_z += tl.sum(part_z, 0)
     if KEEP_END:
-        tl.store(s_end_ptr + bh * FEAT * HEAD_DIM + cell, run_s, mask=ok)
-        tl.store(z_end_ptr + bh * FEAT + rows, run_z, mask=row_ok)
+        tl.store(s_end_ptr + bh * FEAT * HEAD_DIM + cell, carry_s, mask=ok)
+        tl.store(z_end_ptr + bh * FEAT + rows, carry_z, mask=row_ok)
 
 
 @triton.jit
@@ -271,7 +285,7 @@ def routed_linear_prefill(
     *,
     q_map_weight,
     shift: int = 0,
-    block_m: int = 32,
+    block_m: Optional[int] = None,
     block_n: int = 64,
 ) -> None:
     """Write the linear expert's outputs for its tokens into `out` (B, T, Hq, d), in place.
@@ -284,6 +298,8 @@ def routed_linear_prefill(
     """
     b, hq, t, d = q.shape
     hkv, tk = phi_k.shape[1], phi_k.shape[2]
+    if block_m is None:  # H200 sweep: 64 queries a block halve the state reads at d <= 64; at d=128 they spill
+        block_m = 64 if d <= 64 else 32
     hedgehog = q_map_weight is not None
     w = q_map_weight.contiguous() if hedgehog else q  # unused for ELU
     grid = (triton.cdiv(t, block_m), b * hq)

@@ -194,6 +194,6 @@ def sort_by_expert(routes: torch.Tensor, n_experts: int):
     starts = torch.empty_like(counts)
     launch(_sort_by_expert, (b,),
         routes, perm, counts, starts, t,
-        N_EXPERTS=n_experts, E_PAD=max(2, triton.next_power_of_2(n_experts)), BLOCK=1024, num_warps=4,
+        N_EXPERTS=n_experts, E_PAD=max(2, triton.next_power_of_2(n_experts)), BLOCK=2048, num_warps=8,  # H200 sweep
     )
     return perm, counts, starts

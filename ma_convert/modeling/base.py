@@ -186,6 +186,11 @@ def _checkpoint_is_original(path, kwargs) -> bool:
         return "meta_attention" not in json.load(handle)
 
 
+def _capturing(tensor: torch.Tensor) -> bool:
+    """A CUDA graph capture or a torch.compile trace is running: a host sync would fail or break it."""
+    return torch.compiler.is_compiling() or (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def _check_inputs(model, args, kwargs) -> None:
     """Forward pre-hook: inputs the model cannot run are refused with a clear error instead of failing
     deep inside (GPT-2's position table, an embedding lookup, a CUDA device assert): an empty
@@ -213,7 +218,7 @@ def _check_inputs(model, args, kwargs) -> None:
             f"the sequence has {length} tokens but the model handles at most {model.ma_max_positions} positions "
             f"(max_position_embeddings); shorten the input"
         )
-    if ids is not None and cached == 0:  # a prompt; decode steps feed back the model's own tokens (no sync there)
+    if ids is not None and cached == 0 and not _capturing(ids):  # a prompt; decode steps feed back the model's own tokens
         vocab = model.get_input_embeddings().num_embeddings
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= vocab:
