@@ -183,16 +183,19 @@ def blocked_softmax_attention(
             continue
         lo = 0 if window is None else max(0, p_lo - window + 1)
         hi = p_hi + 1 if causal else (tk if window is None else min(tk, p_hi + window))
-        key_index = torch.arange(lo, hi, device=q.device)
         n_sinks = min(sinks, lo)
         if n_sinks:  # the sinks, then the window: two slices (a copy, but no gather)
-            key_index = torch.cat([torch.arange(n_sinks, device=q.device), key_index])
             kb = torch.cat([k[:, :, :n_sinks], k[:, :, lo:hi]], dim=2)
             vb = torch.cat([v[:, :, :n_sinks], v[:, :, lo:hi]], dim=2)
         else:
             kb, vb = k[:, :, lo:hi], v[:, :, lo:hi]
         shape = (rows.stop - rows.start, p_lo - lo, hi - lo, n_sinks)  # a dense block's mask depends on these only
         allowed = masks.get(shape) if dense and key_mask is None else None
+        key_index = None
+        if allowed is None or attn_bias is not None:
+            key_index = torch.arange(lo, hi, device=q.device)
+            if n_sinks:
+                key_index = torch.cat([torch.arange(n_sinks, device=q.device), key_index])
         if allowed is None:
             allowed = allowed_keys(
                 q_pos[:, rows].clamp_min(p_lo),  # a padding slot acts as the block's first query
