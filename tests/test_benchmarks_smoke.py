@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -166,3 +167,16 @@ def test_passkey_tail_cpu(tmp_path):
     report = (tmp_path / "passkey_tail_smoke.md").read_text()
     costs = [float(line.split("|")[-2]) for line in report.splitlines() if line.startswith(("| 0 ", "| 32 "))]
     assert len(costs) == 2 and 0 < costs[0] < costs[1] < 1
+
+
+def test_profile_device_refuses_a_cpu_and_renders_its_rows():
+    """profile_device.py times GPU kernels: without CUDA it says so; its table reads the rows it measured."""
+    module = load("profile_device")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs CUDA"):
+            module.main(["--shape-only", "--device", "cpu"])
+    row = {"length": 2048, "wall_ms": {"original": 20.0, "converted": 30.0},
+           "kernel_ms": {"original": 5.0, "converted": 6.0},
+           "top_kernels": {"original": [["sdpa", 30, 0.7]], "converted": [["_routed_softmax_prefill", 30, 1.0]]}}
+    text = module.render([row], module.environment(torch.device("cpu"), "benchmarks/profile_device.py", []))
+    assert "| 2048 | 20.0 | 30.0 | **1.50** | 5.0 | 6.0 | **1.20** |" in text and "_routed_softmax_prefill" in text
