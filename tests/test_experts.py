@@ -71,7 +71,13 @@ def test_local_dense_matches_banded_naive(hkv, window, sinks):
     q, k, v = heads(t, hkv)
     local = build_expert("local", cfg_for(hkv, window_size=window, sink_tokens=sinks))
     pos = torch.arange(t).expand(B, t)
-    close(local.attend(q, k, v), naive_softmax(q, k, v, allowed_mask(pos, t, window=window, sinks=sinks)))
+    want = naive_softmax(q, k, v, allowed_mask(pos, t, window=window, sinks=sinks))
+    close(local.attend(q, k, v), want)  # inference: blocks read their sinks from scratch copies
+    k, v = k.clone().requires_grad_(), v.clone().requires_grad_()
+    got = local.attend(q, k, v)  # gradients flow: the sinks are concatenated instead
+    close(got, want)
+    got.sum().backward()
+    assert torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
 
 
 def test_local_gathered_masked_bidirectional():

@@ -147,6 +147,26 @@ def softmax_attention(
     return out.masked_fill(~has_key, 0.0)
 
 
+def _sinks_and_window(k, v, lo: int, hi: int, n_sinks: int, scratch):
+    """A block's keys and values: its `n_sinks` sinks, then its window lo..hi-1.
+
+    Where the sinks are the keys just before the window (lo <= sinks) that is one slice. Otherwise,
+    with `scratch` (copies of k and v), the sinks are written into the slots just below the window
+    and the block reads one slice: blocks come in order of their windows, so a later block never
+    reads those slots. This saves a copy of every window (most of a CPU local layer's overhead).
+    Without scratch (gradients flow), the two parts are concatenated.
+    """
+    if n_sinks == 0 or n_sinks == lo:
+        return k[:, :, lo - n_sinks:hi], v[:, :, lo - n_sinks:hi]
+    if scratch is None:
+        return (torch.cat([k[:, :, :n_sinks], k[:, :, lo:hi]], dim=2),
+                torch.cat([v[:, :, :n_sinks], v[:, :, lo:hi]], dim=2))
+    ks, vs = scratch
+    ks[:, :, lo - n_sinks:lo] = k[:, :, :n_sinks]
+    vs[:, :, lo - n_sinks:lo] = v[:, :, :n_sinks]
+    return ks[:, :, lo - n_sinks:hi], vs[:, :, lo - n_sinks:hi]
+
+
 def blocked_softmax_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -176,6 +196,9 @@ def blocked_softmax_attention(
     lows = torch.where(per_block >= 0, per_block, tk).amin(dim=(0, 2)).tolist()  # one host sync
     highs = per_block.amax(dim=(0, 2)).tolist()
     outs, masks = [], {}
+    scratch = None  # inference, dense: copies of k and v that take each block's sinks in place (see below)
+    if sinks and window is not None and dense and n_blocks > 1 and not (torch.is_grad_enabled() and k.requires_grad):
+        scratch = k.clone(memory_format=torch.contiguous_format), v.clone(memory_format=torch.contiguous_format)
     for b, (p_lo, p_hi) in enumerate(zip(lows, highs)):
         rows = slice(b * block, min((b + 1) * block, n))
         if p_hi < 0:  # padding slots only
@@ -184,11 +207,7 @@ def blocked_softmax_attention(
         lo = 0 if window is None else max(0, p_lo - window + 1)
         hi = p_hi + 1 if causal else (tk if window is None else min(tk, p_hi + window))
         n_sinks = min(sinks, lo)
-        if n_sinks:  # the sinks, then the window: two slices (a copy, but no gather)
-            kb = torch.cat([k[:, :, :n_sinks], k[:, :, lo:hi]], dim=2)
-            vb = torch.cat([v[:, :, :n_sinks], v[:, :, lo:hi]], dim=2)
-        else:
-            kb, vb = k[:, :, lo:hi], v[:, :, lo:hi]
+        kb, vb = _sinks_and_window(k, v, lo, hi, n_sinks, scratch)
         shape = (rows.stop - rows.start, p_lo - lo, hi - lo, n_sinks)  # a dense block's mask depends on these only
         allowed = masks.get(shape) if dense and key_mask is None else None
         key_index = None
