@@ -382,7 +382,7 @@ def test_chunk_states_are_running_sums_over_many_chunks(carried):
     more chunks than the prefix-sum kernel scans in one block (its carry between blocks)."""
     from ma_convert.kernels.triton_linear import CHUNK, key_features_and_states
 
-    b, h, d, t = 1, 2, 16, CHUNK * 37 + 5
+    b, h, d, t = 1, 2, 16, CHUNK * 20 + 5  # 21 chunks, 22 slots: two blocks of the scan
     k, v = torch.randn(b, h, t, d, device=DEVICE), torch.randn(b, h, t, d, device=DEVICE)
     weight = torch.randn(h, d, d, device=DEVICE) * 0.3
     state = (torch.randn(b, h, 2 * d, d, device=DEVICE), torch.rand(b, h, 2 * d, device=DEVICE)) if carried else None
@@ -392,7 +392,7 @@ def test_chunk_states_are_running_sums_over_many_chunks(carried):
     s0 = state[0].cpu() if carried else torch.zeros(b, h, 2 * d, d)
     z0 = state[1].cpu() if carried else torch.zeros(b, h, 2 * d)
     close = lambda got, want: (got.cpu() - want).norm() <= TOL * (want.norm() + 1)  # noqa: E731 (slot 0 may be zero)
-    for c in (0, 1, 16, 17, 33, t // CHUNK):
+    for c in (0, 1, 16, 17, t // CHUNK):
         keys = slice(0, c * CHUNK)
         assert close(s[:, :, c], s0 + torch.einsum("bhtf,bhtd->bhfd", phi[:, :, keys], values[:, :, keys]))
         assert close(z[:, :, c], z0 + phi[:, :, keys].sum(2))
