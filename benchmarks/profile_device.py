@@ -41,7 +41,6 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.device = pick_device(args.device)
     args.dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
-    args.model = None
     return args
 
 

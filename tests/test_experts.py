@@ -78,6 +78,9 @@ def test_local_dense_matches_banded_naive(hkv, window, sinks):
     close(got, want)
     got.sum().backward()
     assert torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+    v_only = v.detach().clone().requires_grad_()  # LoRA on v_proj alone: still no in-place writes
+    local.attend(q, k.detach(), v_only).sum().backward()
+    assert torch.isfinite(v_only.grad).all()
 
 
 def test_local_gathered_masked_bidirectional():

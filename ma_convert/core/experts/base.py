@@ -197,7 +197,8 @@ def blocked_softmax_attention(
     highs = per_block.amax(dim=(0, 2)).tolist()
     outs, masks = [], {}
     scratch = None  # inference, dense: copies of k and v that take each block's sinks in place (see below)
-    if sinks and window is not None and dense and n_blocks > 1 and not (torch.is_grad_enabled() and k.requires_grad):
+    grads = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)  # in-place writes would break them
+    if sinks and window is not None and dense and n_blocks > 1 and not grads:
         scratch = k.clone(memory_format=torch.contiguous_format), v.clone(memory_format=torch.contiguous_format)
     for b, (p_lo, p_hi) in enumerate(zip(lows, highs)):
         rows = slice(b * block, min((b + 1) * block, n))
