@@ -103,7 +103,7 @@ def kernel_state(meta, k, v, end):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("feature_map,hybrid", [("hedgehog", 0), ("elu", 0), ("hedgehog", 16)])
+@pytest.mark.parametrize("feature_map,hybrid", [("hedgehog", 0), ("elu", 0), ("hedgehog", 16), ("elu", 16)])
 def test_prefill_matches_reference(dtype, shape, feature_map, hybrid):
     hq, hkv, d, t = shape
     meta = make_layer(hq, hkv, d, feature_map, hybrid=hybrid)
