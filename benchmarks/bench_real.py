@@ -289,26 +289,39 @@ def profile_steps(original, models, tokenizer, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ 1.1B shape
-def billion_rows(args) -> list[dict]:
+def billion_models(device, dtype, small: bool):
+    """The 1.1B LLaMA shape (random weights; `small`: a CPU-sized stand-in) and its conversion with
+    the learned mix's experts (hybrid W=64, local W=512), hard routing at every length."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    small = args.small or args.device.type != "cuda"
     shape = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   intermediate_size=128, vocab_size=256, max_position_embeddings=4096) if small else
              dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                   intermediate_size=8192, vocab_size=32000, max_position_embeddings=65536))
-    lengths, context, batch = ([512, 1024], 1024, 8) if small else ([8192, 32768, 65536], 32768, 8)
     torch.manual_seed(0)
-    with torch.device(args.device):
-        original = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa")).to(args.dtype).eval()
+    with torch.device(device):
+        original = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa")).to(dtype).eval()
     model = convert(copy.deepcopy(original), window_size=512, linear_window=64,
                     policy=RoutingPolicy(dense_below=0)).eval()
     set_routing_mode(model, "hard")
+    return shape, original, model
+
+
+def billion_inputs(shape, length: int, gen: torch.Generator, device):
+    """Prompt ids (1, length) and fixed routes drawn in the learned mix's proportions."""
+    ids = torch.randint(0, shape["vocab_size"], (1, length), generator=gen).to(device)
+    routes = torch.multinomial(torch.tensor(LEARNED_MIX), length, replacement=True, generator=gen)[None].to(device)
+    return ids, routes
+
+
+def billion_rows(args) -> list[dict]:
+    small = args.small or args.device.type != "cuda"
+    shape, original, model = billion_models(args.device, args.dtype, small)
+    lengths, context, batch = ([512, 1024], 1024, 8) if small else ([8192, 32768, 65536], 32768, 8)
     gen = torch.Generator().manual_seed(1)
     rows = []
     for length in lengths:
-        ids = torch.randint(0, shape["vocab_size"], (1, length), generator=gen).to(args.device)
-        routes = torch.multinomial(torch.tensor(LEARNED_MIX), length, replacement=True, generator=gen)[None].to(args.device)
+        ids, routes = billion_inputs(shape, length, gen, args.device)
 
         def prefill(m, forced=None):
             with torch.no_grad(), force_expert(m, forced) if forced is not None else contextlib.nullcontext():
