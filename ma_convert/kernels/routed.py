@@ -7,10 +7,10 @@ additive bias, the three built-in experts). It takes tensors and a `RoutedSpec`,
 - prefill (T > 1): the routes come from the routing kernel (`triton_routing.route_tokens`, called by
   the core); tokens are sorted by (expert, position) on the GPU, in one launch. The kernel expert
   computes phi(k) and chunk states once per kv head (two launches); pure linear, it serves its
-  tokens in one more launch; the hybrid serves the kernel part of its tokens (keys before the
-  window) that way, into a float32 buffer the exact part merges with one normaliser. One more
-  launch runs every softmax part (full, local, the hybrid's window and sinks) on its own tokens,
-  reading their queries and writing their outputs in place; long prompts (ONE_LAUNCH_BELOW) get
+  tokens in one more launch. One more launch runs every softmax part (full, local, the hybrid) on
+  its own tokens, reading their queries and writing their outputs in place; a hybrid token's
+  program also computes its kernel part (keys left of its window, from the chunk states) and
+  merges it under the same running maximum and normaliser. Long prompts (ONE_LAUNCH_BELOW) get
   one launch per expert with its own tiles. No host sync (grids are sized for every token and the
   programs past their expert's share exit at once).
 - decode (one new token per row): the linear state takes in the token (one launch; the hybrid's
@@ -29,14 +29,29 @@ import torch
 from . import triton_decode, triton_linear, triton_routing, triton_softmax
 from .spec import RoutedSpec
 
-# Triton launch settings per softmax expert (best of sweeps on an H100, d=128, and an H200, d=64 and 128,
-# bf16): the full expert's blocks walk long key ranges, the windowed experts' a window. Below
-# ONE_LAUNCH_BELOW every expert shares "local"'s.
+# Triton launch settings per softmax expert, for head sizes up to 64 and above (H200 sweeps at d=64,
+# 2026-12-03, and H100/H200 sweeps at d=128; bf16): the full expert's blocks walk long key ranges, the
+# windowed experts' a window; the hybrid's blocks also walk the rest of a state chunk with its
+# kernel part. Below ONE_LAUNCH_BELOW every expert shares "local"'s.
 PREFILL_CONFIGS = {
+    "full": dict(block_m=64, block_n=128, num_warps=4, num_stages=3),
+    "local": dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    "kernel": dict(block_m=64, block_n=32, num_warps=4, num_stages=3),
+}
+WIDE_HEAD_CONFIGS = {
     "full": dict(block_m=128, block_n=128, num_warps=8, num_stages=3),
     "local": dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
-    "kernel": dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    "kernel": dict(block_m=32, block_n=32, num_warps=4, num_stages=1),
 }
+
+
+def launch_settings(name: str, head_dim: int, with_hybrid: bool) -> dict:
+    """The tiles of one softmax launch. Above 64 a launch serving the hybrid takes small blocks and
+    no pipelining: the kernel part's fp32 state tiles would not fit in shared memory beside them."""
+    settings = dict((PREFILL_CONFIGS if head_dim <= 64 else WIDE_HEAD_CONFIGS)[name])
+    if with_hybrid and head_dim > 64:
+        settings.update(block_m=32, num_stages=1)
+    return settings
 
 
 def unsupported_reason(spec: RoutedSpec, q: torch.Tensor, *, causal: bool, key_mask, attn_bias) -> Optional[str]:
@@ -82,40 +97,33 @@ def _prefill(spec, q, k, v, routes, scale, backend, state):
     b, hq, t, d = q.shape
     perm, counts, seg_start = triton_routing.sort_by_expert(routes, spec.n_experts)
     out = torch.empty(b, t, hq, d, device=q.device, dtype=q.dtype)
-    kernel_part, next_state = _kernel_expert(spec, q, k, v, perm, seg_start, counts, out, state)
-    merge = {}
-    if kernel_part is not None:  # the hybrid: its softmax part merges the kernel part
-        merge = dict(linear=kernel_part, log_weight=spec.log_weight, merge_expert=spec.kernel)
+    hybrid, next_state = _kernel_expert(spec, q, k, v, perm, seg_start, counts, out, state)
+    merge = {} if hybrid is None else dict(hybrid=hybrid)  # the hybrid's tokens join the softmax launch
     if backend == "flex":
         _flex_softmax(spec, q, k, v, routes, out, scale)
-        names = ("kernel",) if kernel_part is not None else ()
+        names = ("kernel",) if hybrid is not None else ()
     elif t < ONE_LAUNCH_BELOW:
         triton_softmax.routed_softmax_prefill(q, k, v, out, perm, seg_start, counts, spec.table("softmax", q.device),
-                                              scale=scale, **PREFILL_CONFIGS["local"], **merge)
+                                              scale=scale, **launch_settings("local", d, bool(merge)), **merge)
         names = ()
     else:
-        names = ("full", "local") + (("kernel",) if kernel_part is not None else ())
+        names = ("full", "local") + (("kernel",) if hybrid is not None else ())
     for name in names:
         triton_softmax.routed_softmax_prefill(
             q, k, v, out, perm, seg_start, counts, spec.table(name, q.device), scale=scale,
-            **PREFILL_CONFIGS[name], **(merge if name == "kernel" else {}),
+            **launch_settings(name, d, name == "kernel"), **(merge if name == "kernel" else {}),
         )
     return out.transpose(1, 2), next_state
 
 
 def _kernel_expert(spec, q, k, v, perm, seg_start, counts, out, state):
     """The kernel expert's tokens. Pure linear: their outputs, written into `out`, and the state after
-    all keys. Hybrid: the kernel part of each (keys before its window), a float32 (B, T, Hq, d + 1)
-    numerator-and-denominator buffer for the exact part's launch to merge."""
+    all keys. Hybrid: phi(k) and the chunk states, for the softmax launch that serves its tokens
+    (window, sinks and kernel part in one program)."""
     if spec.hybrid:
         phi_k, s, z, _ = triton_linear.key_features_and_states(spec.k_map_weight, k, v, None, first_key=spec.kernel_sinks,
                                                                skip_end=True)
-        raw = torch.empty(*out.shape[:3], out.shape[3] + 1, device=q.device, dtype=torch.float32)
-        triton_linear.routed_linear_prefill(
-            q, phi_k, v, (s, z), raw, perm, seg_start, counts, spec.kernel, q_map_weight=spec.q_map_weight,
-            shift=spec.kernel_window,
-        )
-        return raw, None
+        return triton_softmax.hybrid_part(spec.kernel, phi_k, (s, z), spec.q_map_weight, spec.log_weight), None
     t = q.shape[2]
     lk, lv = k[:, :, -t:], v[:, :, -t:]  # the keys before this call are in `state`
     phi_k, s, z, final = triton_linear.key_features_and_states(spec.k_map_weight, lk, lv, state)

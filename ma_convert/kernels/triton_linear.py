@@ -189,6 +189,65 @@ def _intra_half(phi_lp, pk_base, kpos, k_ok, offs_f, stride_pt, F_OFFSET: tl.con
 
 
 @triton.jit
+def query_features(q, w_ptr, first_head, row_head, offs_d, d_ok,
+                   HEAD_DIM: tl.constexpr, HEDGEHOG: tl.constexpr, PACK: tl.constexpr):
+    """phi(q) of a block of query rows, as two fp32 halves (Hedgehog: softmax(+-q W_h); ELU+1: the
+    same half twice). Row r is a query of head first_head + row_head[r], row_head in [0, PACK): the
+    rows of a GQA-packed block carry different heads, each with its own map."""
+    if HEDGEHOG:
+        x = tl.dot(q, _head_map(w_ptr, first_head, offs_d, d_ok, HEAD_DIM, True).to(q.dtype))
+        for i in tl.static_range(1, PACK):
+            x_i = tl.dot(q, _head_map(w_ptr, first_head + i, offs_d, d_ok, HEAD_DIM, True).to(q.dtype))
+            x = tl.where((row_head == i)[:, None], x_i, x)
+        phi_a = _phi(tl.where(d_ok[None, :], x, float("-inf")), True, False)
+        phi_b = _phi(tl.where(d_ok[None, :], x, float("inf")), True, True)
+    else:
+        phi_a = tl.where(d_ok[None, :], _phi(q.to(tl.float32), False, False), 0.0)
+        phi_b = phi_a
+    return phi_a, phi_b
+
+
+@triton.jit
+def kernel_sums(
+    phi_a, phi_b, last_key, row_ok, s_ptr, z_ptr, first_slot, pk_base, stride_pt, v_base, stride_vt,
+    offs_d, d_ok, offs_n,
+    HEDGEHOG: tl.constexpr, FEAT: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Kernel attention of a block of query rows (one kv head) over keys 0 .. last_key[r] (none
+    when negative): the numerator (rows, d) and denominator (rows,), unnormalised, in fp32. The
+    state before the chunk of the block's smallest last_key comes from the chunk states (the kv
+    head's slots start at `first_slot`); the keys from that chunk on are walked quadratically."""
+    lo = tl.maximum(tl.min(tl.where(row_ok, last_key, 1 << 30), 0), 0)
+    hi = tl.max(tl.where(row_ok, last_key, -1), 0)
+    c0 = lo // CHUNK_SIZE
+    slot = first_slot + c0
+    s_base = s_ptr + slot * FEAT * HEAD_DIM
+    cell = offs_d[:, None] * HEAD_DIM + offs_d[None, :]
+    cell_ok = d_ok[:, None] & d_ok[None, :]
+    num = tl.dot(phi_a, tl.load(s_base + cell, mask=cell_ok, other=0.0))
+    den = tl.sum(phi_a * tl.load(z_ptr + slot * FEAT + offs_d, mask=d_ok, other=0.0)[None, :], 1)
+    if HEDGEHOG:
+        num += tl.dot(phi_b, tl.load(s_base + HEAD_DIM * HEAD_DIM + cell, mask=cell_ok, other=0.0))
+        den += tl.sum(phi_b * tl.load(z_ptr + slot * FEAT + HEAD_DIM + offs_d, mask=d_ok, other=0.0)[None, :], 1)
+    lp = v_base.dtype.element_ty
+    phi_a_lp = phi_a.to(lp)
+    phi_b_lp = phi_b.to(lp)
+    for n0 in range(c0 * CHUNK_SIZE, hi + 1, BLOCK_N):
+        kpos = n0 + offs_n
+        k_ok = kpos <= hi
+        s = _intra_half(phi_a_lp, pk_base, kpos, k_ok, offs_d, stride_pt, 0, HEAD_DIM)
+        if HEDGEHOG:
+            s += _intra_half(phi_b_lp, pk_base, kpos, k_ok, offs_d, stride_pt, HEAD_DIM, HEAD_DIM)
+        s = tl.where(kpos[None, :] <= last_key[:, None], s, 0.0)
+        vv = tl.load(v_base + kpos[:, None] * stride_vt + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
+                     other=0.0)
+        num += tl.dot(s.to(lp), vv)
+        den += tl.sum(s, 1)
+    return num, den
+
+
+@triton.jit
 def _routed_linear_prefill(
     q_ptr, w_ptr, phik_ptr, v_ptr, s_ptr, z_ptr, out_ptr, perm_ptr, seg_start_ptr, seg_count_ptr,
     stride_qb, stride_qt, stride_qh,
@@ -196,9 +255,9 @@ def _routed_linear_prefill(
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_ot, stride_oh,
     stride_permb, stride_sb,
-    n_q_heads, group, n_slots, key_offset, expert, shift,
+    n_q_heads, group, n_slots, key_offset, expert,
     HEDGEHOG: tl.constexpr, FEAT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHUNK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RAW: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -216,60 +275,17 @@ def _routed_linear_prefill(
     rank = pid_blk * BLOCK_M + offs_m
     row_ok = rank < count
     token = tl.load(perm_ptr + b * stride_permb + seg_start + rank, mask=row_ok, other=0)
-    qpos = token + key_offset - shift  # the last key it reads (the hybrid: the keys left of its window)
-    lo_pos = tl.maximum(tl.min(tl.where(row_ok, qpos, 1 << 30), 0), 0)
-    hi_pos = tl.max(tl.where(row_ok, qpos, -1), 0)
-
     q = tl.load(q_ptr + b * stride_qb + token[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if HEDGEHOG:  # x W_h for this head, then softmax of both signs
-        w = tl.load(w_ptr + h * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=d_ok[:, None] & d_ok[None, :], other=0.0)
-        x = tl.dot(q, w.to(q.dtype))
-        x = tl.where(d_ok[None, :], x, float("-inf"))
-        phi_a = _phi(x, True, False)
-        phi_b = _phi(tl.where(d_ok[None, :], x, float("inf")), True, True)
-    else:
-        phi_a = tl.where(d_ok[None, :], _phi(q.to(tl.float32), False, False), 0.0)
-        phi_b = phi_a
-
-    # The state before the block's first chunk.
-    c0 = lo_pos // CHUNK_SIZE
-    sz = (b * (n_q_heads // group) + hkv) * n_slots + c0
-    s_base = s_ptr + sz * FEAT * HEAD_DIM
-    s_a = tl.load(s_base + offs_d[:, None] * HEAD_DIM + offs_d[None, :], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
-    z_a = tl.load(z_ptr + sz * FEAT + offs_d, mask=d_ok, other=0.0)
-    num = tl.dot(phi_a, s_a)
-    den = tl.sum(phi_a * z_a[None, :], 1)
-    if HEDGEHOG:
-        s_b = tl.load(s_base + (HEAD_DIM + offs_d[:, None]) * HEAD_DIM + offs_d[None, :],
-                      mask=d_ok[:, None] & d_ok[None, :], other=0.0)
-        z_b = tl.load(z_ptr + sz * FEAT + HEAD_DIM + offs_d, mask=d_ok, other=0.0)
-        num += tl.dot(phi_b, s_b)
-        den += tl.sum(phi_b * z_b[None, :], 1)
-
-    # Keys from that chunk's start to each query, quadratically.
-    pk_base = phik_ptr + b * stride_pb + hkv * stride_ph
-    v_base = v_ptr + b * stride_vb + hkv * stride_vh
-    phi_a_lp = phi_a.to(q.dtype)
-    phi_b_lp = phi_b.to(q.dtype)
-    for n0 in range(c0 * CHUNK_SIZE, hi_pos + 1, BLOCK_N):
-        kpos = n0 + offs_n
-        k_ok = kpos <= hi_pos
-        s = _intra_half(phi_a_lp, pk_base, kpos, k_ok, offs_d, stride_pt, 0, HEAD_DIM)
-        if HEDGEHOG:
-            s += _intra_half(phi_b_lp, pk_base, kpos, k_ok, offs_d, stride_pt, HEAD_DIM, HEAD_DIM)
-        s = tl.where(kpos[None, :] <= qpos[:, None], s, 0.0)
-        vv = tl.load(v_base + kpos[:, None] * stride_vt + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        num += tl.dot(s.to(q.dtype), vv.to(q.dtype))
-        den += tl.sum(s, 1)
-    o_base = out_ptr + b * stride_ob + token * stride_ot + h * stride_oh
-    if RAW:  # numerator and denominator, for the hybrid's exact part to merge
-        tl.store(o_base[:, None] + offs_d[None, :], num, mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(o_base + HEAD_DIM, den, mask=row_ok)
-    else:
-        out = num / tl.maximum(den, 1e-6)[:, None]
-        tl.store(o_base[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    phi_a, phi_b = query_features(q, w_ptr, h, offs_m * 0, offs_d, d_ok, HEAD_DIM, HEDGEHOG, 1)
+    num, den = kernel_sums(
+        phi_a, phi_b, token + key_offset, row_ok, s_ptr, z_ptr, (b * (n_q_heads // group) + hkv) * n_slots,
+        phik_ptr + b * stride_pb + hkv * stride_ph, stride_pt, v_ptr + b * stride_vb + hkv * stride_vh, stride_vt,
+        offs_d, d_ok, offs_n, HEDGEHOG, FEAT, HEAD_DIM, CHUNK_SIZE, BLOCK_N,
+    )
+    out = num / tl.maximum(den, 1e-6)[:, None]
+    tl.store(out_ptr + b * stride_ob + token[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 def routed_linear_prefill(
@@ -284,17 +300,16 @@ def routed_linear_prefill(
     expert: int,
     *,
     q_map_weight,
-    shift: int = 0,
     block_m: Optional[int] = None,
     block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> None:
     """Write the linear expert's outputs for its tokens into `out` (B, T, Hq, d), in place.
 
     q (B, Hq, T, d): all queries (only the expert's are read); phi_k (B, Hkv, Tk, F) and v: the
     keys this call attends over, the queries being their last T; states: `key_features_and_states`'
-    S and z; q_map_weight (Hq, d, d) for Hedgehog, None for ELU+1. With `shift` W a query reads only
-    the keys up to W before its own (the hybrid's kernel part); `out` (B, T, Hq, d + 1) float32 then
-    receives the unnormalised numerator and, in the last column, the denominator.
+    S and z; q_map_weight (Hq, d, d) for Hedgehog, None for ELU+1.
     """
     b, hq, t, d = q.shape
     hkv, tk = phi_k.shape[1], phi_k.shape[2]
@@ -310,7 +325,7 @@ def routed_linear_prefill(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         perm.stride(0), seg_start.stride(0),
-        hq, hq // hkv, states[0].shape[2], tk - t, expert, shift,
+        hq, hq // hkv, states[0].shape[2], tk - t, expert,
         HEDGEHOG=hedgehog, FEAT=phi_k.shape[-1], HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CHUNK_SIZE=CHUNK,
-        BLOCK_M=block_m, BLOCK_N=block_n, RAW=out.shape[-1] == d + 1, num_warps=4, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
     )

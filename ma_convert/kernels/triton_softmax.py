@@ -25,6 +25,7 @@ import triton.language as tl
 
 from .launch import launch
 from .spec import NO_WINDOW  # noqa: F401  (the window table's "every earlier key")
+from .triton_linear import CHUNK, kernel_sums, query_features
 
 
 @triton.jit
@@ -67,16 +68,17 @@ def _attend_keys(
 @triton.jit
 def _routed_softmax_prefill(
     q_ptr, k_ptr, v_ptr, out_ptr, perm_ptr, seg_start_ptr, seg_count_ptr, expert_ptr, window_ptr, sinks_ptr,
-    lin_ptr, logw_ptr,
+    phik_ptr, s_ptr, z_ptr, w_ptr, logw_ptr,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_ot, stride_oh,
-    stride_lb, stride_lt, stride_lh,
+    stride_fb, stride_fh, stride_ft,
     stride_pb, stride_sb,
-    n_kv_heads, key_offset, sm_scale, merge_expert,
+    n_kv_heads, key_offset, sm_scale, merge_expert, n_slots,
     GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MERGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MERGE: tl.constexpr, HEDGEHOG: tl.constexpr,
+    FEAT: tl.constexpr, CHUNK_SIZE: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # tokens per block
@@ -138,12 +140,16 @@ def _routed_softmax_prefill(
                                  d_ok, tl.maximum(clear_hi, lo), hi_pos + 1, window, sinks, scale, True, EVEN_D, BLOCK_N)
     if MERGE:  # the hybrid: its kernel part (keys left of the window) joins with weight exp(a_h)
         if expert == merge_expert:
-            lin = lin_ptr + b * stride_lb + token * stride_lt + head * stride_lh
-            lin_num = tl.load(lin[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            lin_den = tl.load(lin + HEAD_DIM, mask=row_ok, other=0.0)
+            phi_a, phi_b = query_features(q, w_ptr, hkv * GROUP + sub * PACK, offs_m % PACK, offs_d, d_ok,
+                                          HEAD_DIM, HEDGEHOG, PACK)
+            num, den = kernel_sums(
+                phi_a, phi_b, qpos - window, row_ok, s_ptr, z_ptr, (b * n_kv_heads + hkv) * n_slots,
+                phik_ptr + b * stride_fb + hkv * stride_fh, stride_ft, v_base, stride_vn, offs_d, d_ok, offs_n,
+                HEDGEHOG, FEAT, HEAD_DIM, CHUNK_SIZE, BLOCK_N,
+            )
             far = tl.exp2(tl.load(logw_ptr + head) * 1.4426950408889634 - m_i)  # m_i: finite, the query sees itself
-            acc += far[:, None] * lin_num
-            l_i += far * lin_den
+            acc += far[:, None] * num
+            l_i += far * den
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
         out_ptr + b * stride_ob + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -174,9 +180,7 @@ def routed_softmax_prefill(
     block_n: int = 128,
     num_warps: int = 8,
     num_stages: int = 2,
-    linear: torch.Tensor | None = None,
-    log_weight: torch.Tensor | None = None,
-    merge_expert: int = -1,
+    hybrid: dict | None = None,
 ) -> None:
     """Write the outputs of the softmax experts' tokens into `out`, in place.
 
@@ -184,10 +188,11 @@ def routed_softmax_prefill(
     last T keys. out (B, T, Hq, d). perm (B, T) int32: token indices sorted by (expert, position);
     seg_start / seg_count (B, E) int32: where each expert's segment of `perm` starts and its size.
     expert_meta (3, S) int32 on the device: the expert index, window (NO_WINDOW: every earlier
-    key) and sink tokens of each softmax expert to run (one launch serves them all). With `linear`
-    (B, T, Hq, d + 1) float32, `log_weight` (Hq,) and `merge_expert`, that expert is the hybrid: each
-    of its queries' softmax over its window and sinks merges with its kernel part, numerator and
-    denominator from `linear`, weighted by exp(log_weight).
+    key) and sink tokens of each softmax expert to run (one launch serves them all). With `hybrid`
+    (`hybrid_part`'s dict: the expert index, phi(k), the chunk states, the query map and log weights),
+    that expert is the hybrid: each of its queries' softmax over its window and sinks merges, under
+    one running maximum and normaliser, with its kernel part over the keys left of its window,
+    computed in the same program and weighted by exp(log_weight).
     """
     b, hq, t, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
@@ -195,21 +200,30 @@ def routed_softmax_prefill(
     pack = _pack(group, block_m)
     block_d = max(16, triton.next_power_of_2(d))
     grid = (triton.cdiv(t, block_m // pack), b * hkv * (group // pack), expert_meta.shape[1])
-    merge = linear is not None
-    lin = linear if merge else out
+    merge = hybrid is not None
+    part = hybrid if merge else dict(expert=-1, phi_k=k, states=(k, k), q_map_weight=None, log_weight=k)  # unread
+    phi_k, (s, z), w = part["phi_k"], part["states"], part["q_map_weight"]
     launch(_routed_softmax_prefill, grid,
         q, k, v, out, perm, seg_start, seg_count, expert_meta[0], expert_meta[1], expert_meta[2],
-        lin, log_weight if merge else expert_meta,
+        phi_k, s, z, k if w is None else w, part["log_weight"],
         q.stride(0), q.stride(2), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        lin.stride(0), lin.stride(1), lin.stride(2),
+        phi_k.stride(0), phi_k.stride(1), phi_k.stride(2),
         perm.stride(0), seg_start.stride(0),
-        hkv, tk - t, scale, merge_expert,
+        hkv, tk - t, scale, part["expert"], s.shape[2] if merge else 0,
         GROUP=group, PACK=pack, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MERGE=merge,
+        HEDGEHOG=w is not None, FEAT=phi_k.shape[-1], CHUNK_SIZE=CHUNK,
         num_warps=num_warps, num_stages=num_stages,
     )
+
+
+def hybrid_part(expert: int, phi_k, states, q_map_weight, log_weight) -> dict:
+    """What `routed_softmax_prefill` needs to compute the hybrid's kernel part: its expert index,
+    phi(k) (B, Hkv, Tk, F) and the chunk states (S, z) of `triton_linear.key_features_and_states`,
+    the query map (Hq, d, d) (None: ELU+1) and the log weights (Hq,)."""
+    return dict(expert=expert, phi_k=phi_k, states=states, q_map_weight=q_map_weight, log_weight=log_weight)
 
 
 # --------------------------------------------------------------------------------------- decode
