@@ -82,10 +82,11 @@ def run(router: str, seed: int, data, args) -> dict:
     train, held = data
     torch.manual_seed(seed)
     cfg = MetaAttnConfig(d_model=args.d_model, n_heads=args.heads, window_size=args.window, router=router,
-                         max_positions=args.seq_len, beta0=args.beta0, prior=args.prior)
+                         max_positions=args.seq_len)
     model = TinyLM(cfg, args.layers, args.seq_len).to(args.device)
     kl_weight = args.kl_weight if router == "bayesian" else 0.0
-    set_objective_weights(model, kl_weight=kl_weight, cost_lambda=args.cost_lambda)
+    set_objective_weights(model, kl_weight=kl_weight, cost_lambda=args.cost_lambda, prior=args.prior,
+                          beta0=args.beta0, start_at_prior=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     started = time.perf_counter()

@@ -38,11 +38,9 @@ def test_presets(preset):
         ("expert_costs", []),
         ("expert_costs", [1.0, -0.1, 0.3]),
         ("router", "mlp"),
-        ("prior", "flat"),
         ("feature_map", "relu"),
         ("linear_window", -1),
         ("linear_window", 2.5),
-        ("beta0", 0),
         ("max_positions", 0),
         ("causal", 1),
     ],
@@ -80,7 +78,7 @@ def test_a_policy_that_the_layer_cannot_run_is_refused():
 @pytest.mark.parametrize(
     "field,value",
     [("kl_weight", -1), ("cost_lambda", -0.5), ("entropy_coeff", float("nan")), ("gumbel_temp", -1.0),
-     ("sample_posterior", "yes")],
+     ("sample_posterior", "yes"), ("prior", "flat"), ("beta0", 0)],
 )
 def test_bad_objective_weights_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"ObjectiveWeights\.{field}=.*must be"):
@@ -123,6 +121,17 @@ def test_former_fields_in_the_current_format_say_where_they_went():
         MetaAttnConfig.from_dict({"format_version": FORMAT_VERSION, "hard_routing": True})
     with pytest.raises(ValueError, match=r"kl_weight.*moved to training"):
         MetaAttnConfig.from_dict({"format_version": FORMAT_VERSION, "kl_weight": 1.0})
+    with pytest.raises(ValueError, match=r"beta0.*moved to training"):
+        MetaAttnConfig.from_dict({"format_version": FORMAT_VERSION, "beta0": 5.0})
+
+
+def test_format_2_reads_with_its_prior_left_to_training():
+    """Format 2 (to 2026-12-03) kept the router's prior among the config fields; the KL alone reads it."""
+    old = {"format_version": 2, "d_model": 64, "n_heads": 4, "router": "bayesian", "prior": "uniform", "beta0": 5.0,
+           "temperature": 0.7}
+    cfg, policy = split_saved_block({"attention": old, "policy": {"mode": "hard"}})
+    assert cfg == MetaAttnConfig(d_model=64, n_heads=4, temperature=0.7) == MetaAttnConfig.from_dict(old)
+    assert policy == RoutingPolicy(mode="hard")
 
 
 def test_replace_validates():

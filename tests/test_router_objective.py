@@ -49,6 +49,25 @@ def test_router_starts_at_the_prior():
     assert dirichlet_kl(r.concentration, router.prior).abs().max() < 0.05
 
 
+def test_the_objectives_prior_sets_the_kl_target_and_can_restart_routing():
+    """The prior is the training objective's: `set_objective_weights` moves the KL's target, and with
+    `start_at_prior` an untrained router's routing too (the KL ~0 again)."""
+    from ma_convert import MetaAttentionLayer, ObjectiveWeights, set_objective_weights
+
+    layer = MetaAttentionLayer(CFG)
+    x = torch.randn(2, 6, 32) * 10
+    set_objective_weights(layer, ObjectiveWeights(prior="uniform", beta0=6.0))
+    router = layer.meta.router
+    torch.testing.assert_close(router.prior, torch.full((3,), 2.0))
+    assert layer.meta.objective_weights.prior == "uniform" and layer.meta.objective_weights.beta0 == 6.0
+    before = router(x, torch.arange(6))
+    assert dirichlet_kl(before.concentration, router.prior).abs().max() > 0.1  # still at the default prior
+    set_objective_weights(layer, prior="uniform", beta0=6.0, start_at_prior=True)
+    after = router(x, torch.arange(6))
+    torch.testing.assert_close(after.mean, torch.full_like(after.mean, 1 / 3), atol=0.05, rtol=0)
+    assert dirichlet_kl(after.concentration, router.prior).abs().max() < 0.05
+
+
 def test_dirichlet_router_sample_mean_uncertainty():
     router = DirichletRouter(CFG, 3)
     x = torch.randn(2, 6, 32)

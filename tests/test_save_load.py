@@ -15,6 +15,7 @@ from arch_cases import all_cases
 from ma_convert import RoutingPolicy, convert, force_expert, set_routing_mode
 from ma_convert.adapters import adapter_for
 from ma_convert.convert import convert_config
+from ma_convert.core.config import FORMAT_VERSION
 from ma_convert.core.controller import DirichletRouter
 from ma_convert.core.experts.linear import HedgehogFeatureMap
 from test_conversion import TOL, spread_routing
@@ -96,6 +97,7 @@ def test_reload_as_remote_code_without_the_package(saved):
 FORMAT_1_EXTRAS = dict(
     hard_routing=True, hard_top_k=1, gumbel_temp=1.0, uncertainty_threshold=None, uncertain_route="full", full_tail=16,
     backend="auto", dense_below=0, sample_posterior=True, kl_weight=1.0, cost_lambda=0.0, entropy_coeff=0.0,
+    prior="compute", beta0=3.0,
 )
 
 
@@ -108,6 +110,22 @@ def save_as_format_1(folder):
     block["format_version"] = 1
     assert len(block["attention"]) == 31 + 1  # the 31 fields of format 1, and its version
     (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_a_format_2_folder_loads_with_its_prior_dropped(tmp_path):
+    """Format 2 (to 2026-12-03) saved the router's prior in `attention`; only training reads it now."""
+    case = next(c for c in CASES if c.name == "llama-gqa")
+    model = converted_and_saved(case, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["meta_attention"]["attention"].update(format_version=2, prior="uniform", beta0=7.0)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(3, case.vocab, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model.eval()(ids).logits, atol=0, rtol=0)
+    reloaded.save_pretrained(tmp_path / "again")
+    attention = json.loads((tmp_path / "again" / "config.json").read_text())["meta_attention"]["attention"]
+    assert attention["format_version"] == FORMAT_VERSION and "prior" not in attention
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -126,7 +144,7 @@ def test_a_format_1_folder_loads_with_its_policy(case, tmp_path):
             torch.testing.assert_close(reloaded(ids).logits, original(ids).logits, **TOL)
     reloaded.save_pretrained(tmp_path / "again")  # saved again: today's format, the same policy
     block = json.loads((tmp_path / "again" / "config.json").read_text())["meta_attention"]
-    assert block["format_version"] == 2 and block["attention"]["format_version"] == 2
+    assert block["format_version"] == 2 and block["attention"]["format_version"] == FORMAT_VERSION
     assert "hard_routing" not in block["attention"] and block["policy"]["full_tail"] == 16
 
 

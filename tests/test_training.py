@@ -406,17 +406,23 @@ def test_the_recipe_sets_every_objective_weight(source, tmp_path):
     from ma_convert.core.control import meta_attention_modules
     from ma_convert.training.loop import RouterFinetune
 
-    chosen = recipe(source, tmp_path / "run", kl_weight=0.5, entropy_coeff=0.1, gumbel_temp=0.7, sample_posterior=False)
+    chosen = recipe(source, tmp_path / "run", kl_weight=0.5, entropy_coeff=0.1, gumbel_temp=0.7, sample_posterior=False,
+                    prior="uniform", beta0=6.0)
     chosen.model.policy = {"dense_below": 0, "full_tail": 2}  # the policy the model is converted with
     run = RouterFinetune(chosen)
     run.setup()
+    modules = meta_attention_modules(run.inner)
+    for m in modules:  # the new routers start at the recipe's prior: uniform
+        torch.testing.assert_close(m.router.initial_bias(), m.router.fc2.bias)
+        torch.testing.assert_close(m.router.prior, torch.full((3,), 2.0))
     assert run._set_step(0)["cost_lambda"] == 0.0
     expected = ObjectiveWeights(kl_weight=0.5, cost_lambda=0.0, entropy_coeff=0.1, gumbel_temp=0.7,
-                                sample_posterior=False)
-    modules = meta_attention_modules(run.inner)
+                                sample_posterior=False, prior="uniform", beta0=6.0)
     assert {m.objective_weights for m in modules} == {expected}
     assert {m.policy for m in modules} == {RoutingPolicy(dense_below=0, full_tail=2)}
     run.accelerator.end_training()
+    with pytest.raises(ValueError, match=r"\['beta0'\] are objective settings now.*training section"):
+        Recipe.from_dict({"model": {"source": str(source), "meta_attention": {"beta0": 6.0}}})
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -13,10 +13,10 @@ from typing import Any, Optional
 
 # Bumped whenever a saved config could be read differently by an older version.
 # 2: the routing policy and the objective weights left the config.
-FORMAT_VERSION = 2
+# 3: the router's prior (`prior`, `beta0`) left it too: it is the ELBO's, a training setting.
+FORMAT_VERSION = 3
 
 ROUTERS = ("bayesian", "softmax")
-PRIORS = ("compute", "uniform")
 FEATURE_MAPS = ("elu", "hedgehog")
 
 # Format 1's config fields that are now the routing policy's (hard_routing becomes its `mode`) ...
@@ -24,6 +24,8 @@ V1_POLICY_FIELDS = ("hard_routing", "hard_top_k", "uncertainty_threshold", "unce
                     "dense_below")
 # ... and those that are now training's objective weights (dropped when an old config is read).
 V1_OBJECTIVE_FIELDS = ("kl_weight", "cost_lambda", "entropy_coeff", "gumbel_temp", "sample_posterior")
+# Format 2's config fields that are now training's objective weights (dropped when an old config is read).
+V2_OBJECTIVE_FIELDS = ("prior", "beta0")
 
 
 def is_int(value: Any) -> bool:
@@ -50,7 +52,8 @@ def migrate_fields(data: dict) -> tuple[dict, dict]:
     The one place old formats are read. Format 1 (or no format_version) kept the runtime policy and
     the training weights among the config fields: the policy's move to the policy, with
     hard_routing and uncertainty_threshold giving its mode as format 1's `routing_mode` did; the
-    training weights are dropped (the training recipe sets them now).
+    training weights are dropped (the training recipe sets them now). Formats 1 and 2 kept the
+    router's prior, which only training reads: dropped too.
     """
     data = dict(data)
     version = data.pop("format_version", 1)
@@ -59,6 +62,9 @@ def migrate_fields(data: dict) -> tuple[dict, dict]:
             f"MetaAttnConfig format_version={version!r} is newer than this ma_convert understands "
             f"({FORMAT_VERSION}); upgrade ma-convert"
         )
+    if version < 3:
+        for name in V2_OBJECTIVE_FIELDS:
+            data.pop(name, None)
     if version >= 2:
         return data, {}
     policy = {name: data.pop(name) for name in V1_POLICY_FIELDS if name in data}
@@ -78,7 +84,8 @@ class MetaAttnConfig:
 
     The defaults are the three built-in experts ``[full, linear, local]`` with costs
     ``[1.0, 0.15, 0.30]`` and a Bayesian Dirichlet router. What a checkpoint is; how it routes
-    (soft, hard, auto, the kernel backend) is its `RoutingPolicy`.
+    (soft, hard, auto, the kernel backend) is its `RoutingPolicy`; how it trains (the KL's prior and
+    the weights of the ELBO's terms), its `ObjectiveWeights`.
     """
 
     # --- shape ---------------------------------------------------------------------------
@@ -111,10 +118,6 @@ class MetaAttnConfig:
     controller_hidden: int = 64
     temperature: float = 1.0
     concentration_eps: float = 1e-3  # floor on Dirichlet concentrations
-
-    # --- prior ---------------------------------------------------------------------------
-    prior: str = "compute"  # Dir(beta0 * pi); "compute": pi proportional to 1 / cost
-    beta0: float = 3.0  # total prior concentration; 3 with a uniform prior is the flat Dir(1,1,1)
 
     def __post_init__(self) -> None:
         self.expert_costs = [float(c) for c in self.expert_costs]
@@ -173,8 +176,6 @@ class MetaAttnConfig:
         need(is_int(self.controller_hidden) and self.controller_hidden >= 1, "controller_hidden", "an integer >= 1")
         need(is_num(self.temperature) and self.temperature > 0, "temperature", "a number > 0")
         need(is_num(self.concentration_eps) and self.concentration_eps > 0, "concentration_eps", "a number > 0")
-        need(self.prior in PRIORS, "prior", f"one of {PRIORS}")
-        need(is_num(self.beta0) and self.beta0 > 0, "beta0", "a number > 0")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
@@ -248,7 +249,7 @@ PRESETS = ("small", "base", "large", "gpt2", "llama_7b")
 def moved_hint(names) -> str:
     """Where former config fields went, for an error about them ('' if none of `names` moved)."""
     policy = [n for n in names if n in V1_POLICY_FIELDS]
-    objective = [n for n in names if n in V1_OBJECTIVE_FIELDS]
+    objective = [n for n in names if n in V1_OBJECTIVE_FIELDS + V2_OBJECTIVE_FIELDS]
     hints = []
     if policy:
         hints.append(f"{policy} moved to the routing policy (RoutingPolicy; hard_routing is its mode)")

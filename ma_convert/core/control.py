@@ -98,15 +98,17 @@ def routing_policy(model: nn.Module, policy: Optional[RoutingPolicy] = None, **c
             m.set_policy(p)
 
 
-def set_objective_weights(model: nn.Module, weights: Optional[ObjectiveWeights] = None, **changes: Any) -> None:
+def set_objective_weights(model: nn.Module, weights: Optional[ObjectiveWeights] = None, *,
+                          start_at_prior: bool = False, **changes: Any) -> None:
     """Give every Meta-Attention module in `model` (or a layer) the training objective's `weights`, or
-    change the named ones of each module's own (``set_objective_weights(model, cost_lambda=0.05)``)."""
+    change the named ones of each module's own (``set_objective_weights(model, cost_lambda=0.05)``).
+    `start_at_prior`: untrained Bayesian routers also start routing at the (new) prior."""
     modules = _require_modules(model)
     if weights is not None and changes:
         raise ValueError("give ObjectiveWeights or the weights to change, not both")
     chosen = [weights if weights is not None else m.objective_weights.replace(**changes) for m in modules]
     for m, w in zip(modules, chosen):
-        m.set_objective_weights(w)
+        m.set_objective_weights(w, start_at_prior=start_at_prior)
 
 
 def routing_stats(model: nn.Module) -> list[RoutingStats]:

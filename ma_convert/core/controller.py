@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..kernels.spec import RouterWeights
 from .config import MetaAttnConfig
 from .initial import InitialValues
-from .objective import prior_concentration, routing_entropy
+from .objective import ObjectiveWeights, prior_concentration, routing_entropy
 
 
 def position_feature(positions: torch.Tensor, max_positions: int) -> torch.Tensor:
@@ -76,26 +76,40 @@ class DirichletRouter(_RouterMLP):
 
     Training uses reparameterised samples (``Dirichlet.rsample``) or the mean; inference uses the
     posterior mean, and the total concentration gives the uncertainty ``K / (K + sum gamma)``.
+    The prior Dir(beta0 * pi) is the training objective's (`ObjectiveWeights.prior`, `.beta0`): a new
+    router starts at the default one, `set_prior` changes it.
     """
 
     def __init__(self, cfg: MetaAttnConfig, n_experts: int) -> None:
         super().__init__(cfg, n_experts)
         self.eps = cfg.concentration_eps
-        self.cfg_costs, self.cfg_prior, self.cfg_beta0 = list(cfg.expert_costs), cfg.prior, cfg.beta0
-        self.register_buffer(
-            "prior", prior_concentration(cfg.expert_costs, cfg.prior, cfg.beta0), persistent=False
-        )
+        self.costs = list(cfg.expert_costs)
+        defaults = ObjectiveWeights()
+        self.prior_kind, self.beta0 = defaults.prior, defaults.beta0
+        self.register_buffer("prior", self.prior_target(), persistent=False)
         self.reset_parameters()
+
+    def prior_target(self) -> torch.Tensor:
+        return prior_concentration(self.costs, self.prior_kind, self.beta0)
+
+    def set_prior(self, kind: str, beta0: float, start_at_it: bool = False) -> None:
+        """The KL's prior Dir(beta0 * pi(kind)); `start_at_it` also moves the routing there (a new
+        router: the output bias that makes the KL ~0)."""
+        if (kind, beta0) != (self.prior_kind, self.beta0):
+            self.prior_kind, self.beta0 = kind, beta0
+            self.prior = self.prior_target().to(self.fc2.bias.device)
+        if start_at_it:
+            with torch.no_grad():
+                self.fc2.bias.copy_(self.initial_bias())
 
     def initial_bias(self) -> torch.Tensor:
         """The output bias that starts routing at the prior: softplus(bias) + eps = beta0 * pi,
         so the KL is ~0 at initialisation."""
-        target = (prior_concentration(self.cfg_costs, self.cfg_prior, self.cfg_beta0) - self.eps).clamp_min(1e-4)
+        target = (self.prior_target() - self.eps).clamp_min(1e-4)
         return target + torch.log(-torch.expm1(-target))  # softplus^-1
 
     def initial_values(self) -> dict[str, torch.Tensor]:
-        prior = prior_concentration(self.cfg_costs, self.cfg_prior, self.cfg_beta0)
-        return {"prior": prior, **self.output_values(self.initial_bias())}
+        return {"prior": self.prior_target(), **self.output_values(self.initial_bias())}
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, sample: bool = False) -> RouterOutput:
         """`sample`: draw the training weights from the posterior (the module asks, per its `sample_posterior`)."""

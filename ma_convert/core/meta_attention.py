@@ -301,15 +301,19 @@ class MetaAttention(InitialValues, nn.Module):
     @property
     def objective_weights(self) -> ObjectiveWeights:
         """The weights of this module's training objective now."""
+        prior = dict(prior=self.router.prior_kind, beta0=self.router.beta0) if hasattr(self.router, "set_prior") else {}
         return ObjectiveWeights(
             kl_weight=self.kl_weight, cost_lambda=self.cost_lambda, entropy_coeff=self.entropy_coeff,
-            gumbel_temp=self.gumbel_temp, sample_posterior=self.sample_posterior,
+            gumbel_temp=self.gumbel_temp, sample_posterior=self.sample_posterior, **prior,
         )
 
-    def set_objective_weights(self, weights: ObjectiveWeights) -> None:
+    def set_objective_weights(self, weights: ObjectiveWeights, start_at_prior: bool = False) -> None:
+        """`start_at_prior`: a new Bayesian router also starts routing at the weights' prior."""
         self.kl_weight, self.cost_lambda = weights.kl_weight, weights.cost_lambda
         self.entropy_coeff, self.gumbel_temp = weights.entropy_coeff, weights.gumbel_temp
         self.sample_posterior = weights.sample_posterior
+        if hasattr(self.router, "set_prior"):  # the Bayesian router; the softmax one has no prior
+            self.router.set_prior(weights.prior, weights.beta0, start_at_prior)
 
     def routed_spec(self) -> RoutedSpec:
         """The experts as the kernels see them (built once; parameters are shared, not copied)."""

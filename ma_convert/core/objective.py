@@ -15,13 +15,17 @@ import torch
 
 from .config import checker, is_num
 
+PRIORS = ("compute", "uniform")
+
 
 @dataclass(frozen=True)
 class ObjectiveWeights:
     """How a Meta-Attention module's training objective weighs its terms (not saved with a model:
     the training recipe sets them, `set_objective_weights` applies them)."""
 
-    kl_weight: float = 1.0  # the ELBO's KL to the compute-aware prior
+    kl_weight: float = 1.0  # the ELBO's KL to the prior Dir(beta0 * pi)
+    prior: str = "compute"  # pi: proportional to 1 / cost ("compute") or "uniform"
+    beta0: float = 3.0  # the prior's total concentration; 3 with a uniform prior is the flat Dir(1,1,1)
     cost_lambda: float = 0.0  # x expected cost per token
     entropy_coeff: float = 0.0  # - x routing entropy per token
     gumbel_temp: float = 1.0  # straight-through Gumbel top-k under hard routing in training
@@ -30,6 +34,8 @@ class ObjectiveWeights:
     def __post_init__(self) -> None:
         need = checker(self)
         need(is_num(self.kl_weight) and self.kl_weight >= 0, "kl_weight", "a number >= 0")
+        need(self.prior in PRIORS, "prior", f"one of {PRIORS}")
+        need(is_num(self.beta0) and self.beta0 > 0, "beta0", "a number > 0")
         need(is_num(self.cost_lambda) and self.cost_lambda >= 0, "cost_lambda", "a number >= 0")
         need(is_num(self.entropy_coeff), "entropy_coeff", "a finite number")
         need(is_num(self.gumbel_temp) and self.gumbel_temp > 0, "gumbel_temp", "a number > 0")

@@ -105,6 +105,8 @@ def load_model(recipe: Recipe, source: ModelSource):
         return AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype)
     model = load_original(source, dtype=dtype)
     convert(model, base_model=source.name, policy=recipe.model.routing_policy(), **recipe.model.meta_attention)
+    for module in meta_attention_modules(model):  # new routers start at the recipe's prior
+        module.set_objective_weights(recipe.training.objective_weights(0.0), start_at_prior=True)
     return model
 
 

@@ -59,15 +59,15 @@ class ModelConfig:
 
 def _reject_moved(meta_attention: dict) -> None:
     """Former config fields (format 1) in model.meta_attention: say where the recipe sets them now."""
-    from ..core.config import V1_OBJECTIVE_FIELDS, V1_POLICY_FIELDS
+    from ..core.config import V1_OBJECTIVE_FIELDS, V1_POLICY_FIELDS, V2_OBJECTIVE_FIELDS
 
     policy = sorted(k for k in meta_attention if k in V1_POLICY_FIELDS)
     if policy:
         raise ValueError(f"recipe model.meta_attention: {policy} are routing policy settings now: set them in "
                          "model.policy (hard_routing: training.final_routing)")
-    objective = sorted(k for k in meta_attention if k in V1_OBJECTIVE_FIELDS)
+    objective = sorted(k for k in meta_attention if k in V1_OBJECTIVE_FIELDS + V2_OBJECTIVE_FIELDS)
     if objective:
-        raise ValueError(f"recipe model.meta_attention: {objective} are objective weights now: set them in the "
+        raise ValueError(f"recipe model.meta_attention: {objective} are objective settings now: set them in the "
                          "training section (cost_lambda: cost_lambda_start and cost_lambda_end)")
 
 
@@ -82,7 +82,9 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     objective: str = "distill"  # "distill" (match the same model forced to full) or "lm" (next-token loss)
     distill_temperature: float = 1.0
-    kl_weight: float = 1.0  # the ELBO's KL to the compute-aware prior
+    kl_weight: float = 1.0  # the ELBO's KL to the prior Dir(beta0 * pi)
+    prior: str = "compute"  # pi: proportional to 1 / cost ("compute") or "uniform"; a new router starts there
+    beta0: float = 3.0  # the prior's total concentration
     entropy_coeff: float = 0.0  # minus this x the routing entropy per token (> 0 keeps routing spread)
     gumbel_temp: float = 1.0  # straight-through Gumbel top-k temperature, once routing is hard
     sample_posterior: bool = True  # soft routing: train on Dirichlet samples (false: on the posterior mean)
@@ -140,7 +142,7 @@ class TrainingConfig:
             value = getattr(self, name)
             _need(_is_int(value) and value >= 0, w, name, value, "an integer >= 0")
         for name in ("lr", "distill_temperature", "temperature_start", "temperature_end", "max_grad_norm",
-                     "gumbel_temp"):
+                     "gumbel_temp", "beta0"):
             value = getattr(self, name)
             _need(_is_number(value) and value > 0, w, name, value, "a number > 0")
         for name in ("weight_decay", "kl_weight", "cost_lambda_start", "cost_lambda_end", "transfer_weight"):
@@ -151,6 +153,7 @@ class TrainingConfig:
         _need(_is_number(self.cost_target_lr) and self.cost_target_lr > 0, w, "cost_target_lr", self.cost_target_lr,
               "a number > 0")
         _need(self.cost_unit in ("projected", "real"), w, "cost_unit", self.cost_unit, "'projected' or 'real'")
+        _need(self.prior in ("compute", "uniform"), w, "prior", self.prior, "'compute' or 'uniform'")
         for name in ("hard_below_entropy", "hard_below_uncertainty"):
             value = getattr(self, name)
             _need(_is_number(value) and 0 < value <= 1, w, name, value, "a number in (0, 1]")
@@ -184,7 +187,8 @@ class TrainingConfig:
         from ..core.objective import ObjectiveWeights
 
         return ObjectiveWeights(kl_weight=self.kl_weight, cost_lambda=cost_lambda, entropy_coeff=self.entropy_coeff,
-                                gumbel_temp=self.gumbel_temp, sample_posterior=self.sample_posterior)
+                                gumbel_temp=self.gumbel_temp, sample_posterior=self.sample_posterior,
+                                prior=self.prior, beta0=self.beta0)
 
 
 @dataclass
