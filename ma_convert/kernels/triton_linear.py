@@ -302,8 +302,6 @@ def routed_linear_prefill(
     q_map_weight,
     block_m: Optional[int] = None,
     block_n: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
 ) -> None:
     """Write the linear expert's outputs for its tokens into `out` (B, T, Hq, d), in place.
 
@@ -327,5 +325,5 @@ def routed_linear_prefill(
         perm.stride(0), seg_start.stride(0),
         hq, hq // hkv, states[0].shape[2], tk - t, expert,
         HEDGEHOG=hedgehog, FEAT=phi_k.shape[-1], HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CHUNK_SIZE=CHUNK,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2,
     )
