@@ -204,7 +204,7 @@ def _eval(args: argparse.Namespace) -> int:
     report = {"report": REPORT_TAG, "folder": str(args.folder), "text": str(args.text), "routing": args.routing,
               "base": args.base, "device": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
               **_provenance(args, package_version), "results": results}
-    title = f"{Path(args.folder).name}: {args.text}, routing {args.routing}, {report['device']}, {report['dtype']}"
+    title = f"{_model_name(args.folder)} on {args.text}, routing {args.routing}, {report['device']}, {report['dtype']}"
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     markdown = (f"<!-- {REPORT_TAG} -->\n" + markdown_report(results, title=title)
                 + f"\n{versions}\n\n```\n{report['command']}\n```\n")
@@ -219,6 +219,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_name(folder) -> str:
+    """A report's name for a folder: its parent too when the folder is only called "model"."""
+    from pathlib import Path
+
+    folder = Path(folder).resolve()
+    return f"{folder.parent.name}/{folder.name}" if folder.name == "model" else folder.name
+
+
 def _eval_frontier(args, model, tokenizer, documents, base, out, device, package_version) -> int:
     """`ma-convert eval --sweep-threshold`: the cost-quality frontier as JSON, Markdown and a PNG plot."""
     import json
@@ -231,9 +239,7 @@ def _eval_frontier(args, model, tokenizer, documents, base, out, device, package
     points = threshold_frontier(model, tokenizer, documents, args.lengths, args.sweep_threshold, base=base,
                                 max_blocks=args.max_blocks)
     paths = tuple(out.with_name(out.name + suffix) for suffix in (".json", ".md", ".png"))
-    folder = Path(args.folder).resolve()
-    name = f"{folder.parent.name}/{folder.name}" if folder.name == "model" else folder.name
-    title = f"{name} on {Path(args.text).name}, {_device_name(device)}"
+    title = f"{_model_name(args.folder)} on {Path(args.text).name}, {_device_name(device)}"
     report = {"report": REPORT_TAG, "folder": str(args.folder), "text": str(args.text), "base": args.base,
               **_provenance(args, package_version), "frontier": points}
     table = frontier_markdown(points)
