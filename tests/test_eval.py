@@ -86,7 +86,8 @@ def test_eval_reports_perplexity_routing_and_costs_per_length(converted, tmp_pat
         assert row["perplexity"] > 1 and row["original_perplexity"] > 1
         assert 0 < row["real_cost"] and 0 < row["projected_cost"] <= 1
         assert len(row["layers"]) == 2 and sum(row["routing"]["expert_fractions"]) == pytest.approx(1)
-    assert "real cost" in (tmp_path / "report.md").read_text()
+    markdown = (tmp_path / "report.md").read_text()
+    assert "real cost" in markdown and f"# converted on {text}, routing hard" in markdown  # the model, then the text
     assert report["versions"]["torch"] == torch.__version__ and report["command"].startswith("ma-convert ")
     assert "wrote" in capsys.readouterr().out
 
