@@ -42,7 +42,6 @@ def test_presets(preset):
         ("linear_window", -1),
         ("linear_window", 2.5),
         ("max_positions", 0),
-        ("causal", 1),
     ],
 )
 def test_bad_values_name_the_field(field, value):
@@ -132,6 +131,18 @@ def test_format_2_reads_with_its_prior_left_to_training():
     cfg, policy = split_saved_block({"attention": old, "policy": {"mode": "hard"}})
     assert cfg == MetaAttnConfig(d_model=64, n_heads=4, temperature=0.7) == MetaAttnConfig.from_dict(old)
     assert policy == RoutingPolicy(mode="hard")
+
+
+def test_format_3_reads_with_its_fixed_fields_dropped():
+    """Format 3 (to 2026-12-03) kept `causal` and `concentration_eps`; both are fixed now."""
+    old = {"format_version": 3, "d_model": 64, "n_heads": 4, "causal": True, "concentration_eps": 1e-3}
+    assert MetaAttnConfig.from_dict(old) == MetaAttnConfig(d_model=64, n_heads=4)
+    with pytest.raises(ValueError, match=r"concentration_eps=0\.01 is no longer supported.*fixed at 1e-3"):
+        MetaAttnConfig.from_dict({**old, "concentration_eps": 0.01})
+    with pytest.raises(ValueError, match=r"causal=False is no longer supported.*MetaAttentionLayer\(cfg, causal=False\)"):
+        MetaAttnConfig.from_dict({**old, "causal": False})
+    with pytest.raises(ValueError, match=r"no field\(s\) \['causal'\].*MetaAttentionLayer"):
+        MetaAttnConfig.from_dict({"format_version": FORMAT_VERSION, "causal": True})
 
 
 def test_replace_validates():

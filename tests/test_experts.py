@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ma_convert import MetaAttnConfig, build_expert, list_experts, register_expert
+from ma_convert import MetaAttentionLayer, MetaAttnConfig, build_expert, list_experts, register_expert
 from ma_convert.experts import AttentionExpert, HeadAttentionExpert
 from reference import allowed_mask, naive_hybrid, naive_linear, naive_softmax
 
@@ -326,5 +326,5 @@ def test_hybrid_is_causal_only_and_decodes_from_a_lagging_state():
     assert not lin.recurrent and build_expert("linear", cfg_for(2)).recurrent
     with pytest.raises(ValueError, match="causally"):
         lin.attend(q, k, v, causal=False)
-    with pytest.raises(ValueError, match="linear_window"):
-        cfg_for(2, linear_window=4, causal=False)
+    with pytest.raises(ValueError, match="linear_window=4 is invalid for a bidirectional"):
+        MetaAttentionLayer(cfg_for(2, linear_window=4), causal=False)

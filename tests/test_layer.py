@@ -27,8 +27,8 @@ CFG = MetaAttnConfig(d_model=64, n_heads=4, n_kv_heads=2, window_size=8, control
 MODES = ["soft", "hard", "auto"]
 
 
-def make_layer(cfg=CFG, mode="soft", training=False, spread=True):
-    layer = MetaAttentionLayer(cfg)
+def make_layer(cfg=CFG, mode="soft", training=False, spread=True, causal=True):
+    layer = MetaAttentionLayer(cfg, causal=causal)
     if spread:  # a router whose choices vary from token to token, so every expert gets tokens
         with torch.no_grad():
             layer.meta.router.fc2.weight.normal_(std=2.0)
@@ -165,7 +165,7 @@ def test_one_hot_routing_gathered_equals_soft_mix():
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_forced_full_is_plain_attention(causal):
-    layer = make_layer(CFG.replace(causal=causal), mode="hard")
+    layer = make_layer(mode="hard", causal=causal)
     x = torch.randn(2, 33, 64)
     with torch.no_grad(), force_expert(layer, "full"):
         out, aux, stats = layer(x)
@@ -191,7 +191,7 @@ def test_force_expert_rejects_unknown_names_before_changing_anything():
 
 
 def test_bidirectional_layer_sees_the_future():
-    layer = make_layer(CFG.replace(causal=False), mode="soft")
+    layer = make_layer(mode="soft", causal=False)
     x = torch.randn(1, 20, 64)
     y = x.clone()
     y[:, -1] += 1.0

@@ -97,7 +97,7 @@ def test_reload_as_remote_code_without_the_package(saved):
 FORMAT_1_EXTRAS = dict(
     hard_routing=True, hard_top_k=1, gumbel_temp=1.0, uncertainty_threshold=None, uncertain_route="full", full_tail=16,
     backend="auto", dense_below=0, sample_posterior=True, kl_weight=1.0, cost_lambda=0.0, entropy_coeff=0.0,
-    prior="compute", beta0=3.0,
+    prior="compute", beta0=3.0, causal=True, concentration_eps=1e-3,
 )
 
 
@@ -126,6 +126,22 @@ def test_a_format_2_folder_loads_with_its_prior_dropped(tmp_path):
     reloaded.save_pretrained(tmp_path / "again")
     attention = json.loads((tmp_path / "again" / "config.json").read_text())["meta_attention"]["attention"]
     assert attention["format_version"] == FORMAT_VERSION and "prior" not in attention
+
+
+def test_a_format_3_folder_loads_with_its_fixed_fields_dropped(tmp_path):
+    """Format 3 (to 2026-12-03) saved `causal` and `concentration_eps` in `attention`; both are fixed now."""
+    case = next(c for c in CASES if c.name == "llama-gqa")
+    model = converted_and_saved(case, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["meta_attention"]["attention"].update(format_version=3, causal=True, concentration_eps=1e-3)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(3, case.vocab, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model.eval()(ids).logits, atol=0, rtol=0)
+    reloaded.save_pretrained(tmp_path / "again")
+    attention = json.loads((tmp_path / "again" / "config.json").read_text())["meta_attention"]["attention"]
+    assert attention["format_version"] == FORMAT_VERSION and not {"causal", "concentration_eps"} & set(attention)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

@@ -42,7 +42,6 @@ class ArchitectureAdapter:
             "max_positions": config.max_position_embeddings,
             # A base model's own attention window stays inside the full expert (Mistral, Phi-3).
             "full_window": getattr(config, "sliding_window", None),
-            "causal": True,
         }
 
     @classmethod

@@ -14,7 +14,9 @@ from typing import Any, Optional
 # Bumped whenever a saved config could be read differently by an older version.
 # 2: the routing policy and the objective weights left the config.
 # 3: the router's prior (`prior`, `beta0`) left it too: it is the ELBO's, a training setting.
-FORMAT_VERSION = 3
+# 4: `causal` and `concentration_eps` left it: a converted model is always causal (the standalone layer
+#    takes `causal=` itself), and the Dirichlet floor is the Bayesian router's constant.
+FORMAT_VERSION = 4
 
 ROUTERS = ("bayesian", "softmax")
 FEATURE_MAPS = ("elu", "hedgehog")
@@ -26,6 +28,8 @@ V1_POLICY_FIELDS = ("hard_routing", "hard_top_k", "uncertainty_threshold", "unce
 V1_OBJECTIVE_FIELDS = ("kl_weight", "cost_lambda", "entropy_coeff", "gumbel_temp", "sample_posterior")
 # Format 2's config fields that are now training's objective weights (dropped when an old config is read).
 V2_OBJECTIVE_FIELDS = ("prior", "beta0")
+# Format 3's fields that became constants, with the only value this version reads them at.
+V3_FIXED_FIELDS = {"causal": True, "concentration_eps": 1e-3}
 
 
 def is_int(value: Any) -> bool:
@@ -53,7 +57,8 @@ def migrate_fields(data: dict) -> tuple[dict, dict]:
     the training weights among the config fields: the policy's move to the policy, with
     hard_routing and uncertainty_threshold giving its mode as format 1's `routing_mode` did; the
     training weights are dropped (the training recipe sets them now). Formats 1 and 2 kept the
-    router's prior, which only training reads: dropped too.
+    router's prior, which only training reads: dropped too. Formats 1 to 3 kept `causal` and
+    `concentration_eps`, now fixed: dropped at their fixed values, refused at any other.
     """
     data = dict(data)
     version = data.pop("format_version", 1)
@@ -65,6 +70,11 @@ def migrate_fields(data: dict) -> tuple[dict, dict]:
     if version < 3:
         for name in V2_OBJECTIVE_FIELDS:
             data.pop(name, None)
+    if version < 4:
+        for name, fixed in V3_FIXED_FIELDS.items():
+            value = data.pop(name, fixed)
+            if value != fixed:
+                raise ValueError(f"MetaAttnConfig.{name}={value!r} is no longer supported{moved_hint([name])}")
     if version >= 2:
         return data, {}
     policy = {name: data.pop(name) for name in V1_POLICY_FIELDS if name in data}
@@ -93,7 +103,6 @@ class MetaAttnConfig:
     n_heads: int = 8
     n_kv_heads: Optional[int] = None  # None: same as n_heads (no GQA)
     head_dim: Optional[int] = None  # None: d_model // n_heads
-    causal: bool = True  # False for encoders: every expert becomes bidirectional
     max_positions: int = 4096  # scales the router's position feature log1p(t)/log1p(max)
 
     # --- experts -------------------------------------------------------------------------
@@ -117,7 +126,6 @@ class MetaAttnConfig:
     router: str = "bayesian"  # "bayesian" (Dirichlet posterior) or "softmax" (prior-free ablation)
     controller_hidden: int = 64
     temperature: float = 1.0
-    concentration_eps: float = 1e-3  # floor on Dirichlet concentrations
 
     def __post_init__(self) -> None:
         self.expert_costs = [float(c) for c in self.expert_costs]
@@ -153,7 +161,6 @@ class MetaAttnConfig:
             "n_heads",
             f"a divisor of d_model={self.d_model} (or set head_dim explicitly)",
         )
-        need(isinstance(self.causal, bool), "causal", "True or False")
         need(is_int(self.max_positions) and self.max_positions >= 1, "max_positions", "an integer >= 1")
         need(
             len(self.expert_costs) >= 1 and all(math.isfinite(c) and c > 0 for c in self.expert_costs),
@@ -170,12 +177,10 @@ class MetaAttnConfig:
         need(is_int(self.sink_tokens) and self.sink_tokens >= 0, "sink_tokens", "an integer >= 0")
         need(self.feature_map in FEATURE_MAPS, "feature_map", f"one of {FEATURE_MAPS}")
         need(is_int(self.linear_window) and self.linear_window >= 0, "linear_window", "an integer >= 0")
-        need(not (self.linear_window and not self.causal), "linear_window", "0 for bidirectional attention (causal=False)")
         need(is_num(self.dropout) and 0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
         need(self.router in ROUTERS, "router", f"one of {ROUTERS}")
         need(is_int(self.controller_hidden) and self.controller_hidden >= 1, "controller_hidden", "an integer >= 1")
         need(is_num(self.temperature) and self.temperature > 0, "temperature", "a number > 0")
-        need(is_num(self.concentration_eps) and self.concentration_eps > 0, "concentration_eps", "a number > 0")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
@@ -255,4 +260,8 @@ def moved_hint(names) -> str:
         hints.append(f"{policy} moved to the routing policy (RoutingPolicy; hard_routing is its mode)")
     if objective:
         hints.append(f"{objective} moved to training (ObjectiveWeights; the recipe's training section)")
+    if "causal" in names:
+        hints.append("causal is True for every converted model; MetaAttentionLayer(cfg, causal=False) is bidirectional")
+    if "concentration_eps" in names:
+        hints.append("concentration_eps is fixed at 1e-3, the Bayesian router's CONCENTRATION_FLOOR")
     return f" ({'; '.join(hints)})" if hints else ""

@@ -71,6 +71,10 @@ class _RouterMLP(InitialValues, nn.Module):
         return {"fc2.weight": torch.empty_like(self.fc2.weight).normal_(0.0, 0.02), "fc2.bias": bias}
 
 
+# The floor on Dirichlet concentrations: keeps sampling and the KL finite when softplus underflows.
+CONCENTRATION_FLOOR = 1e-3
+
+
 class DirichletRouter(_RouterMLP):
     """Bayesian router: gamma(x) = softplus(MLP(x)) + eps parameterises Dir(gamma(x)) per token.
 
@@ -82,7 +86,7 @@ class DirichletRouter(_RouterMLP):
 
     def __init__(self, cfg: MetaAttnConfig, n_experts: int) -> None:
         super().__init__(cfg, n_experts)
-        self.eps = cfg.concentration_eps
+        self.eps = CONCENTRATION_FLOOR
         self.costs = list(cfg.expert_costs)
         defaults = ObjectiveWeights()
         self.prior_kind, self.beta0 = defaults.prior, defaults.beta0

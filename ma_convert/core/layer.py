@@ -48,16 +48,19 @@ class MetaAttentionLayer(nn.Module):
     (:class:`AttentionExpert` subclasses with ``forward(x, mask)``) map hidden states to hidden
     states themselves and always see the whole sequence.
 
-    Causal by default; ``MetaAttnConfig(causal=False)`` makes every expert bidirectional.
-    `policy`: how it routes (default: a soft `RoutingPolicy`).
+    Causal by default; ``causal=False`` makes every expert bidirectional (the hybrid expert,
+    ``linear_window > 0``, is causal only). `policy`: how it routes (default: a soft `RoutingPolicy`).
     """
 
     def __init__(
         self, cfg: MetaAttnConfig, experts: Optional[Sequence[AttentionExpert]] = None, bias: bool = True,
-        policy: Optional[RoutingPolicy] = None,
+        policy: Optional[RoutingPolicy] = None, causal: bool = True,
     ) -> None:
         super().__init__()
-        self.cfg = cfg
+        if not causal and cfg.linear_window:
+            raise ValueError(f"MetaAttnConfig.linear_window={cfg.linear_window} is invalid for a bidirectional "
+                             "layer (causal=False): the hybrid expert is causal only; use 0")
+        self.cfg, self.causal = cfg, causal
         hq, hkv, dh = cfg.n_heads, cfg.kv_heads, cfg.d_head
         self.q_proj = nn.Linear(cfg.d_model, hq * dh, bias=bias)
         self.k_proj = nn.Linear(cfg.d_model, hkv * dh, bias=bias)
@@ -85,7 +88,7 @@ class MetaAttentionLayer(nn.Module):
             k,
             v,
             positions=positions,
-            causal=cfg.causal or mask_is_causal,
+            causal=self.causal or mask_is_causal,
             key_mask=key_mask,
             attn_bias=attn_bias,
             query_valid=key_mask,
