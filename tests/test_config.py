@@ -139,7 +139,7 @@ def test_format_3_reads_with_its_fixed_fields_dropped():
     assert MetaAttnConfig.from_dict(old) == MetaAttnConfig(d_model=64, n_heads=4)
     with pytest.raises(ValueError, match=r"concentration_eps=0\.01 is no longer supported.*fixed at 1e-3"):
         MetaAttnConfig.from_dict({**old, "concentration_eps": 0.01})
-    with pytest.raises(ValueError, match=r"causal=False is no longer supported.*MetaAttentionLayer\(cfg, causal=False\)"):
+    with pytest.raises(ValueError, match=r"causal=False is no longer supported.*MetaAttentionLayer\(cfg, causal="):
         MetaAttnConfig.from_dict({**old, "causal": False})
     with pytest.raises(ValueError, match=r"no field\(s\) \['causal'\].*MetaAttentionLayer"):
         MetaAttnConfig.from_dict({"format_version": FORMAT_VERSION, "causal": True})
