@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ma_convert import MetaAttention, MetaAttnConfig, ObjectiveWeights, RoutingPolicy
+from ma_convert import MetaAttnConfig, ObjectiveWeights, RoutingPolicy
 from ma_convert.core.config import FORMAT_VERSION, PRESETS, migrate_fields
 from ma_convert.core.policy import split_saved_block
 
@@ -55,7 +55,6 @@ def test_bad_values_name_the_field(field, value):
         ("mode", "fast"),
         ("full_tail", -2),
         ("full_tail", 1.5),
-        ("hard_top_k", 0),
         ("backend", "cuda"),
         ("dense_below", -1),
         ("uncertainty_threshold", 1.5),
@@ -70,8 +69,9 @@ def test_bad_policy_values_name_the_field(field, value):
 def test_a_policy_that_the_layer_cannot_run_is_refused():
     with pytest.raises(ValueError, match=r"RoutingPolicy\.uncertainty_threshold=None.*must be.*'auto'"):
         RoutingPolicy(mode="auto")
-    with pytest.raises(ValueError, match=r"RoutingPolicy\.hard_top_k=4.*must be.*\[1, 3\]"):
-        MetaAttention(MetaAttnConfig.small(), policy=RoutingPolicy(hard_top_k=4))
+    with pytest.raises(ValueError, match=r"hard_top_k is no longer supported.*one top expert"):
+        RoutingPolicy.from_dict({"hard_top_k": 2})
+    assert RoutingPolicy.from_dict({"mode": "hard", "hard_top_k": 1}) == RoutingPolicy(mode="hard")
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from ma_convert import (
     set_routing_mode,
     set_routing_policy,
 )
-from ma_convert.core.meta_attention import gumbel_top_k
+from ma_convert.core.meta_attention import gumbel_top_1
 from reference import allowed_mask, naive_softmax
 
 CFG = MetaAttnConfig(d_model=64, n_heads=4, n_kv_heads=2, window_size=8, controller_hidden=16, max_positions=256)
@@ -265,9 +265,9 @@ def test_routing_policy_sets_and_restores_every_module():
     assert [layer.meta.policy for layer in model] == before
     set_routing_policy(model, RoutingPolicy(mode="hard", full_tail=4, backend="torch"))
     assert {layer.meta.policy for layer in model} == {RoutingPolicy(mode="hard", full_tail=4, backend="torch")}
-    with pytest.raises(ValueError, match="hard_top_k=4"):  # checked on every module before any changes
-        set_routing_policy(model, hard_top_k=4)
-    assert all(layer.meta.hard_top_k == 1 for layer in model)
+    with pytest.raises(ValueError, match="uncertainty_threshold=None"):  # checked on every module before any changes
+        set_routing_policy(model, mode="auto")
+    assert all(layer.meta.routing_mode == "hard" for layer in model)
     with pytest.raises(ValueError, match="RoutingPolicy has no field"):
         set_routing_policy(model, tail=3)
 
@@ -326,17 +326,14 @@ def test_aux_loss_terms():
     assert prior_free(x)[1].item() == 0.0  # no KL, and no cost or entropy terms configured
 
 
-def test_gumbel_top_k_is_hard_forward_and_soft_backward():
+def test_gumbel_top_1_is_hard_forward_and_soft_backward():
     logits = torch.randn(4, 5, 3, requires_grad=True)
-    w, mask = gumbel_top_k(logits, 1, 0.5)
+    w, mask = gumbel_top_1(logits, 0.5)
     assert torch.equal(w.detach() != 0, mask)
     assert torch.equal(mask.sum(-1), torch.ones(4, 5, dtype=torch.long))
     torch.testing.assert_close(w.detach().sum(-1), torch.ones(4, 5))
     (w * torch.randn_like(w)).sum().backward()
     assert logits.grad.abs().sum() > 0
-    w2, mask2 = gumbel_top_k(logits.detach(), 2, 0.5)
-    assert torch.equal(mask2.sum(-1), torch.full((4, 5), 2)) and torch.equal(w2 != 0, mask2)
-    torch.testing.assert_close(w2.sum(-1), torch.ones(4, 5))
 
 
 def test_training_hard_stats_report_the_routes_actually_used():

@@ -10,9 +10,8 @@ Routing modes (the `RoutingPolicy`'s ``mode``, settable at any time with `set_ro
 
 - ``soft``: every expert runs on every token; outputs are mixed with the routing weights
   (a Dirichlet sample in training, the posterior mean at inference).
-- ``hard``: each token goes to its top-``hard_top_k`` experts. Training uses straight-through
-  Gumbel top-k (all experts still run, for the gradient); inference runs each expert only on its
-  own tokens.
+- ``hard``: each token goes to its top expert. Training uses straight-through Gumbel top-1 (all
+  experts still run, for the gradient); inference runs each expert only on its own tokens.
 - ``auto``: ``hard``, but tokens whose uncertainty exceeds ``uncertainty_threshold`` go to the
   full expert (``uncertain_route="full"``) or stay soft (``"soft"``).
 """
@@ -49,17 +48,15 @@ def default_experts(cfg: MetaAttnConfig) -> tuple[str, str, str]:
     return ("full", "hybrid" if cfg.linear_window else "linear", "local")
 
 
-def gumbel_top_k(logits: torch.Tensor, k: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Straight-through Gumbel top-k: hard top-k weights forward, soft Gumbel-softmax gradient.
+def gumbel_top_1(logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Straight-through Gumbel top-1: one-hot weights forward, soft Gumbel-softmax gradient.
 
-    Returns the weights and the bool mask of the k experts each token uses.
+    Returns the weights and the bool mask of the expert each token uses.
     """
     gumbel = -torch.empty_like(logits).exponential_().log()
     soft = ((logits + gumbel) / tau).softmax(-1)
-    mask = torch.zeros_like(soft, dtype=torch.bool).scatter_(-1, soft.topk(k, dim=-1).indices, True)
-    hard = torch.where(mask, soft, 0.0)
-    hard = hard / hard.sum(-1, keepdim=True) if k > 1 else mask.float()
-    return hard.detach() - soft.detach() + soft, mask
+    mask = soft == soft.amax(-1, keepdim=True)
+    return mask.float() - soft.detach() + soft, mask
 
 
 MAX_FUSED_HIDDEN = 256  # the routing kernel's limit on controller_hidden; wider routers run in torch
@@ -179,7 +176,7 @@ class MetaAttention(InitialValues, nn.Module):
         self.kernel_index = next((i for i, e in enumerate(experts) if isinstance(e, LinearAttention)), None)
         # Custom experts map hidden states and need routing weights even when every token goes to one expert.
         self._head_experts_only = all(isinstance(e, HeadAttentionExpert) for e in experts)
-        # The policy as plain attributes (routing_mode, hard_top_k, ...): the hot path reads them.
+        # The policy as plain attributes (routing_mode, full_tail, ...): the hot path reads them.
         self.set_policy(RoutingPolicy() if policy is None else policy)
         # An expert index for every token, or a (B|1, T) LongTensor of per-token indices.
         self.forced_expert: Optional[int | torch.Tensor] = None
@@ -266,23 +263,19 @@ class MetaAttention(InitialValues, nn.Module):
         """The routing policy this module runs with now."""
         return RoutingPolicy(
             mode=self.routing_mode, uncertainty_threshold=self.uncertainty_threshold,
-            uncertain_route=self.uncertain_route, full_tail=self.full_tail, hard_top_k=self.hard_top_k,
-            backend=self.backend, dense_below=self.dense_below,
+            uncertain_route=self.uncertain_route, full_tail=self.full_tail, backend=self.backend,
+            dense_below=self.dense_below,
         )
 
     def check_policy(self, policy: RoutingPolicy) -> None:
         """What a policy must satisfy on this module beyond its own validation."""
-        n = len(self.experts)
-        if policy.hard_top_k > n:
-            raise ValueError(f"RoutingPolicy.hard_top_k={policy.hard_top_k!r} is invalid: must be an integer in "
-                             f"[1, {n}] (the number of experts)")
         check_backend(policy.backend)  # a requested kernel library that is missing fails here, early
 
     def set_policy(self, policy: RoutingPolicy) -> None:
         self.check_policy(policy)
         self.routing_mode, self.uncertainty_threshold = policy.mode, policy.uncertainty_threshold
         self.uncertain_route, self.full_tail = policy.uncertain_route, policy.full_tail
-        self.hard_top_k, self.backend, self.dense_below = policy.hard_top_k, policy.backend, policy.dense_below
+        self.backend, self.dense_below = policy.backend, policy.dense_below
 
     def set_routing_mode(
         self,
@@ -360,17 +353,14 @@ class MetaAttention(InitialValues, nn.Module):
             onehot = F.one_hot(forced.expand(b, t), k).float()
             return onehot, onehot.bool(), None
         r = self.router(x, positions, sample=self.training and self.routing_mode == "soft" and self.sample_posterior)
-        top = r.mean.topk(self.hard_top_k, dim=-1).indices
-        chosen = torch.zeros_like(r.mean, dtype=torch.bool).scatter_(-1, top, True)
+        # A soft token is reported as where a hard route would send it (projected cost).
+        chosen = r.mean.argmax(-1, keepdim=True) == torch.arange(k, device=x.device)
         if self.routing_mode == "soft":
-            weights = r.sample if self.training else r.mean
-            # A soft token is reported as where a hard route would send it (projected cost).
-            return weights, r.mean.argmax(-1, keepdim=True) == torch.arange(k, device=x.device), r
+            return (r.sample if self.training else r.mean), chosen, r
         if self.training:
-            weights, chosen = gumbel_top_k(r.logits, self.hard_top_k, self.gumbel_temp)
+            weights, chosen = gumbel_top_1(r.logits, self.gumbel_temp)
             return weights, chosen, r
-        weights = torch.where(chosen, r.mean, 0.0)
-        weights = weights / weights.sum(-1, keepdim=True)
+        weights = chosen.float()
         if self.routing_mode == "auto":
             uncertain = (r.uncertainty > self.uncertainty_threshold).unsqueeze(-1)
             if self.uncertain_route == "full":
@@ -390,8 +380,7 @@ class MetaAttention(InitialValues, nn.Module):
     def _lean_hard_routing(self) -> bool:
         """Inference with one expert per token decided by the router alone: routes come from the
         router's raw output (argmax), with nothing else computed until it is read."""
-        return (not self.training and self.forced_expert is None and self.hard_top_k == 1 and self._head_experts_only
-                and (self.routing_mode == "hard" or (self.routing_mode == "auto" and self.uncertain_route == "full")))
+        return self.forced_expert is None and self._head_experts_only and self._one_expert_per_token()
 
     def route_hard(self, x: torch.Tensor, positions: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) the expert of each token, and the router's raw output it came from (see `_lean_hard_routing`).
@@ -558,8 +547,7 @@ class MetaAttention(InitialValues, nn.Module):
             return False
         if self.forced_expert is not None:
             return True
-        uncertain_ok = self.routing_mode == "hard" or (self.routing_mode == "auto" and self.uncertain_route == "full")
-        return self.hard_top_k == 1 and uncertain_ok
+        return self.routing_mode == "hard" or (self.routing_mode == "auto" and self.uncertain_route == "full")
 
     def _kernels(self, q: torch.Tensor, causal: bool, key_mask, attn_bias) -> Optional[str]:
         """The kernel backend that serves this call, or None for the torch path."""

@@ -19,9 +19,9 @@ UNCERTAIN_ROUTES = ("full", "soft")
 class RoutingPolicy:
     """How tokens are routed at run time.
 
-    - ``mode``: "soft" (every expert runs, outputs mixed), "hard" (each token to its top
-      ``hard_top_k`` experts) or "auto" (hard, but tokens more uncertain than
-      ``uncertainty_threshold`` go to ``uncertain_route``: the full expert, or stay soft).
+    - ``mode``: "soft" (every expert runs, outputs mixed), "hard" (each token to its one top
+      expert) or "auto" (hard, but tokens more uncertain than ``uncertainty_threshold`` go to
+      ``uncertain_route``: the full expert, or stay soft).
     - ``full_tail``: hard and auto routing at inference send the last this-many tokens of every
       forward (the end of a prompt, and so every generated token) to the full expert.
     - ``backend`` / ``dense_below``: the kernels of the GPU fast path (docs/backends.md).
@@ -33,7 +33,6 @@ class RoutingPolicy:
     # Reading a fact back from far away happens at the end of a prompt, and a learned router at a
     # tight budget loses it (benchmarks/results/quality.md): a full tail keeps it.
     full_tail: int = 0
-    hard_top_k: int = 1
     backend: str = "auto"
     # GPU fast path, hard routing: while the context (prompt and cache) is shorter than this, every
     # token runs on the full expert, with no router: the original attention at its own speed, which
@@ -51,7 +50,6 @@ class RoutingPolicy:
              "a number in (0, 1] with mode 'auto'")
         need(self.uncertain_route in UNCERTAIN_ROUTES, "uncertain_route", f"one of {UNCERTAIN_ROUTES}")
         need(is_int(self.full_tail) and self.full_tail >= 0, "full_tail", "an integer >= 0")
-        need(is_int(self.hard_top_k) and self.hard_top_k >= 1, "hard_top_k", "an integer >= 1")
         need(self.backend in BACKENDS, "backend", f"one of {BACKENDS}")
         need(self.dense_below is None or (is_int(self.dense_below) and self.dense_below >= 0), "dense_below",
              "None or an int >= 0")
@@ -61,6 +59,12 @@ class RoutingPolicy:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RoutingPolicy":
+        """A saved policy. Those saved before 2026-12-03 hold ``hard_top_k``, always 1 then in practice:
+        hard routing now sends each token to one expert, so 1 is dropped and any other value refused."""
+        data = dict(data)
+        if data.pop("hard_top_k", 1) != 1:
+            raise ValueError("RoutingPolicy.hard_top_k is no longer supported: hard routing sends each token to "
+                             "its one top expert")
         check_policy_keys(data)
         return cls(**data)
 

@@ -19,8 +19,8 @@ class RoutingStats:
     """Routing statistics over a set of tokens (one layer, or many aggregated with ``+``).
 
     - ``expert_fractions``: share of tokens each expert computes (hard routes; for soft routing,
-      the expert a hard route would pick). They sum to 1 with top-1 routing, to ``hard_top_k``
-      with top-k, and to more when uncertain tokens stay soft (every expert runs on them).
+      the expert a hard route would pick). They sum to 1, or to more when uncertain tokens stay
+      soft (every expert runs on them).
     - ``entropy``: mean normalised entropy of the routing distribution, in [0, 1].
     - ``expected_cost``: mean soft cost sum_i w_i c_i.
     - ``projected_cost``: mean cost of the experts a token is (or would be) routed to, with
