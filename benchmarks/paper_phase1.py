@@ -28,7 +28,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from _common import RESULTS_DIR, environment, environment_markdown, log, markdown_table  # noqa: E402
 
-from ma_convert import MetaAttentionLayer, MetaAttnConfig, RoutingStats, set_objective_weights  # noqa: E402
+from ma_convert import MetaAttentionLayer, MetaAttnConfig, RoutingStats, set_objective_weights, set_routing_mode  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PAPER = {"bayesian": {"projected_cost": 0.251, "entropy": 0.433},
@@ -112,7 +112,7 @@ def evaluate(model, held, args) -> dict:
     """Held-out loss under hard (top-1) routing, and its routing statistics."""
     model.eval()
     for block in model.blocks:
-        block.attn.meta.set_routing_mode("hard")
+        set_routing_mode(block.attn, "hard")
     n = min(len(held) // args.seq_len, args.eval_blocks)
     blocks = held[: n * args.seq_len].view(n, args.seq_len).to(args.device)
     total, stats = 0.0, []

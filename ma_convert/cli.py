@@ -73,7 +73,7 @@ def _layer_quick_start(args: argparse.Namespace) -> None:
     """The core layer's quick start (docs/architecture.md), run for real: soft routing, then hard inference."""
     import torch
 
-    from . import MetaAttentionLayer, MetaAttnConfig, force_expert
+    from . import MetaAttentionLayer, MetaAttnConfig, force_expert, set_routing_mode
 
     torch.manual_seed(args.seed)
     cfg = MetaAttnConfig(d_model=512, n_heads=8)
@@ -99,7 +99,7 @@ def _layer_quick_start(args: argparse.Namespace) -> None:
     print(f"  {stats}")
 
     layer.eval()
-    layer.meta.set_routing_mode("hard")
+    set_routing_mode(layer, "hard")
     with torch.no_grad():
         out, _, stats = layer(x)
     print(f"hard routing (inference, each expert on its own tokens): out {tuple(out.shape)}")

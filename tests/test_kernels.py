@@ -15,6 +15,7 @@ CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
 from ma_convert.core.config import MetaAttnConfig  # noqa: E402
+from ma_convert.core.control import set_routing_mode  # noqa: E402
 from ma_convert.core.meta_attention import CacheInputs, MetaAttention  # noqa: E402
 from ma_convert.core.policy import RoutingPolicy  # noqa: E402
 
@@ -194,7 +195,7 @@ def test_meta_attention_takes_the_fast_path_on_cuda(monkeypatch):
     """run_experts on CUDA with backend auto goes through the kernels (and matches torch)."""
     hq, hkv, d, t = 8, 2, 64, 2048
     meta = make_layer(hq, hkv, d)
-    meta.set_routing_mode("hard", backend="auto")  # dense_below=0: routed even at this length
+    set_routing_mode(meta, "hard", backend="auto")  # dense_below=0: routed even at this length
     calls = []
     original = routed().routed_heads
     monkeypatch.setattr(routed(), "routed_heads", lambda *a, **kw: calls.append(1) or original(*a, **kw))
@@ -340,7 +341,7 @@ def test_routing_kernel_matches_the_torch_router(router, mode):
             p.copy_(torch.randn_like(p) * (0.5 if p.dim() > 1 else 1.0))
     meta.router.temperature = 0.8  # schedules move it after the spec is built: the kernel reads it per call
     meta.routed_spec()
-    meta.set_routing_mode(mode, uncertainty_threshold=0.3 if mode == "auto" else None, full_tail=7)
+    set_routing_mode(meta, mode, uncertainty_threshold=0.3 if mode == "auto" else None, full_tail=7)
     x = torch.randn(2, t, d) * 3 + 0.5
     for positions in (torch.arange(t), torch.randint(0, 500, (2, t))):
         with torch.no_grad():

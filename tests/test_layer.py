@@ -32,7 +32,7 @@ def make_layer(cfg=CFG, mode="soft", training=False, spread=True, causal=True):
     if spread:  # a router whose choices vary from token to token, so every expert gets tokens
         with torch.no_grad():
             layer.meta.router.fc2.weight.normal_(std=2.0)
-    layer.meta.set_routing_mode(mode, uncertainty_threshold=0.3 if mode == "auto" else None)
+    set_routing_mode(layer, mode, uncertainty_threshold=0.3 if mode == "auto" else None)
     return layer.train(training)
 
 
@@ -131,7 +131,7 @@ def test_hard_inference_runs_each_expert_only_on_its_tokens():
         assert calls[i] == ([n] if n else []), (i, calls[i], n)
     assert sum(sum(c) for c in calls.values()) == 64
     # Soft routing runs every expert on every token.
-    layer.meta.set_routing_mode("soft")
+    set_routing_mode(layer, "soft")
     calls = count_expert_queries(layer)
     with torch.no_grad():
         layer(torch.randn(1, 64, 64))
@@ -233,19 +233,19 @@ def test_auto_mode_sends_uncertain_tokens_to_full():
     with torch.no_grad():
         layer(x)
         hard_routes = layer.meta.last_routes.clone()
-        layer.meta.set_routing_mode("auto", uncertainty_threshold=1e-6)  # every token is uncertain
+        set_routing_mode(layer, "auto", uncertainty_threshold=1e-6)  # every token is uncertain
         _, _, stats = layer(x)
         assert stats.expert_fractions == [1.0, 0.0, 0.0]
-        layer.meta.set_routing_mode("auto", uncertainty_threshold=1.0)  # no token is
+        set_routing_mode(layer, "auto", uncertainty_threshold=1.0)  # no token is
         layer(x)
         assert torch.equal(layer.meta.last_routes, hard_routes)
-        layer.meta.set_routing_mode("auto", uncertainty_threshold=1e-6, uncertain_route="soft")
+        set_routing_mode(layer, "auto", uncertainty_threshold=1e-6, uncertain_route="soft")
         calls = count_expert_queries(layer)
         _, _, stats = layer(x)
         assert all(c == [40] for c in calls.values())  # uncertain tokens stay soft: all experts, densely
         assert stats.projected_cost == pytest.approx(sum(CFG.expert_costs))
     with pytest.raises(ValueError, match="RoutingPolicy.mode='fast' is invalid"):
-        layer.meta.set_routing_mode("fast")
+        set_routing_mode(layer, "fast")
 
 
 def test_set_routing_mode_on_a_model():

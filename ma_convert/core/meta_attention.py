@@ -277,20 +277,6 @@ class MetaAttention(InitialValues, nn.Module):
         self.uncertain_route, self.full_tail = policy.uncertain_route, policy.full_tail
         self.backend, self.dense_below = policy.backend, policy.dense_below
 
-    def set_routing_mode(
-        self,
-        mode: str,
-        *,
-        uncertainty_threshold: Optional[float] = None,
-        uncertain_route: Optional[str] = None,
-        full_tail: Optional[int] = None,
-        backend: Optional[str] = None,
-    ) -> None:
-        """Switch to "soft", "hard" or "auto" routing; the other settings given change too (None: kept)."""
-        given = dict(uncertainty_threshold=uncertainty_threshold, uncertain_route=uncertain_route,
-                     full_tail=full_tail, backend=backend)
-        self.set_policy(self.policy.replace(mode=mode, **{k: v for k, v in given.items() if v is not None}))
-
     @property
     def objective_weights(self) -> ObjectiveWeights:
         """The weights of this module's training objective now."""
