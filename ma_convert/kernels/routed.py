@@ -99,20 +99,19 @@ def _prefill(spec, q, k, v, routes, scale, backend, state):
     perm, counts, seg_start = triton_routing.sort_by_expert(routes, spec.n_experts)
     out = torch.empty(b, t, hq, d, device=q.device, dtype=q.dtype)
     hybrid, next_state = _kernel_expert(spec, q, k, v, perm, seg_start, counts, out, state)
-    merge = {} if hybrid is None else dict(hybrid=hybrid)  # the hybrid's tokens join the softmax launch
+    kernel = ("kernel",) if hybrid is not None else ()  # the hybrid's tokens: a softmax launch
     if backend == "flex":
         _flex_softmax(spec, q, k, v, routes, out, scale)
-        names = ("kernel",) if hybrid is not None else ()
+        names = kernel
     elif t < ONE_LAUNCH_BELOW:
-        triton_softmax.routed_softmax_prefill(q, k, v, out, perm, seg_start, counts, spec.table("softmax", q.device),
-                                              scale=scale, **launch_settings("local", d, bool(merge)), **merge)
-        names = ()
+        names = ("softmax",)  # every softmax part in one launch, with the windowed experts' tiles
     else:
-        names = ("full", "local") + (("kernel",) if hybrid is not None else ())
+        names = ("full", "local") + kernel
     for name in names:
+        merges = hybrid is not None and name in ("softmax", "kernel")
         triton_softmax.routed_softmax_prefill(
             q, k, v, out, perm, seg_start, counts, spec.table(name, q.device), scale=scale,
-            **launch_settings(name, d, name == "kernel"), **(merge if name == "kernel" else {}),
+            hybrid=hybrid if merges else None, **launch_settings("local" if name == "softmax" else name, d, merges),
         )
     return out.transpose(1, 2), next_state
 
@@ -124,7 +123,8 @@ def _kernel_expert(spec, q, k, v, perm, seg_start, counts, out, state):
     if spec.hybrid:
         phi_k, s, z, _ = triton_linear.key_features_and_states(spec.k_map_weight, k, v, None, first_key=spec.kernel_sinks,
                                                                skip_end=True)
-        return triton_softmax.hybrid_part(spec.kernel, phi_k, (s, z), spec.q_map_weight, spec.log_weight), None
+        return dict(expert=spec.kernel, phi_k=phi_k, states=(s, z), q_map_weight=spec.q_map_weight,
+                    log_weight=spec.log_weight), None
     t = q.shape[2]
     lk, lv = k[:, :, -t:], v[:, :, -t:]  # the keys before this call are in `state`
     phi_k, s, z, final = triton_linear.key_features_and_states(spec.k_map_weight, lk, lv, state)
@@ -140,12 +140,10 @@ def _flex_softmax(spec, q, k, v, routes, out, scale) -> None:
     from .gather import gather_queries, group_tokens
 
     offset = k.shape[2] - q.shape[2]
-    settings = {spec.full: (spec.full_window, 0), spec.local: (spec.local_window, spec.local_sinks)}
-    for index in (spec.full, spec.local):
+    for index, window, sinks in ((spec.full, spec.full_window, 0), (spec.local, spec.local_window, spec.local_sinks)):
         tokens = group_tokens(routes == index)
         if tokens.shape[1] == 0:
             continue
-        window, sinks = settings[index]
         part = flex_routed_softmax(gather_queries(q, tokens), k, v, tokens, offset, window=window, sinks=sinks, scale=scale)
         valid = tokens >= 0
         rows = tokens.clamp_min(0)
