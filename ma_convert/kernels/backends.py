@@ -29,11 +29,8 @@ BACKEND_NAMES = ("auto", "torch", "sdpa", "triton", "flex", "fla", "flash_attn",
 # Backends that only run on CUDA tensors.
 GPU_ONLY = ("triton", "flex", "fla", "flash_attn", "xformers")
 
-# Modules each backend imports, in the order they are checked.
+# Modules each backend imports, in the order they are checked (auto, torch and sdpa need none).
 _NEEDS = {
-    "auto": (),
-    "torch": (),
-    "sdpa": (),
     "triton": ("triton",),
     "flex": ("torch.nn.attention.flex_attention", "triton"),
     "fla": ("fla", "einops", "triton"),
@@ -64,13 +61,9 @@ def _module_found(module: str) -> bool:
         return False
 
 
-def _unknown(name: str) -> ValueError:
-    return ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
-
-
 def _missing_package(name: str) -> str | None:
     """Why `name` cannot be imported here, or None when all its packages are present."""
-    for module in _NEEDS[name]:
+    for module in _NEEDS.get(name, ()):
         if not _module_found(module):
             return f"needs {_HOW_TO_GET[module]}"
     return None
@@ -94,7 +87,7 @@ def check_backend(name: str) -> None:
     A GPU is not required: a config can be validated on a CPU machine ahead of time.
     """
     if name not in BACKEND_NAMES:
-        raise _unknown(name)
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     reason = _missing_package(name)
     if reason is not None:
         raise BackendUnavailableError(f"attention backend {name!r} {reason}")
@@ -112,8 +105,6 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
 
 @functools.cache
 def _resolve(name: str, device_type: str) -> str:
-    if name not in BACKEND_NAMES:
-        raise _unknown(name)
     if name == "auto":
         return "triton" if device_type == "cuda" and _triton_imports() else "torch"
     if name in GPU_ONLY and device_type != "cuda":
@@ -121,7 +112,7 @@ def _resolve(name: str, device_type: str) -> str:
             f"attention backend {name!r} runs on CUDA tensors and the input is on {device_type}; "
             "use backend='auto' or backend='torch' there"
         )
-    check_backend(name)
+    check_backend(name)  # an unknown name fails here too
     return name
 
 
