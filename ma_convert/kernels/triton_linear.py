@@ -13,8 +13,6 @@ out_i = phi(q_i) . S_i / phi(q_i) . z_i, S_i = sum_{j<=i} phi(k_j) v_j^T, z_i = 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -300,8 +298,6 @@ def routed_linear_prefill(
     expert: int,
     *,
     q_map_weight,
-    block_m: Optional[int] = None,
-    block_n: int = 64,
 ) -> None:
     """Write the linear expert's outputs for its tokens into `out` (B, T, Hq, d), in place.
 
@@ -311,8 +307,8 @@ def routed_linear_prefill(
     """
     b, hq, t, d = q.shape
     hkv, tk = phi_k.shape[1], phi_k.shape[2]
-    if block_m is None:  # H200 sweep: 64 queries a block halve the state reads at d <= 64; at d=128 they spill
-        block_m = 64 if d <= 64 else 32
+    # H200 sweep: 64 queries a block halve the state reads at d <= 64; at d=128 they spill.
+    block_m = 64 if d <= 64 else 32
     hedgehog = q_map_weight is not None
     w = q_map_weight.contiguous() if hedgehog else q  # unused for ELU
     grid = (triton.cdiv(t, block_m), b * hq)
@@ -325,5 +321,5 @@ def routed_linear_prefill(
         perm.stride(0), seg_start.stride(0),
         hq, hq // hkv, states[0].shape[2], tk - t, expert,
         HEDGEHOG=hedgehog, FEAT=phi_k.shape[-1], HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CHUNK_SIZE=CHUNK,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=2,
     )
