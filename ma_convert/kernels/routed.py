@@ -2,22 +2,10 @@
 
 `routed_heads` is what `MetaAttention` calls at inference when every token has exactly one expert
 (hard top-1 routing, or forced routes) and the inputs allow it (CUDA, fp16/bf16, no padding mask or
-additive bias, the three built-in experts). It takes tensors and a `RoutedSpec`, nothing else:
-
-- prefill (T > 1): the routes come from the routing kernel (`triton_routing.route_tokens`, called by
-  the core); tokens are sorted by (expert, position) on the GPU, in one launch. The kernel expert
-  computes phi(k) and chunk states once per kv head (two launches); pure linear, it serves its
-  tokens in one more launch. One more launch runs every softmax part (full, local, the hybrid) on
-  its own tokens, reading their queries and writing their outputs in place; a hybrid token's
-  program also computes its kernel part (keys left of its window, from the chunk states) and
-  merges it under the same running maximum and normaliser. Long prompts (ONE_LAUNCH_BELOW) get
-  one launch per expert with its own tiles. No host sync (grids are sized for every token and the
-  programs past their expert's share exit at once).
-- decode (one new token per row): the linear state takes in the token (one launch; the hybrid's
-  lagging state is caught up by the core with the same kernel); the softmax splits read only what
-  each row's expert needs: the whole cache (full) or its window and sinks (local, hybrid); one
-  launch merges them with the kernel part read from the float32 state. No host sync, so the step
-  can be captured in a CUDA graph.
+additive bias, the three built-in experts). It takes tensors and a `RoutedSpec`, nothing else. No
+prefill or decode step syncs with the host (grids are sized for every token, and programs past their
+expert's share exit at once), so a decode step can be captured in a CUDA graph. docs/backends.md
+("GPU fast path") lists the launches of a prefill and of a decode step.
 """
 
 from __future__ import annotations
@@ -122,7 +110,7 @@ def _kernel_expert(spec, q, k, v, perm, seg_start, counts, out, state):
     (window, sinks and kernel part in one program)."""
     if spec.hybrid:
         phi_k, s, z, _ = triton_linear.key_features_and_states(spec.k_map_weight, k, v, None, first_key=spec.kernel_sinks,
-                                                               skip_end=True)
+                                                               keep_end=False)
         return dict(expert=spec.kernel, phi_k=phi_k, states=(s, z), q_map_weight=spec.q_map_weight,
                     log_weight=spec.log_weight), None
     t = q.shape[2]

@@ -97,11 +97,11 @@ def _key_features_and_chunk_states(
 
 
 def key_features_and_states(k_weight, k: torch.Tensor, v: torch.Tensor, state=None, first_key: int = 0,
-                            skip_end: bool = False):
+                            keep_end: bool = True):
     """phi(k) (B, Hkv, Tk, F) in k's dtype; the fp32 states before every chunk, S (B, Hkv, nC + 1, F, d)
     and z (B, Hkv, nC + 1, F) (the last slot: after all keys); and the state after all keys.
     `k_weight` is the Hedgehog map's (Hkv, d, d), None for ELU+1; `state` = (S0, z0) summarises
-    earlier keys; keys before `first_key` are left out (phi = 0). With `skip_end` (the hybrid, which
+    earlier keys; keys before `first_key` are left out (phi = 0). Without `keep_end` (the hybrid, which
     keeps no state from a prefill) the state after all keys is not returned (None)."""
     b, h, t, d = k.shape
     hedgehog = k_weight is not None
@@ -121,7 +121,6 @@ def key_features_and_states(k_weight, k: torch.Tensor, v: torch.Tensor, state=No
         num_warps=4, num_stages=2,
     )
     # Slot 0 takes the carried state; a running sum over slots makes slot c the state before chunk c.
-    keep_end = not skip_end
     s_end = torch.empty(b, h, feat, d, device=k.device, dtype=torch.float32) if keep_end else s
     z_end = torch.empty(b, h, feat, device=k.device, dtype=torch.float32) if keep_end else z
     s0, z0 = (s, z) if state is None else (state[0].contiguous(), state[1].contiguous())
