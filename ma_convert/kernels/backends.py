@@ -1,13 +1,14 @@
 """Attention backends: which implementation runs the experts, and whether it can run here.
 
-``MetaAttnConfig.backend`` takes one of :data:`BACKEND_NAMES`:
+``RoutingPolicy.backend`` takes one of :data:`BACKEND_NAMES`:
 
 - ``torch``: the plain torch reference path (blocked SDPA calls). Works on every device.
 - ``sdpa``: the same path; every softmax call goes through PyTorch SDPA.
 - ``triton``: ma_convert's own Triton kernels for the gathered routed queries (CUDA).
 - ``flex``: FlexAttention for the full and local experts on gathered queries, Triton for the
   linear expert (CUDA).
-- ``fla``: fla-core's chunked linear attention for the linear expert, Triton for the rest (CUDA).
+- ``fla``: the ``triton`` kernels throughout since they serve the linear expert themselves (fla-core's
+  linear attention is no longer called); the name still requires fla-core (CUDA).
 - ``flash_attn`` / ``xformers``: that library's kernel for dense softmax calls (the full expert
   when it runs on every token, e.g. short sequences), Triton for gathered queries (CUDA).
 - ``auto``: ``triton`` for CUDA tensors when triton imports, else ``torch``.

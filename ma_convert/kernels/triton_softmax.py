@@ -2,7 +2,7 @@
 
 Prefill: every query token has one expert. Tokens are sorted by (expert, position) once per layer
 (`perm`), and each expert's tokens form one segment of it. A launch runs the softmax experts in
-its `expert_meta` (the caller launches one per expert, each with its own tile settings): a program
+its `expert_meta` (all of them in one launch, or one launch each with its own tiles): a program
 takes a block of its expert's tokens, reads their queries straight from q (the gather is
 fused), walks only the keys those queries may see (causal, and the window for local), and writes
 the outputs straight into their rows of `out` (the scatter is fused). Segment sizes stay on the
