@@ -22,4 +22,3 @@ def gather_queries(q: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """(B, H, T, d) -> (B, H, N, d) at token indices (B, N); padding slots read token 0."""
     b, h, _, d = q.shape
     return q.gather(2, tokens.clamp_min(0)[:, None, :, None].expand(b, h, tokens.shape[1], d))
-
