@@ -1,13 +1,14 @@
 """Attention backends: which implementation runs the experts, and whether it can run here.
 
-``MetaAttnConfig.backend`` takes one of :data:`BACKEND_NAMES`:
+``RoutingPolicy.backend`` takes one of :data:`BACKEND_NAMES`:
 
 - ``torch``: the plain torch reference path (blocked SDPA calls). Works on every device.
 - ``sdpa``: the same path; every softmax call goes through PyTorch SDPA.
 - ``triton``: ma_convert's own Triton kernels for the gathered routed queries (CUDA).
 - ``flex``: FlexAttention for the full and local experts on gathered queries, Triton for the
   linear expert (CUDA).
-- ``fla``: fla-core's chunked linear attention for the linear expert, Triton for the rest (CUDA).
+- ``fla``: the ``triton`` kernels throughout since they serve the linear expert themselves (fla-core's
+  linear attention is no longer called); the name still requires fla-core (CUDA).
 - ``flash_attn`` / ``xformers``: that library's kernel for dense softmax calls (the full expert
   when it runs on every token, e.g. short sequences), Triton for gathered queries (CUDA).
 - ``auto``: ``triton`` for CUDA tensors when triton imports, else ``torch``.
@@ -29,11 +30,8 @@ BACKEND_NAMES = ("auto", "torch", "sdpa", "triton", "flex", "fla", "flash_attn",
 # Backends that only run on CUDA tensors.
 GPU_ONLY = ("triton", "flex", "fla", "flash_attn", "xformers")
 
-# Modules each backend imports, in the order they are checked.
+# Modules each backend imports, in the order they are checked (auto, torch and sdpa need none).
 _NEEDS = {
-    "auto": (),
-    "torch": (),
-    "sdpa": (),
     "triton": ("triton",),
     "flex": ("torch.nn.attention.flex_attention", "triton"),
     "fla": ("fla", "einops", "triton"),
@@ -64,13 +62,9 @@ def _module_found(module: str) -> bool:
         return False
 
 
-def _unknown(name: str) -> ValueError:
-    return ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
-
-
 def _missing_package(name: str) -> str | None:
     """Why `name` cannot be imported here, or None when all its packages are present."""
-    for module in _NEEDS[name]:
+    for module in _NEEDS.get(name, ()):
         if not _module_found(module):
             return f"needs {_HOW_TO_GET[module]}"
     return None
@@ -94,7 +88,7 @@ def check_backend(name: str) -> None:
     A GPU is not required: a config can be validated on a CPU machine ahead of time.
     """
     if name not in BACKEND_NAMES:
-        raise _unknown(name)
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     reason = _missing_package(name)
     if reason is not None:
         raise BackendUnavailableError(f"attention backend {name!r} {reason}")
@@ -112,8 +106,6 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
 
 @functools.cache
 def _resolve(name: str, device_type: str) -> str:
-    if name not in BACKEND_NAMES:
-        raise _unknown(name)
     if name == "auto":
         return "triton" if device_type == "cuda" and _triton_imports() else "torch"
     if name in GPU_ONLY and device_type != "cuda":
@@ -121,7 +113,7 @@ def _resolve(name: str, device_type: str) -> str:
             f"attention backend {name!r} runs on CUDA tensors and the input is on {device_type}; "
             "use backend='auto' or backend='torch' there"
         )
-    check_backend(name)
+    check_backend(name)  # an unknown name fails here too
     return name
 
 

@@ -1,12 +1,9 @@
 """Feature maps of kernel (linear) attention, as plain tensor functions.
 
-The core's feature-map modules call these, and the kernels' torch paths use them too, so there is
-one definition of phi.
+The core's feature-map modules call these; the Triton kernels compute the same maps inline.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +19,3 @@ def hedgehog_features(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     proj = torch.einsum("bhtd,hde->bhte", x, weight.to(x.dtype))
     both = torch.cat([proj, -proj], dim=-1)  # one copy; each half's softmax below, in one pass
     return both.view(*proj.shape[:-1], 2, proj.shape[-1]).softmax(-1).view(both.shape)
-
-
-def features(x: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
-    """Hedgehog features with `weight`, ELU+1 features without."""
-    return elu_features(x) if weight is None else hedgehog_features(x, weight)

@@ -36,30 +36,24 @@ def flex_routed_softmax(
     window: int | None,
     sinks: int,
     scale: float | None,
-    compiled: bool | None = None,
 ) -> torch.Tensor:
     """Causal softmax attention for gathered queries; returns (B, Hq, N, d).
 
-    - ``q``: (B, Hq, N, d), the gathered queries; ``k``, ``v``: (B, Hkv, Tk, d), ``Hq % Hkv == 0``.
+    - ``q``: (B, Hq, N, d), N > 0, the gathered queries; ``k``, ``v``: (B, Hkv, Tk, d), ``Hq % Hkv == 0``.
     - ``tokens``: (B, N) long, each query's token index, ascending per row, -1 in trailing padding
       slots (whose outputs are finite and meaningless). Query key index = ``tokens + offset``.
     - ``window``: None for the full expert; W for the local one (the last W keys, itself included)
       with the first ``sinks`` keys always visible.
-    - ``compiled``: None compiles on CUDA only.
 
     No key padding mask or additive bias: callers with those take the torch path.
     """
-    b, hq, n, _ = q.shape
+    n = q.shape[2]
     n_keys = k.shape[2]
-    if n == 0:
-        return q.new_zeros(b, hq, 0, v.shape[-1])
     n_pad = -(-n // BLOCK) * BLOCK
     pos = query_positions(tokens, offset, n_pad)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     block_mask = routed_block_mask(pos, n_keys, window=window, sinks=sinks, backward=needs_grad)
-    if compiled is None:
-        compiled = q.is_cuda
-    attend = _compiled_flex() if compiled else flex_attention
+    attend = _compiled_flex() if q.is_cuda else flex_attention
     out = attend(F.pad(q, (0, 0, 0, n_pad - n)), k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
     return out[:, :, :n]
 

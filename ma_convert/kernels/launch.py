@@ -30,11 +30,6 @@ def _hooks_set() -> bool:
     return any(h is not None and getattr(h, "calls", True) for h in hooks)
 
 
-def _arg_key(value):
-    """What Triton specialises a non-constexpr argument on, or finer."""
-    return _arg_keys([value], [False])[0]
-
-
 def _arg_keys(values, constexpr) -> tuple:
     """Per argument: a constexpr by value; a tensor by dtype and 16-byte alignment; an integer by
     whether it is 1, a multiple of 16, and within 32 and 64 bits; a float as such; anything else
@@ -72,13 +67,11 @@ class DirectLauncher:
         key = (device, tuple(kwargs.items()), _arg_keys(values, self.constexpr))
         compiled = self.compiled.get(key)
         if compiled is None:
-            compiled = self.kernel[grid](*values, **kwargs)
-            self.compiled[key] = compiled
+            self.compiled[key] = self.kernel[grid](*values, **kwargs)
             return
-        g1 = grid[1] if len(grid) > 1 else 1
-        g2 = grid[2] if len(grid) > 2 else 1
+        g0, g1, g2 = (*grid, 1, 1)[:3]
         stream = torch._C._cuda_getCurrentRawStream(device)
-        compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None, *values)
+        compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None, *values)
 
 
 _launchers: dict[int, DirectLauncher] = {}

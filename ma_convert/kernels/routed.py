@@ -2,22 +2,10 @@
 
 `routed_heads` is what `MetaAttention` calls at inference when every token has exactly one expert
 (hard top-1 routing, or forced routes) and the inputs allow it (CUDA, fp16/bf16, no padding mask or
-additive bias, the three built-in experts). It takes tensors and a `RoutedSpec`, nothing else:
-
-- prefill (T > 1): the routes come from the routing kernel (`triton_routing.route_tokens`, called by
-  the core); tokens are sorted by (expert, position) on the GPU, in one launch. The kernel expert
-  computes phi(k) and chunk states once per kv head (two launches); pure linear, it serves its
-  tokens in one more launch. One more launch runs every softmax part (full, local, the hybrid) on
-  its own tokens, reading their queries and writing their outputs in place; a hybrid token's
-  program also computes its kernel part (keys left of its window, from the chunk states) and
-  merges it under the same running maximum and normaliser. Long prompts (ONE_LAUNCH_BELOW) get
-  one launch per expert with its own tiles. No host sync (grids are sized for every token and the
-  programs past their expert's share exit at once).
-- decode (one new token per row): the linear state takes in the token (one launch; the hybrid's
-  lagging state is caught up by the core with the same kernel); the softmax splits read only what
-  each row's expert needs: the whole cache (full) or its window and sinks (local, hybrid); one
-  launch merges them with the kernel part read from the float32 state. No host sync, so the step
-  can be captured in a CUDA graph.
+additive bias, the three built-in experts). It takes tensors and a `RoutedSpec`, nothing else. No
+prefill or decode step syncs with the host (grids are sized for every token, and programs past their
+expert's share exit at once), so a decode step can be captured in a CUDA graph. docs/backends.md
+("GPU fast path") lists the launches of a prefill and of a decode step.
 """
 
 from __future__ import annotations
@@ -99,20 +87,19 @@ def _prefill(spec, q, k, v, routes, scale, backend, state):
     perm, counts, seg_start = triton_routing.sort_by_expert(routes, spec.n_experts)
     out = torch.empty(b, t, hq, d, device=q.device, dtype=q.dtype)
     hybrid, next_state = _kernel_expert(spec, q, k, v, perm, seg_start, counts, out, state)
-    merge = {} if hybrid is None else dict(hybrid=hybrid)  # the hybrid's tokens join the softmax launch
+    kernel = ("kernel",) if hybrid is not None else ()  # the hybrid's tokens: a softmax launch
     if backend == "flex":
         _flex_softmax(spec, q, k, v, routes, out, scale)
-        names = ("kernel",) if hybrid is not None else ()
+        names = kernel
     elif t < ONE_LAUNCH_BELOW:
-        triton_softmax.routed_softmax_prefill(q, k, v, out, perm, seg_start, counts, spec.table("softmax", q.device),
-                                              scale=scale, **launch_settings("local", d, bool(merge)), **merge)
-        names = ()
+        names = ("softmax",)  # every softmax part in one launch, with the windowed experts' tiles
     else:
-        names = ("full", "local") + (("kernel",) if hybrid is not None else ())
+        names = ("full", "local") + kernel
     for name in names:
+        merges = hybrid is not None and name in ("softmax", "kernel")
         triton_softmax.routed_softmax_prefill(
             q, k, v, out, perm, seg_start, counts, spec.table(name, q.device), scale=scale,
-            **launch_settings(name, d, name == "kernel"), **(merge if name == "kernel" else {}),
+            hybrid=hybrid if merges else None, **launch_settings("local" if name == "softmax" else name, d, merges),
         )
     return out.transpose(1, 2), next_state
 
@@ -123,8 +110,9 @@ def _kernel_expert(spec, q, k, v, perm, seg_start, counts, out, state):
     (window, sinks and kernel part in one program)."""
     if spec.hybrid:
         phi_k, s, z, _ = triton_linear.key_features_and_states(spec.k_map_weight, k, v, None, first_key=spec.kernel_sinks,
-                                                               skip_end=True)
-        return triton_softmax.hybrid_part(spec.kernel, phi_k, (s, z), spec.q_map_weight, spec.log_weight), None
+                                                               keep_end=False)
+        return dict(expert=spec.kernel, phi_k=phi_k, states=(s, z), q_map_weight=spec.q_map_weight,
+                    log_weight=spec.log_weight), None
     t = q.shape[2]
     lk, lv = k[:, :, -t:], v[:, :, -t:]  # the keys before this call are in `state`
     phi_k, s, z, final = triton_linear.key_features_and_states(spec.k_map_weight, lk, lv, state)
@@ -140,12 +128,10 @@ def _flex_softmax(spec, q, k, v, routes, out, scale) -> None:
     from .gather import gather_queries, group_tokens
 
     offset = k.shape[2] - q.shape[2]
-    settings = {spec.full: (spec.full_window, 0), spec.local: (spec.local_window, spec.local_sinks)}
-    for index in (spec.full, spec.local):
+    for index, window, sinks in ((spec.full, spec.full_window, 0), (spec.local, spec.local_window, spec.local_sinks)):
         tokens = group_tokens(routes == index)
         if tokens.shape[1] == 0:
             continue
-        window, sinks = settings[index]
         part = flex_routed_softmax(gather_queries(q, tokens), k, v, tokens, offset, window=window, sinks=sinks, scale=scale)
         valid = tokens >= 0
         rows = tokens.clamp_min(0)

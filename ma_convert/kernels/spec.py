@@ -47,40 +47,26 @@ class RoutedSpec:
     def hybrid(self) -> bool:
         return self.kernel_window > 0
 
-    def windows(self) -> list[int]:
-        """Per expert, the keys a softmax read covers (NO_WINDOW: all earlier ones; 0: none)."""
-        windows = [0] * self.n_experts
-        if self.full is not None:
-            windows[self.full] = self.full_window or NO_WINDOW
-        if self.local is not None:
-            windows[self.local] = self.local_window
-        if self.kernel is not None and self.hybrid:
-            windows[self.kernel] = self.kernel_window
-        return windows
-
-    def sinks(self) -> list[int]:
-        sinks = [0] * self.n_experts
-        if self.local is not None:
-            sinks[self.local] = self.local_sinks
-        if self.kernel is not None and self.hybrid:
-            sinks[self.kernel] = self.kernel_sinks
-        return sinks
-
     def table(self, name: str, device: torch.device) -> torch.Tensor:
-        """Device copies of the small per-expert tables, made once per device:
-        "window" and "sinks" (E,) int32; "full" / "local" / "kernel": that expert's (index, window,
-        sinks) column for one prefill launch; "softmax": the columns of every expert with a softmax
-        part (full, local, and the hybrid), for one launch serving them all."""
+        """Device copies of the small per-expert tables, made once per device (on the fast path, where
+        the three experts are set): "window" and "sinks" (E,) int32, the keys a softmax read covers
+        (NO_WINDOW: all earlier ones; 0: none) and the sink keys of each expert; "full" / "local" /
+        "kernel": that expert's (index, window, sinks) column for one prefill launch; "softmax": the
+        columns of every expert with a softmax part (full, local, and the hybrid), for one launch
+        serving them all."""
         key = (name, device)
         if key not in self._tables:
+            windows, sinks = [0] * self.n_experts, [0] * self.n_experts
+            windows[self.full] = self.full_window or NO_WINDOW
+            windows[self.local], sinks[self.local] = self.local_window, self.local_sinks
+            windows[self.kernel], sinks[self.kernel] = self.kernel_window, self.kernel_sinks  # 0, 0: pure linear
             if name in ("window", "sinks"):
-                values = self.windows() if name == "window" else self.sinks()
-                self._tables[key] = torch.tensor(values, dtype=torch.int32, device=device)
+                values = windows if name == "window" else sinks
             else:
-                names = ["full", "local"] + (["kernel"] if self.hybrid else []) if name == "softmax" else [name]
+                names = ("full", "local") + (("kernel",) if self.hybrid else ()) if name == "softmax" else (name,)
                 indices = [getattr(self, n) for n in names]
-                columns = [indices, [self.windows()[i] for i in indices], [self.sinks()[i] for i in indices]]
-                self._tables[key] = torch.tensor(columns, dtype=torch.int32, device=device)
+                values = [indices, [windows[i] for i in indices], [sinks[i] for i in indices]]
+            self._tables[key] = torch.tensor(values, dtype=torch.int32, device=device)
         return self._tables[key]
 
 

@@ -13,8 +13,6 @@ out_i = phi(q_i) . S_i / phi(q_i) . z_i, S_i = sum_{j<=i} phi(k_j) v_j^T, z_i = 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -99,11 +97,11 @@ def _key_features_and_chunk_states(
 
 
 def key_features_and_states(k_weight, k: torch.Tensor, v: torch.Tensor, state=None, first_key: int = 0,
-                            skip_end: bool = False):
+                            keep_end: bool = True):
     """phi(k) (B, Hkv, Tk, F) in k's dtype; the fp32 states before every chunk, S (B, Hkv, nC + 1, F, d)
     and z (B, Hkv, nC + 1, F) (the last slot: after all keys); and the state after all keys.
     `k_weight` is the Hedgehog map's (Hkv, d, d), None for ELU+1; `state` = (S0, z0) summarises
-    earlier keys; keys before `first_key` are left out (phi = 0). With `skip_end` (the hybrid, which
+    earlier keys; keys before `first_key` are left out (phi = 0). Without `keep_end` (the hybrid, which
     keeps no state from a prefill) the state after all keys is not returned (None)."""
     b, h, t, d = k.shape
     hedgehog = k_weight is not None
@@ -123,7 +121,6 @@ def key_features_and_states(k_weight, k: torch.Tensor, v: torch.Tensor, state=No
         num_warps=4, num_stages=2,
     )
     # Slot 0 takes the carried state; a running sum over slots makes slot c the state before chunk c.
-    keep_end = not skip_end
     s_end = torch.empty(b, h, feat, d, device=k.device, dtype=torch.float32) if keep_end else s
     z_end = torch.empty(b, h, feat, device=k.device, dtype=torch.float32) if keep_end else z
     s0, z0 = (s, z) if state is None else (state[0].contiguous(), state[1].contiguous())
@@ -300,8 +297,6 @@ def routed_linear_prefill(
     expert: int,
     *,
     q_map_weight,
-    block_m: Optional[int] = None,
-    block_n: int = 64,
 ) -> None:
     """Write the linear expert's outputs for its tokens into `out` (B, T, Hq, d), in place.
 
@@ -311,8 +306,8 @@ def routed_linear_prefill(
     """
     b, hq, t, d = q.shape
     hkv, tk = phi_k.shape[1], phi_k.shape[2]
-    if block_m is None:  # H200 sweep: 64 queries a block halve the state reads at d <= 64; at d=128 they spill
-        block_m = 64 if d <= 64 else 32
+    # H200 sweep: 64 queries a block halve the state reads at d <= 64; at d=128 they spill.
+    block_m = 64 if d <= 64 else 32
     hedgehog = q_map_weight is not None
     w = q_map_weight.contiguous() if hedgehog else q  # unused for ELU
     grid = (triton.cdiv(t, block_m), b * hq)
@@ -325,5 +320,5 @@ def routed_linear_prefill(
         perm.stride(0), seg_start.stride(0),
         hq, hq // hkv, states[0].shape[2], tk - t, expert,
         HEDGEHOG=hedgehog, FEAT=phi_k.shape[-1], HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CHUNK_SIZE=CHUNK,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=2,
     )

@@ -2,7 +2,7 @@
 
 Prefill: every query token has one expert. Tokens are sorted by (expert, position) once per layer
 (`perm`), and each expert's tokens form one segment of it. A launch runs the softmax experts in
-its `expert_meta` (the caller launches one per expert, each with its own tile settings): a program
+its `expert_meta` (all of them in one launch, or one launch each with its own tiles): a program
 takes a block of its expert's tokens, reads their queries straight from q (the gather is
 fused), walks only the keys those queries may see (causal, and the window for local), and writes
 the outputs straight into their rows of `out` (the scatter is fused). Segment sizes stay on the
@@ -24,7 +24,6 @@ import triton
 import triton.language as tl
 
 from .launch import launch
-from .spec import NO_WINDOW  # noqa: F401  (the window table's "every earlier key")
 from .triton_linear import CHUNK, kernel_sums, query_features
 
 
@@ -189,10 +188,11 @@ def routed_softmax_prefill(
     seg_start / seg_count (B, E) int32: where each expert's segment of `perm` starts and its size.
     expert_meta (3, S) int32 on the device: the expert index, window (NO_WINDOW: every earlier
     key) and sink tokens of each softmax expert to run (one launch serves them all). With `hybrid`
-    (`hybrid_part`'s dict: the expert index, phi(k), the chunk states, the query map and log weights),
-    that expert is the hybrid: each of its queries' softmax over its window and sinks merges, under
-    one running maximum and normaliser, with its kernel part over the keys left of its window,
-    computed in the same program and weighted by exp(log_weight).
+    (a dict: the hybrid's `expert` index, `phi_k` (B, Hkv, Tk, F) and the chunk `states` (S, z) of
+    `triton_linear.key_features_and_states`, the `q_map_weight` (Hq, d, d) (None: ELU+1) and the
+    `log_weight` (Hq,)), that expert is the hybrid: each of its queries' softmax over its window and
+    sinks merges, under one running maximum and normaliser, with its kernel part over the keys left
+    of its window, computed in the same program and weighted by exp(log_weight).
     """
     b, hq, t, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
@@ -217,13 +217,6 @@ def routed_softmax_prefill(
         HEDGEHOG=w is not None, FEAT=phi_k.shape[-1], CHUNK_SIZE=CHUNK,
         num_warps=num_warps, num_stages=num_stages,
     )
-
-
-def hybrid_part(expert: int, phi_k, states, q_map_weight, log_weight) -> dict:
-    """What `routed_softmax_prefill` needs to compute the hybrid's kernel part: its expert index,
-    phi(k) (B, Hkv, Tk, F) and the chunk states (S, z) of `triton_linear.key_features_and_states`,
-    the query map (Hq, d, d) (None: ELU+1) and the log weights (Hq,)."""
-    return dict(expert=expert, phi_k=phi_k, states=states, q_map_weight=q_map_weight, log_weight=log_weight)
 
 
 # --------------------------------------------------------------------------------------- decode
@@ -279,28 +272,13 @@ def _routed_softmax_decode(
         tl.store(part_lse_ptr + part, tl.full([ROWS], float("-inf"), tl.float32), mask=row_ok)
 
 
-def routed_softmax_decode(q, k, v, routes, window_by_expert, sinks_by_expert, *, scale: float, split: int = 512):
-    """One decode step of the softmax experts: q (B, Hq, 1, d), k/v (B, Hkv, L, d) (the cache,
-    this token included), routes (B,) int32 expert of each row; window_by_expert / sinks_by_expert
-    (E,) int32 give each expert's window (NO_WINDOW: every key, 0: not a softmax expert) and sinks.
-    Returns (B, Hq, 1, d) float32, rows no softmax expert served zeros, and each row and head's
-    log2-sum-exp of its scores (B, Hq, 1), -inf where nothing was read. (The torch merge of
-    `softmax_decode_splits`; the fast path merges in `triton_decode.finish_decode` instead.)"""
-    part_out, part_lse = softmax_decode_splits(q, k, v, routes, window_by_expert, sinks_by_expert, scale=scale, split=split)
-    # Merge the splits with weights 2^(lse_s - max); splits (and rows) that saw nothing weigh 0.
-    top = part_lse.amax(-1, keepdim=True)
-    served = top > float("-inf")
-    w = torch.where(served, torch.exp2(part_lse - torch.where(served, top, 0.0)), 0.0)
-    total = w.sum(-1, keepdim=True)
-    out = (part_out * w[..., None]).sum(2) / total.clamp_min(1e-30)
-    lse = torch.where(served, top + torch.log2(total.clamp_min(1e-30)), float("-inf"))
-    return out.unsqueeze(2), lse
-
-
 def softmax_decode_splits(q, k, v, routes, window_by_expert, sinks_by_expert, *, scale: float, split: int = 512,
                           block_n: int = 64):
-    """The launch of `routed_softmax_decode`: per row, head and split of `split` keys, the normalised
-    partial output (B, Hq, n_splits, d) float32 and its log2-sum-exp (B, Hq, n_splits)."""
+    """One decode step of the softmax experts: q (B, Hq, 1, d), k/v (B, Hkv, L, d) (the cache, this token
+    included), routes (B,) int32 expert of each row; window_by_expert / sinks_by_expert (E,) int32 give
+    each expert's window (spec.NO_WINDOW: every key, 0: not a softmax expert) and sinks. Per row, head
+    and split of `split` keys: the normalised partial output (B, Hq, n_splits, d) float32 and its
+    log2-sum-exp (B, Hq, n_splits), -inf where nothing was read (`triton_decode.finish_decode` merges them)."""
     b, hq, _, d = q.shape
     hkv, n_keys = k.shape[1], k.shape[2]
     group = hq // hkv
