@@ -45,7 +45,7 @@ def fake_modules(monkeypatch, missing=(), present_all=True):
 
 
 def test_backend_names_keep_their_order():
-    assert BACKEND_NAMES == ("auto", "torch", "sdpa", "triton", "flex", "fla", "flash_attn", "xformers")
+    assert BACKEND_NAMES == ("auto", "torch", "sdpa", "triton", "flex", "flash_attn", "xformers")
 
 
 def test_unknown_backend_error_lists_the_valid_names():
@@ -66,8 +66,6 @@ def test_check_backend_needs_packages_not_a_gpu(monkeypatch):
 @pytest.mark.parametrize(
     "name, module, words",
     [
-        ("fla", "fla", ["fla-core", "ma-convert[fla]"]),
-        ("fla", "einops", ["einops"]),
         ("flash_attn", "flash_attn", ["flash-attn", "ma-convert[flash]"]),
         ("xformers", "xformers", ["xformers", "ma-convert[xformers]"]),
         ("triton", "triton", ["triton"]),
@@ -91,7 +89,7 @@ def test_backend_status_covers_every_name(monkeypatch):
     status = backend_status()
     assert tuple(status) == BACKEND_NAMES
     assert status["auto"] == status["torch"] == status["sdpa"] == "available"
-    assert status["flex"] == status["fla"] == "needs a CUDA GPU"
+    assert status["flex"] == status["triton"] == "needs a CUDA GPU"
     assert "pip install" in status["xformers"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert backend_status()["flex"] == "available"

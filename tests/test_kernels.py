@@ -131,9 +131,9 @@ def test_hybrid_kernel_with_a_window_over_every_key_is_softmax(dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["flex", "fla"])
+@pytest.mark.parametrize("backend", ["flex"])
 def test_library_backends_match_reference(backend):
-    """FlexAttention for the softmax experts, fla-core for the linear one (where installed)."""
+    """FlexAttention for the softmax experts (where it imports)."""
     from ma_convert.kernels.backends import backend_status
 
     status = backend_status()[backend]

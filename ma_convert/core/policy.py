@@ -60,8 +60,11 @@ class RoutingPolicy:
     @classmethod
     def from_dict(cls, data: dict) -> "RoutingPolicy":
         """A saved policy. Those saved before 2026-12-03 hold ``hard_top_k``, always 1 then in practice:
-        hard routing now sends each token to one expert, so 1 is dropped and any other value refused."""
+        hard routing now sends each token to one expert, so 1 is dropped and any other value refused;
+        and their backend may be ``fla``, which ran the ``triton`` kernels: read as ``triton``."""
         data = dict(data)
+        if data.get("backend") == "fla":  # a name for the triton kernels until 2026-12-03 (fla-core was not called)
+            data["backend"] = "triton"
         if data.pop("hard_top_k", 1) != 1:
             raise ValueError("RoutingPolicy.hard_top_k is no longer supported: hard routing sends each token to "
                              "its one top expert")

@@ -7,8 +7,6 @@
 - ``triton``: ma_convert's own Triton kernels for the gathered routed queries (CUDA).
 - ``flex``: FlexAttention for the full and local experts on gathered queries, Triton for the
   linear expert (CUDA).
-- ``fla``: the ``triton`` kernels throughout since they serve the linear expert themselves (fla-core's
-  linear attention is no longer called); the name still requires fla-core (CUDA).
 - ``flash_attn`` / ``xformers``: that library's kernel for dense softmax calls (the full expert
   when it runs on every token, e.g. short sequences), Triton for gathered queries (CUDA).
 - ``auto``: ``triton`` for CUDA tensors when triton imports, else ``torch``.
@@ -25,16 +23,15 @@ import importlib.util
 
 import torch
 
-BACKEND_NAMES = ("auto", "torch", "sdpa", "triton", "flex", "fla", "flash_attn", "xformers")
+BACKEND_NAMES = ("auto", "torch", "sdpa", "triton", "flex", "flash_attn", "xformers")
 
 # Backends that only run on CUDA tensors.
-GPU_ONLY = ("triton", "flex", "fla", "flash_attn", "xformers")
+GPU_ONLY = ("triton", "flex", "flash_attn", "xformers")
 
 # Modules each backend imports, in the order they are checked (auto, torch and sdpa need none).
 _NEEDS = {
     "triton": ("triton",),
     "flex": ("torch.nn.attention.flex_attention", "triton"),
-    "fla": ("fla", "einops", "triton"),
     "flash_attn": ("flash_attn", "triton"),
     "xformers": ("xformers", "triton"),
 }
@@ -43,8 +40,6 @@ _NEEDS = {
 _HOW_TO_GET = {
     "triton": "the `triton` package (it comes with CUDA builds of torch; else pip install triton)",
     "torch.nn.attention.flex_attention": "torch's FlexAttention (torch >= 2.5): pip install -U torch",
-    "fla": "the `fla-core` package: pip install 'ma-convert[fla]'",
-    "einops": "the `einops` package, which fla-core imports: pip install einops",
     "flash_attn": "the `flash-attn` package: pip install 'ma-convert[flash]'",
     "xformers": "the `xformers` package: pip install 'ma-convert[xformers]'",
 }
@@ -55,7 +50,7 @@ class BackendUnavailableError(RuntimeError):
 
 
 def _module_found(module: str) -> bool:
-    # find_spec locates a module without importing it (triton and fla take seconds to import).
+    # find_spec locates a module without importing it (triton takes seconds to import).
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # a missing parent package, or a broken one
