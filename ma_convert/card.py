@@ -23,11 +23,6 @@ TAGS = ["ma-convert", "meta-attention", "custom_code"]
 TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "template.md"  # shipped in the wheel
 
 
-def load_template() -> str:
-    """The card template's text (``ma_convert/model_cards/template.md``)."""
-    return TEMPLATE.read_text(encoding="utf-8")
-
-
 def conversion_card_info(model, source) -> dict:
     """The card facts of a freshly converted model: its base, its license, and how its weights were obtained."""
     dtype = str(model.dtype).replace("torch.", "")
@@ -105,7 +100,7 @@ def render_model_card(folder: str | Path, info: Mapping) -> str:
         "ma_convert_version": __version__,
     }
     try:
-        text = string.Template(load_template()).substitute(values)
+        text = string.Template(TEMPLATE.read_text(encoding="utf-8")).substitute(values)
     except (KeyError, ValueError) as error:  # a placeholder the renderer does not know: a template bug
         raise ValueError(f"model card template has an unknown or malformed placeholder: {error}") from error
     write_files({folder / "README.md": text})

@@ -127,7 +127,6 @@ def _load_config_file(path: Optional[str]) -> tuple[dict, Optional[RoutingPolicy
         raise ValueError(f"cannot read the config file {path}: {error}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of MetaAttnConfig fields (and a policy: section)")
-    data = dict(data)
     section = data.pop("policy", None) or {}
     if not isinstance(section, dict):
         raise ValueError(f"{path}: policy must be a mapping of RoutingPolicy fields, got {type(section).__name__}")
