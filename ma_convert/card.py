@@ -179,13 +179,8 @@ def _recipe_block(recipe: str | None) -> str:
 
 
 def _fractions(row: Mapping) -> list[float] | None:
-    fractions = row.get("expert_fractions") if isinstance(row, Mapping) else None
-    if fractions is None or len(fractions) != len(EXPERT_NAMES):
-        return None
-    try:
-        return [float(f) for f in fractions]
-    except (TypeError, ValueError):
-        return None
+    fractions = row.get("expert_fractions")
+    return [float(f) for f in fractions] if fractions is not None and len(fractions) == len(EXPERT_NAMES) else None
 
 
 def _routing_table(layer_stats: Sequence[Mapping]) -> str:
@@ -193,7 +188,6 @@ def _routing_table(layer_stats: Sequence[Mapping]) -> str:
         return NOT_MEASURED
     lines = ["| layer | full | linear | local | entropy | projected cost |", "|---|---|---|---|---|---|"]
     for index, row in enumerate(layer_stats):
-        row = row if isinstance(row, Mapping) else {}
         fractions = _fractions(row)
         cells = [_number(f, 3) for f in fractions] if fractions else [NOT_MEASURED] * len(EXPERT_NAMES)
         cells += [_number(row.get("entropy"), 3), _number(row.get("projected_cost"), 3)]

@@ -15,9 +15,7 @@ if TYPE_CHECKING:
 def _demo(args: argparse.Namespace) -> int:
     """The main job: the core layer's quick start, then the full pipeline on SmolLM2-135M."""
     _layer_quick_start(args)
-    if args.layer_only:
-        return 0
-    return _smollm2_pipeline(args)
+    return 0 if args.layer_only else _smollm2_pipeline(args)
 
 
 def _smollm2_pipeline(args: argparse.Namespace) -> int:
