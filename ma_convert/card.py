@@ -5,15 +5,15 @@ The template is ``ma_convert/model_cards/template.md`` (a ``string.Template``), 
 
 from __future__ import annotations
 
-import os
+import io
 import platform
 import re
 import string
-import tempfile
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 
+from .hub import write_files
 from .version import __version__
 
 EXPERT_NAMES = ("full", "linear", "local")
@@ -21,11 +21,6 @@ NOT_MEASURED = "not measured"
 TAGS = ["ma-convert", "meta-attention", "custom_code"]
 
 TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "template.md"  # shipped in the wheel
-
-
-def load_template() -> str:
-    """The card template's text (``ma_convert/model_cards/template.md``)."""
-    return TEMPLATE.read_text(encoding="utf-8")
 
 
 def conversion_card_info(model, source) -> dict:
@@ -41,8 +36,7 @@ def conversion_card_info(model, source) -> dict:
 
 def plot_routing(layer_stats: Sequence[Mapping], path: str | Path) -> Path:
     """Per-layer stacked bars of the full / linear / local expert fractions, written as a PNG."""
-    # Figure + Agg canvas directly, not pyplot: no global backend switch and no GUI, whatever the caller uses.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    # A Figure directly, not pyplot: no global backend switch and no GUI, whatever the caller uses.
     from matplotlib.figure import Figure
 
     fractions = [_fractions(row) for row in layer_stats]
@@ -51,7 +45,6 @@ def plot_routing(layer_stats: Sequence[Mapping], path: str | Path) -> Path:
     path = Path(path)
     layers = list(range(len(fractions)))
     fig = Figure(figsize=(max(4.0, 0.3 * len(layers) + 2.0), 3.2), layout="constrained")
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     bottom = [0.0] * len(layers)
     for k, (name, color) in enumerate(zip(EXPERT_NAMES, ("#4c72b0", "#55a868", "#dd8452"))):
@@ -64,7 +57,9 @@ def plot_routing(layer_stats: Sequence[Mapping], path: str | Path) -> Path:
     ax.set_xlim(-0.6, len(layers) - 0.4)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     ax.set_title("Routing per layer")
-    _atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    write_files({path: buffer.getvalue()})
     return path
 
 
@@ -100,15 +95,12 @@ def render_model_card(folder: str | Path, info: Mapping) -> str:
         "projected_cost": _number(info.get("projected_cost"), 3),
         "repo_id": info.get("repo_id") or "<repo_id or folder>",
         "python_version": platform.python_version(),
-        "torch_version": _installed_version("torch"),
-        "transformers_version": _installed_version("transformers"),
+        "torch_version": installed_version("torch"),
+        "transformers_version": installed_version("transformers"),
         "ma_convert_version": __version__,
     }
-    try:
-        text = string.Template(load_template()).substitute(values)
-    except (KeyError, ValueError) as error:  # a placeholder the renderer does not know: a template bug
-        raise ValueError(f"model card template has an unknown or malformed placeholder: {error}") from error
-    _atomic_write(folder / "README.md", lambda handle: handle.write(text.encode("utf-8")))
+    text = string.Template(TEMPLATE.read_text(encoding="utf-8")).substitute(values)
+    write_files({folder / "README.md": text})
     return text
 
 
@@ -146,9 +138,7 @@ def add_measurement(folder: str | Path, key: str, markdown: str, images: Mapping
         text = text.replace("\n## Usage", f"\n{section}\n## Usage", 1)
     else:
         text = text.rstrip("\n") + f"\n\n{section}"
-    for name, data in (images or {}).items():
-        _atomic_write(folder / name, lambda handle, data=data: handle.write(data))
-    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    write_files({**{folder / name: data for name, data in (images or {}).items()}, path: text})
     return path
 
 
@@ -177,26 +167,17 @@ def is_hub_id(name: str) -> bool:
     return "/" in name
 
 
-def _recipe_block(recipe) -> str:
-    if recipe is None or (isinstance(recipe, str) and not recipe.strip()):
+def _recipe_block(recipe: str | None) -> str:
+    if not recipe or not recipe.strip():
         return NOT_MEASURED
-    if not isinstance(recipe, str):
-        import yaml
-
-        recipe = yaml.safe_dump(recipe, sort_keys=False)
     # A fence longer than any backtick run inside, so the recipe cannot close the block early.
     fence = "`" * max([3] + [len(run) + 1 for run in re.findall(r"`+", recipe)])
     return f"{fence}yaml\n{recipe.strip()}\n{fence}"
 
 
 def _fractions(row: Mapping) -> list[float] | None:
-    fractions = row.get("expert_fractions") if isinstance(row, Mapping) else None
-    if fractions is None or len(fractions) != len(EXPERT_NAMES):
-        return None
-    try:
-        return [float(f) for f in fractions]
-    except (TypeError, ValueError):
-        return None
+    fractions = row.get("expert_fractions")
+    return [float(f) for f in fractions] if fractions is not None and len(fractions) == len(EXPERT_NAMES) else None
 
 
 def _routing_table(layer_stats: Sequence[Mapping]) -> str:
@@ -204,7 +185,6 @@ def _routing_table(layer_stats: Sequence[Mapping]) -> str:
         return NOT_MEASURED
     lines = ["| layer | full | linear | local | entropy | projected cost |", "|---|---|---|---|---|---|"]
     for index, row in enumerate(layer_stats):
-        row = row if isinstance(row, Mapping) else {}
         fractions = _fractions(row)
         cells = [_number(f, 3) for f in fractions] if fractions else [NOT_MEASURED] * len(EXPERT_NAMES)
         cells += [_number(row.get("entropy"), 3), _number(row.get("projected_cost"), 3)]
@@ -241,26 +221,9 @@ def _number(value, digits: int) -> str:
         return NOT_MEASURED
 
 
-def _installed_version(distribution: str) -> str:
+def installed_version(distribution: str) -> str:
     # Read from the installed metadata: no need to import torch or transformers to write a card.
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return "not installed"
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary sibling and rename it into place, so a reader never sees half a file."""
-    tmp = None
-    try:
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        ) as handle:
-            tmp = Path(handle.name)
-            write(handle)
-        os.chmod(tmp, 0o644)  # NamedTemporaryFile makes 0600 files; a card is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        raise

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import platform
 import sys
@@ -16,9 +15,7 @@ if TYPE_CHECKING:
 def _demo(args: argparse.Namespace) -> int:
     """The main job: the core layer's quick start, then the full pipeline on SmolLM2-135M."""
     _layer_quick_start(args)
-    if args.layer_only:
-        return 0
-    return _smollm2_pipeline(args)
+    return 0 if args.layer_only else _smollm2_pipeline(args)
 
 
 def _smollm2_pipeline(args: argparse.Namespace) -> int:
@@ -128,7 +125,6 @@ def _load_config_file(path: Optional[str]) -> tuple[dict, Optional[RoutingPolicy
         raise ValueError(f"cannot read the config file {path}: {error}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of MetaAttnConfig fields (and a policy: section)")
-    data = dict(data)
     section = data.pop("policy", None) or {}
     if not isinstance(section, dict):
         raise ValueError(f"{path}: policy must be a mapping of RoutingPolicy fields, got {type(section).__name__}")
@@ -162,121 +158,87 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    """`ma-convert eval`: the per-length table, or with --sweep-threshold the cost-quality frontier (and a
+    PNG plot), written as a JSON and a Markdown report and, with --card, into the model card."""
     import json
     from pathlib import Path
 
     import torch
     from transformers import AutoTokenizer
 
-    from .card import add_measurement, check_card
-    from .eval.lengths import check_lengths, evaluate_lengths, markdown_report, read_documents
-    from .hub import REPORT_TAG, check_report_paths, write_report
-    from .verify import load_base, converted_config, load_converted
-    from .version import __version__ as package_version
+    from .card import add_measurement, check_card, installed_version
+    from .eval import lengths
+    from .hub import REPORT_TAG, check_report_paths, write_files
+    from .verify import converted_config, load_base, load_converted
+    from .version import __version__
 
     out = Path(args.out) if args.out else Path(f"eval-{Path(args.folder).name}")
     if out.suffix in (".json", ".md"):
         out = out.with_suffix("")
-    paths = out.with_name(out.name + ".json"), out.with_name(out.name + ".md")
-    if args.sweep_threshold:
-        paths += (out.with_name(out.name + ".png"),)
+    suffixes = (".json", ".md", ".png") if args.sweep_threshold else (".json", ".md")
+    paths = [out.with_name(out.name + suffix) for suffix in suffixes]
     check_report_paths(paths, args.overwrite)  # bad input fails before any model loads
     if args.sweep_threshold and any(not 0.0 < t <= 1.0 for t in args.sweep_threshold):
         raise ValueError(f"--sweep-threshold {args.sweep_threshold}: give thresholds in (0, 1]")
     if args.routing == "auto" and args.threshold is None:
         raise ValueError("--routing auto needs --threshold (the uncertainty above which a token goes full)")
-    check_lengths(converted_config(args.folder), args.lengths)
+    lengths.check_lengths(converted_config(args.folder), args.lengths)
     if args.card:
         check_card(args.folder)
     # Enough text for the longest length's blocks (a token is rarely more than 16 characters).
-    documents = read_documents(args.text, max(args.lengths) * args.max_blocks * 16, args.text_field)
+    documents = lengths.read_documents(args.text, max(args.lengths) * args.max_blocks * 16, args.text_field)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_converted(args.folder)
     dtype = next(model.parameters()).dtype
     model = model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(args.folder)
     base = load_base(args.base, dtype).to(device) if args.base else None
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    folder = Path(args.folder).resolve()  # named with its parent when it is only called "model"
+    name = f"{folder.parent.name}/{folder.name}" if folder.name == "model" else folder.name
+    versions = {"ma_convert": __version__, "torch": installed_version("torch"),
+                "transformers": installed_version("transformers")}
+    command = "ma-convert " + " ".join(args.argv)
+    head = {"report": REPORT_TAG, "folder": str(args.folder), "text": str(args.text)}
+    images = {}  # for the card
     if args.sweep_threshold:
-        return _eval_frontier(args, model, tokenizer, documents, base, out, device, package_version)
-    results = evaluate_lengths(model, tokenizer, documents, args.lengths, routing=args.routing,
-                               uncertainty_threshold=args.threshold, base=base, max_blocks=args.max_blocks,
-                               passkey=args.passkey)
-    report = {"report": REPORT_TAG, "folder": str(args.folder), "text": str(args.text), "routing": args.routing,
-              "base": args.base, "device": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
-              **_provenance(args, package_version), "results": results}
-    title = f"{_model_name(args.folder)} on {args.text}, routing {args.routing}, {report['device']}, {report['dtype']}"
-    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
-    markdown = (f"<!-- {REPORT_TAG} -->\n" + markdown_report(results, title=title)
-                + f"\n{versions}\n\n```\n{report['command']}\n```\n")
-    check_report_paths(paths, args.overwrite)  # again: something may have appeared during the run
-    write_report({paths[0]: json.dumps(report, indent=2) + "\n", paths[1]: markdown})
-    print(markdown_report(results, title=title))
-    print(f"wrote {paths[0]} and {paths[1]}")
-    if args.card:
-        heading = f"Measured with `ma-convert eval`: {Path(args.text).name}, routing {args.routing}, {report['device']}"
-        section = markdown_report(results, title=heading).replace("# ", "## ", 1) + f"\n```\n{report['command']}\n```\n"
-        print(f"added to {add_measurement(args.folder, f'eval-{Path(args.text).stem}-{args.routing}', section)}")
-    return 0
-
-
-def _model_name(folder) -> str:
-    """A report's name for a folder: its parent too when the folder is only called "model"."""
-    from pathlib import Path
-
-    folder = Path(folder).resolve()
-    return f"{folder.parent.name}/{folder.name}" if folder.name == "model" else folder.name
-
-
-def _eval_frontier(args, model, tokenizer, documents, base, out, device, package_version) -> int:
-    """`ma-convert eval --sweep-threshold`: the cost-quality frontier as JSON, Markdown and a PNG plot."""
-    import json
-    from pathlib import Path
-
-    from .card import add_measurement
-    from .eval.lengths import frontier_markdown, frontier_png, threshold_frontier
-    from .hub import REPORT_TAG, check_report_paths, write_report
-
-    points = threshold_frontier(model, tokenizer, documents, args.lengths, args.sweep_threshold, base=base,
-                                max_blocks=args.max_blocks)
-    paths = tuple(out.with_name(out.name + suffix) for suffix in (".json", ".md", ".png"))
-    title = f"{_model_name(args.folder)} on {Path(args.text).name}, {_device_name(device)}"
-    report = {"report": REPORT_TAG, "folder": str(args.folder), "text": str(args.text), "base": args.base,
-              **_provenance(args, package_version), "frontier": points}
-    table = frontier_markdown(points)
-    markdown = (f"<!-- {REPORT_TAG} -->\n# {title}: perplexity against real attention cost\n\n{table}\n"
-                f"![frontier]({paths[2].name})\n\n```\n{report['command']}\n```\n")
-    check_report_paths(paths, args.overwrite)
-    plot = frontier_png(points, title)
-    write_report({paths[0]: json.dumps(report, indent=2) + "\n", paths[1]: markdown, paths[2]: plot})
-    print(table)
-    print(f"wrote {paths[0]}, {paths[1]} and {paths[2]}")
-    if args.card:  # the user picks the operating point after training: the curve goes with the model
+        points = lengths.threshold_frontier(model, tokenizer, documents, args.lengths, args.sweep_threshold,
+                                            base=base, max_blocks=args.max_blocks)
+        report = {**head, "base": args.base, "versions": versions, "command": command, "frontier": points}
+        title = f"{name} on {Path(args.text).name}, {device_name}"
+        shown = lengths.frontier_markdown(points)
+        plot = lengths.frontier_png(points, title)
+        markdown = f"# {title}: perplexity against real attention cost\n\n{shown}\n![frontier]({paths[2].name})\n"
+        # The user picks the operating point after training: the curve goes with the model.
         key = f"frontier-{Path(args.text).stem}"
+        images = {f"{key}.png": plot}
         section = (f"## Cost against quality: `auto` routing's uncertainty threshold ({Path(args.text).name})\n\n"
                    "Set a point with `ma_convert.set_routing_mode(model, \"auto\", uncertainty_threshold=T)`.\n\n"
-                   f"{table}\n![frontier]({key}.png)\n\n```\n{report['command']}\n```\n")
-        print(f"added to {add_measurement(args.folder, key, section, images={f'{key}.png': plot})}")
+                   f"{shown}\n![frontier]({key}.png)\n")
+    else:
+        results = lengths.evaluate_lengths(model, tokenizer, documents, args.lengths, routing=args.routing,
+                                           uncertainty_threshold=args.threshold, base=base,
+                                           max_blocks=args.max_blocks, passkey=args.passkey)
+        report = {**head, "routing": args.routing, "base": args.base, "device": device_name,
+                  "dtype": str(dtype).replace("torch.", ""), "versions": versions, "command": command,
+                  "results": results}
+        shown = lengths.markdown_report(results, title=f"{name} on {args.text}, routing {args.routing}, "
+                                                       f"{device_name}, {report['dtype']}")
+        markdown = shown + "\n" + ", ".join(f"{k} {v}" for k, v in versions.items()) + "\n"
+        key = f"eval-{Path(args.text).stem}-{args.routing}"
+        heading = f"Measured with `ma-convert eval`: {Path(args.text).name}, routing {args.routing}, {device_name}"
+        section = lengths.markdown_report(results, title=heading).replace("# ", "## ", 1)
+    fenced = f"\n```\n{command}\n```\n"
+    check_report_paths(paths, args.overwrite)  # again: something may have appeared during the run
+    files = {paths[0]: json.dumps(report, indent=2) + "\n", paths[1]: f"<!-- {REPORT_TAG} -->\n{markdown}{fenced}"}
+    if args.sweep_threshold:
+        files[paths[2]] = plot
+    write_files(files)
+    print(shown)
+    print(f"wrote {', '.join(map(str, paths[:-1]))} and {paths[-1]}")
+    if args.card:
+        print(f"added to {add_measurement(args.folder, key, section + fenced, images=images)}")
     return 0
-
-
-def _provenance(args, package_version: str) -> dict:
-    """What a report records of how it was made: the versions and the command line."""
-    versions = {"ma_convert": package_version, "torch": _installed_version("torch"),
-                "transformers": _installed_version("transformers")}
-    return {"versions": versions, "command": "ma-convert " + " ".join(args.argv)}
-
-
-def _installed_version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _device_name(device) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
 
 
 def _upgrade(args: argparse.Namespace) -> int:
@@ -326,16 +288,14 @@ def _push(args: argparse.Namespace) -> int:
 def _env(args: argparse.Namespace) -> int:
     import torch
 
+    from .card import installed_version
     from .version import __version__
 
     print(f"ma-convert     {__version__}")
     print(f"python         {platform.python_version()} ({platform.platform()})")
-    for name in ("torch", "transformers", "safetensors", "huggingface_hub", "accelerate", "peft", "datasets", "triton", "fla-core"):
-        try:
-            version = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            version = "not installed"
-        print(f"{name:<14} {version}")
+    for name in ("torch", "transformers", "safetensors", "huggingface_hub", "accelerate", "peft", "datasets", "triton",
+                 "fla-core"):
+        print(f"{name:<14} {installed_version(name)}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"cuda:{i}         {torch.cuda.get_device_name(i)}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 from pathlib import Path
 from typing import Any, Optional
@@ -93,6 +92,7 @@ def convert_checkpoint(
     """
     import torch
 
+    from .card import conversion_card_info, render_model_card
     from .hub import atomic_directory, check_output_dir
 
     say = print if verbose else (lambda *a, **k: None)
@@ -110,16 +110,20 @@ def convert_checkpoint(
     say("[3/4] converting the attention layers")
     convert(model, cfg, base_model=base_model or source.name, policy=policy, **overrides)
     say(f"[4/4] writing {out_dir}")
-    with _disk_errors(out_dir), atomic_directory(out_dir, overwrite, sources) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer = load_tokenizer(source)
-        if tokenizer is None:
-            say("      (the source has no tokenizer; none saved)")
-        else:
-            tokenizer.save_pretrained(tmp)
-        from .card import conversion_card_info, render_model_card
-
-        render_model_card(tmp, conversion_card_info(model, source))
+    try:
+        with atomic_directory(out_dir, overwrite, sources) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer = load_tokenizer(source)
+            if tokenizer is None:
+                say("      (the source has no tokenizer; none saved)")
+            else:
+                tokenizer.save_pretrained(tmp)
+            render_model_card(tmp, conversion_card_info(model, source))
+    except OSError as error:  # a full disk as a one-line error; the temporary folder is already gone
+        if error.errno != errno.ENOSPC:
+            raise
+        raise OSError(error.errno, f"no space left on the device while writing {out_dir}; nothing was written") \
+            from None
     return Path(out_dir)
 
 
@@ -155,14 +159,3 @@ def load_tokenizer(source: ModelSource):
         return AutoTokenizer.from_pretrained(source.location, **source.load_kwargs)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-@contextlib.contextmanager
-def _disk_errors(out_dir):
-    """A full disk (or another write error) as a one-line error; the temporary folder is already gone."""
-    try:
-        yield
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise OSError(error.errno, f"no space left on the device while writing {out_dir}; nothing was written") from None
-        raise

@@ -191,18 +191,17 @@ def check_report_paths(paths: Iterable[Path], overwrite: bool) -> None:
             raise OutputFolderError(f"{path} exists and is not a report ma-convert wrote: it is left as it is")
 
 
-def write_report(files: dict[Path, str | bytes]) -> None:
-    """Write each path's text atomically and together: every file goes to a hidden temporary sibling
-    first, and only when all are written are they renamed into place."""
+def write_files(files: dict[Path, str | bytes]) -> None:
+    """Write each path's text or bytes atomically and together: every file goes to a hidden temporary
+    sibling first, and only when all are written are they renamed into place."""
     temporaries = {path: path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp") for path in files}
     try:
-        for path, text in files.items():
+        for path, data in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(text, bytes):
-                temporaries[path].write_bytes(text)
+            if isinstance(data, bytes):
+                temporaries[path].write_bytes(data)
             else:
-                temporaries[path].write_text(text, encoding="utf-8")
-            os.chmod(temporaries[path], 0o644)
+                temporaries[path].write_text(data, encoding="utf-8")
         for path, temporary in temporaries.items():
             os.replace(temporary, path)
     finally:

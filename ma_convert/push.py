@@ -15,20 +15,6 @@ from huggingface_hub import HfApi
 from .hub import MARKER
 from .version import __version__
 
-REQUIRED_FILES = ("config.json", "README.md")
-
-
-def check_push_folder(folder: str | Path) -> Path:
-    """Refuse a folder that is not a finished conversion: no config.json, or no model card."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder; nothing to push")
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
-    if missing:
-        hint = " (write it with ma_convert.card.render_model_card)" if "README.md" in missing else ""
-        raise FileNotFoundError(f"refusing to push {folder}: missing {', '.join(missing)}{hint}")
-    return folder
-
 
 def push_folder(
     folder: str | Path,
@@ -49,7 +35,13 @@ def push_folder(
     when it is not ``main``. Any failure raises ``RuntimeError`` naming the step (create repo / create
     branch / upload) and the server's message. The local folder is only read, never modified.
     """
-    folder = check_push_folder(folder)
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; nothing to push")
+    missing = [name for name in ("config.json", "README.md") if not (folder / name).is_file()]
+    if missing:  # not a finished conversion
+        hint = " (write it with ma_convert.card.render_model_card)" if "README.md" in missing else ""
+        raise FileNotFoundError(f"refusing to push {folder}: missing {', '.join(missing)}{hint}")
     if create_pr and revision not in (None, "main"):
         # huggingface_hub opens pull requests against main only; failing here, before any request,
         # beats creating a branch and then failing the upload.

@@ -9,12 +9,11 @@ transitively) are copied flat: ``ma_convert/core/experts/linear.py`` becomes
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Optional
 
+from .hub import write_files
 from .version import __version__
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -78,27 +77,22 @@ def auto_map(model_type: str, config_class: str, model_class: str) -> dict:
     }
 
 
-def write_remote_code(directory: str | Path, adapter) -> list[str]:
-    """Write the flat modeling files and the two entry modules named in `auto_map`."""
-    directory = Path(directory)
-    module = adapter.causal_lm_class.__module__.rsplit(".", 1)[-1]
-    files = flattened_modules(f"adapters.{module}")
-    flat_adapter = _flat_name(f"adapters.{module}")
+def _remote_files(adapter) -> dict[str, str]:
+    """The flat modeling files and the two entry modules named in `auto_map`: file name -> text."""
+    module = f"adapters.{adapter.causal_lm_class.__module__.rsplit('.', 1)[-1]}"
+    files = flattened_modules(module)
     model_type = adapter.config_class.model_type
     for kind, cls in (("configuration", adapter.config_class), ("modeling", adapter.causal_lm_class)):
-        files[f"{kind}_{model_type}.py"] = f"{_header()}; do not edit.\nfrom .{flat_adapter} import {cls.__name__}  # noqa: F401\n"
-    for name, text in files.items():
-        _write_atomically(directory / name, text)
+        files[f"{kind}_{model_type}.py"] = (f"{_header()}; do not edit.\n"
+                                            f"from .{_flat_name(module)} import {cls.__name__}  # noqa: F401\n")
+    return files
+
+
+def write_remote_code(directory: str | Path, adapter) -> list[str]:
+    """Write the flat modeling files and the two entry modules named in `auto_map`."""
+    files = _remote_files(adapter)
+    write_files({Path(directory) / name: text for name, text in files.items()})
     return sorted(files)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as handle:
-        handle.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(handle.name, 0o666 & ~umask)
-    os.replace(handle.name, path)
 
 
 def generated_files(directory: str | Path) -> dict[str, int]:
@@ -153,10 +147,7 @@ def upgrade_remote_code(directory: str | Path, adapter) -> list[str]:
     files ma-convert generated before and no longer needs are removed; any other .py file is refused."""
     directory = Path(directory)
     ours = generated_files(directory)
-    module = adapter.causal_lm_class.__module__.rsplit(".", 1)[-1]
-    wanted = set(flattened_modules(f"adapters.{module}")) | {
-        f"configuration_{adapter.config_class.model_type}.py", f"modeling_{adapter.config_class.model_type}.py"}
-    foreign = sorted(name for name in wanted if (directory / name).exists() and name not in ours)
+    foreign = sorted(name for name in _remote_files(adapter) if (directory / name).exists() and name not in ours)
     if foreign:
         raise FileExistsError(f"refusing to upgrade {directory}: {', '.join(foreign)} were not written by ma-convert")
     written = write_remote_code(directory, adapter)

@@ -31,7 +31,6 @@ folder, ids_file, out_file = sys.argv[1:4]
 model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
 with torch.no_grad():
     torch.save(model(torch.load(ids_file)).logits, out_file)
-print(type(model).__module__)
 """
 
 

@@ -182,7 +182,7 @@ def test_template_ships_inside_the_package():
 
     assert card.TEMPLATE.is_file() and card.TEMPLATE.parent.parent == Path(card.__file__).parent
     shipped = importlib.resources.files("ma_convert").joinpath("model_cards/template.md").read_text(encoding="utf-8")
-    assert card.load_template() == shipped
+    assert card.TEMPLATE.read_text(encoding="utf-8") == shipped
     pyproject = tomllib.loads((Path(card.__file__).parents[1] / "pyproject.toml").read_text())
     assert "model_cards/*.md" in pyproject["tool"]["setuptools"]["package-data"]["ma_convert"]
     placeholders = {m["named"] or m["braced"] for m in string.Template.pattern.finditer(shipped)} - {None}

@@ -43,23 +43,13 @@ def read_documents(spec: str, max_chars: int, text_field: str = "text") -> list[
     return documents
 
 
-def max_positions(model) -> Optional[int]:
-    """The longest sequence a model's (or a config's) positions allow (None: not bounded)."""
-    config = getattr(model, "config", model)
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def check_lengths(model, lengths: Sequence[int]) -> list[int]:
-    """The lengths, validated against the model's positions before any work."""
-    limit = max_positions(model)
+    """The lengths, validated against the positions of a converted model (or its config) before any work."""
+    limit = getattr(model, "config", model).max_position_embeddings  # every adapter reads it
     lengths = [int(n) for n in lengths]
     if not lengths or any(n < 2 for n in lengths):
         raise ValueError(f"--lengths {lengths}: give one or more lengths of at least 2 tokens")
-    too_long = [n for n in lengths if limit is not None and n > limit]
+    too_long = [n for n in lengths if n > limit]
     if too_long:
         raise ValueError(f"--lengths {too_long}: beyond the model's {limit} positions")
     return lengths
@@ -127,8 +117,6 @@ def evaluate_lengths(
 
     if routing not in ROUTINGS:
         raise ValueError(f"routing={routing!r} is invalid: must be one of {ROUTINGS}")
-    if not meta_attention_modules(model):
-        raise ValueError(f"{type(model).__name__} has no Meta-Attention module: evaluate a converted model")
     lengths = check_lengths(model, lengths)
     if max_blocks < 1:
         raise ValueError(f"max_blocks={max_blocks}: must be >= 1")
@@ -164,8 +152,7 @@ def _passkey(model, tokenizer, length: int, n_keys: int, progress=None) -> dict:
     that the answer fits too (`prompt_tokens` says how many)."""
     from .passkey import make_passkey_prompts, passkey_accuracy
 
-    limit = max_positions(model)
-    prompt = length if limit is None else min(length, limit - PASSKEY_NEW_TOKENS)
+    prompt = min(length, model.config.max_position_embeddings - PASSKEY_NEW_TOKENS)
     prompts = make_passkey_prompts(tokenizer, prompt, n_keys=n_keys)
     result = passkey_accuracy(model, tokenizer, prompts, max_new_tokens=PASSKEY_NEW_TOKENS, progress=progress)
     answers = [{k: o[k] for k in ("key", "depth", "output")} for o in result["outputs"]]
@@ -219,16 +206,12 @@ def threshold_frontier(model, tokenizer, documents: Sequence[str], lengths: Sequ
     for n in lengths:
         blocks = blocks_of(documents, tokenizer, n, max_blocks)
         original = read_blocks(base, blocks, routed=False)["perplexity"] if base is not None else None
-        runs = [(f"auto {t:g}", dict(routing="auto", threshold=t)) for t in thresholds]
-        runs += [(f"all {name}", dict(expert=name)) for name in cheap]
-        for label, how in tqdm(runs, desc=f"frontier at {n}", disable=not progress):
-            if "expert" in how:
-                with force_expert(model, how["expert"]):
-                    row = read_blocks(model, blocks, routed=True)
-            else:
-                with routing_for_eval(model, "auto", uncertainty_threshold=how["threshold"]):
-                    row = read_blocks(model, blocks, routed=True)
-            points.append({"length": n, "point": label, "threshold": how.get("threshold"),
+        runs = [(f"auto {t:g}", t, routing_for_eval(model, "auto", uncertainty_threshold=t)) for t in thresholds]
+        runs += [(f"all {name}", None, force_expert(model, name)) for name in cheap]
+        for label, threshold, routing in tqdm(runs, desc=f"frontier at {n}", disable=not progress):
+            with routing:
+                row = read_blocks(model, blocks, routed=True)
+            points.append({"length": n, "point": label, "threshold": threshold,
                            "perplexity": row["perplexity"], "original_perplexity": original,
                            "real_cost": row["real_cost"], "projected_cost": row["projected_cost"],
                            "expert_fractions": row["routing"]["expert_fractions"]})
@@ -250,11 +233,9 @@ def frontier_png(points: Sequence[dict], title: str) -> bytes:
     """The curve per length (auto thresholds), the forced cheap experts as marked points."""
     import io
 
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for n in sorted({p["length"] for p in points}):
         curve = [p for p in points if p["length"] == n and p["threshold"] is not None]

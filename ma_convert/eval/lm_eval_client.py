@@ -75,19 +75,6 @@ def set_saved_routing(
     return policy.to_dict()
 
 
-def eval_policy_changes(routing: Optional[str], uncertainty_threshold: Optional[float],
-                        dense_below: Optional[int] | str) -> dict:
-    """The `RoutingPolicy` fields `routing_for_eval` changes (a threshold not given is kept)."""
-    changes = {}
-    if routing in ("soft", "hard", "auto"):
-        changes["mode"] = routing
-        if uncertainty_threshold is not None:
-            changes["uncertainty_threshold"] = uncertainty_threshold
-    if dense_below != "keep":
-        changes["dense_below"] = dense_below
-    return changes
-
-
 @contextlib.contextmanager
 def routing_for_eval(
     model, routing: Optional[str] = None, *, uncertainty_threshold: Optional[float] = None,
@@ -106,7 +93,12 @@ def routing_for_eval(
             f"{type(model).__name__} has no ma_convert Meta-Attention module (a model loaded as remote code "
             f"without ma_convert cannot be switched; pass the folder instead)"
         )
-    with routing_policy(model, **eval_policy_changes(routing, uncertainty_threshold, dense_below)):
+    changes = {} if dense_below == "keep" else {"dense_below": dense_below}
+    if routing in ("soft", "hard", "auto"):
+        changes["mode"] = routing
+        if uncertainty_threshold is not None:  # a threshold not given is kept
+            changes["uncertainty_threshold"] = uncertainty_threshold
+    with routing_policy(model, **changes):
         with force_expert(model, "full") if routing == "full" else contextlib.nullcontext():
             yield model
 

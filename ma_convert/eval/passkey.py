@@ -47,7 +47,6 @@ class PasskeyPrompt:
     depth: float
     length: int
     text: str = ""
-    n_filler: int = 0  # filler sentences (a repetition of the filler is len(FILLER) of them)
 
     @property
     def n_tokens(self) -> int:
@@ -107,10 +106,8 @@ def make_passkey_prompts(
     keys = [str(k) for k in random.Random(seed).sample(range(10_000, 100_000), n_keys)]
 
     shortest = len(_ids(tokenizer, passkey_text(keys[0], depths[0], 0)))
-    if shortest > length:
-        raise ValueError(f"length {length} is too short: the prompt without filler already has {shortest} tokens")
-    per_sentence = max(1.0, (len(_ids(tokenizer, passkey_text(keys[0], depths[0], len(FILLER)))) - shortest) / len(FILLER))
-    guess = int((length - shortest) / per_sentence)
+    repeated = len(_ids(tokenizer, passkey_text(keys[0], depths[0], len(FILLER))))
+    guess = int((length - shortest) / max(1.0, (repeated - shortest) / len(FILLER)))
 
     prompts = []
     for depth in depths:
@@ -125,7 +122,7 @@ def make_passkey_prompts(
             if count(0) > length:
                 raise ValueError(f"length {length} is too short for the prompt without filler ({count(0)} tokens)")
             n = guess = _largest_fitting(count, length, guess)
-            prompts.append(PasskeyPrompt(cache[n], key, depth, length, passkey_text(key, depth, n), n))
+            prompts.append(PasskeyPrompt(cache[n], key, depth, length, passkey_text(key, depth, n)))
     return prompts
 
 
@@ -133,16 +130,6 @@ def passkey_correct(generated: str, key: str) -> bool:
     """Whether generated text, whitespace removed, starts with the key and no further digit follows."""
     text = "".join(generated.split())
     return text.startswith(key) and not text[len(key):len(key) + 1].isdigit()
-
-
-def _device(model) -> torch.device:
-    device = getattr(model, "device", None)
-    if device is not None:
-        return torch.device(device)
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
 
 
 def passkey_accuracy(
@@ -166,7 +153,6 @@ def passkey_accuracy(
         raise ValueError("no prompts")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = _device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -181,7 +167,7 @@ def passkey_accuracy(
             for members in groups.values():
                 for start in range(0, len(members), batch_size):
                     chunk = members[start:start + batch_size]
-                    ids = torch.stack([torch.as_tensor(prompts[i].input_ids, dtype=torch.long) for i in chunk]).to(device)
+                    ids = torch.tensor([prompts[i].input_ids for i in chunk], device=model.device)
                     out = model.generate(
                         ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                         pad_token_id=pad,

@@ -71,40 +71,24 @@ def build_docs(topics: dict | None = None, n: int = N_DOCS) -> list[dict]:
     """The task's documents: {"id", "topic", "context", "target"}, round-robin over sorted topics."""
     topics = pydoc_topics() if topics is None else topics
     per_topic = [(key, list(passages(topics[key]))) for key in sorted(topics)]
-    docs: list[dict] = []
-    depth = 0
-    while len(docs) < n and any(depth < len(found) for _, found in per_topic):
-        for key, found in per_topic:
-            if depth < len(found) and len(docs) < n:
-                context, target = found[depth]
-                docs.append({"id": f"{key}/{depth}", "topic": key, "context": context, "target": target})
-        depth += 1
-    return docs
+    rounds = max((len(found) for _, found in per_topic), default=0)
+    docs = [{"id": f"{key}/{depth}", "topic": key, "context": found[depth][0], "target": found[depth][1]}
+            for depth in range(rounds) for key, found in per_topic if depth < len(found)]
+    return docs[:n]
 
 
 def render_jsonl(docs: list[dict]) -> str:
     return "".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs)
 
 
-def render_source(topics: dict, docs: list[dict]) -> str:
-    return json.dumps(
-        {
-            "generator": "pydoc_cloze.py",
-            "generator_version": GENERATOR_VERSION,
-            "python": platform.python_version(),
-            "topics_sha256": topics_digest(topics),
-            "docs": len(docs),
-        },
-        indent=2,
-    ) + "\n"
-
-
-def write(folder: Path = HERE) -> list[dict]:
-    """(Re)generate the data file and its provenance record in `folder`."""
+def write() -> list[dict]:
+    """(Re)generate the data file and its provenance record."""
     topics = pydoc_topics()
     docs = build_docs(topics)
-    (Path(folder) / DATA_FILE.name).write_text(render_jsonl(docs), encoding="utf-8")
-    (Path(folder) / SOURCE_FILE.name).write_text(render_source(topics, docs), encoding="utf-8")
+    DATA_FILE.write_text(render_jsonl(docs), encoding="utf-8")
+    source = {"generator": "pydoc_cloze.py", "generator_version": GENERATOR_VERSION,
+              "python": platform.python_version(), "topics_sha256": topics_digest(topics), "docs": len(docs)}
+    SOURCE_FILE.write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
     return docs
 
 
