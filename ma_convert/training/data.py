@@ -23,6 +23,8 @@ fixed ``seq_len`` blocks; the last partial block is dropped.
 from __future__ import annotations
 
 import itertools
+import math
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,20 +66,15 @@ class DataConfig:
     max_eval_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("source", "text_field", "split"):
+        for name in ("source", "text_field", "split", "eval_source"):
             value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"DataConfig.{name} must be a non-empty string, got {value!r}")
-        if self.eval_source is not None and (not isinstance(self.eval_source, str) or not self.eval_source.strip()):
-            raise ValueError(f"DataConfig.eval_source must be None or a non-empty string, got {self.eval_source!r}")
+            if (value is not None or name != "eval_source") and not (isinstance(value, str) and value.strip()):
+                none = "None or " if name == "eval_source" else ""
+                raise ValueError(f"DataConfig.{name} must be {none}a non-empty string, got {value!r}")
         if not _is_int(self.seq_len) or self.seq_len < 2:
             # a block of one token has no next-token target
             raise ValueError(f"DataConfig.seq_len must be an integer >= 2, got {self.seq_len!r}")
-        if (
-            isinstance(self.eval_fraction, bool)
-            or not isinstance(self.eval_fraction, (int, float))
-            or not (0.0 < self.eval_fraction < 1.0)
-        ):
+        if not (_is_number(self.eval_fraction) and 0 < self.eval_fraction < 1):
             raise ValueError(f"DataConfig.eval_fraction must be in (0, 1) (exclusive), got {self.eval_fraction!r}")
         if not isinstance(self.streaming, bool):
             raise ValueError(f"DataConfig.streaming must be True or False, got {self.streaming!r}")
@@ -92,6 +89,10 @@ class DataConfig:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -367,12 +368,6 @@ def iter_texts(cfg: DataConfig, part: Literal["train", "eval"]) -> Iterator[str]
 # ----------------------------------------------------------------------------------------------- packing
 
 
-@dataclass
-class _PackStats:
-    documents: int = 0
-    tokens: int = 0
-
-
 def _eos_id(tokenizer) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
@@ -382,53 +377,45 @@ def _eos_id(tokenizer) -> int:
     return int(eos)
 
 
-def pack(texts: Iterable[str], tokenizer, seq_len: int, max_tokens: int | None = None) -> Iterator[torch.LongTensor]:
+def pack(texts: Iterable[str], tokenizer, seq_len: int, max_tokens: int | None = None,
+         counts: Counter | None = None) -> Iterator[torch.LongTensor]:
     """Tokenize documents, EOS after each, concatenate, cut into ``seq_len`` blocks (last partial dropped).
 
     Lazy: consumes ``texts`` only as far as the blocks asked for, and stops after ``max_tokens // seq_len``
-    blocks when ``max_tokens`` is set.
+    blocks when ``max_tokens`` is set. ``counts``, if given, adds up the "documents" and "tokens" read.
     """
-    return _pack(texts, tokenizer, seq_len, max_tokens, _PackStats())
-
-
-def _pack(texts, tokenizer, seq_len, max_tokens, stats: _PackStats) -> Iterator[torch.LongTensor]:
     if not _is_int(seq_len) or seq_len < 1:
         raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 0):
         raise ValueError(f"max_tokens must be None or an integer >= 0, got {max_tokens!r}")
     eos = _eos_id(tokenizer)
-    blocks_left = None if max_tokens is None else max_tokens // seq_len
-    if blocks_left == 0:
-        return
+    counts = Counter() if counts is None else counts
+    blocks_left = math.inf if max_tokens is None else max_tokens // seq_len
     buffer: list[int] = []
     texts = (text for text in texts if text)
-    while batch := list(itertools.islice(texts, _TOKENIZE_BATCH)):
+    while blocks_left and (batch := list(itertools.islice(texts, _TOKENIZE_BATCH))):
         # no BOS etc.: documents are joined by EOS only; verbose=False silences the "longer than
         # model_max_length" warning, which does not apply to text we cut into blocks
         for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
             buffer.extend(ids)
             buffer.append(eos)
-            stats.documents += 1
-            stats.tokens += len(ids) + 1
-        full = len(buffer) // seq_len
+            counts["documents"] += 1
+            counts["tokens"] += len(ids) + 1
+        full = min(len(buffer) // seq_len, blocks_left)
         for k in range(full):
             yield torch.tensor(buffer[k * seq_len : (k + 1) * seq_len], dtype=torch.long)
-            if blocks_left is not None:
-                blocks_left -= 1
-                if blocks_left == 0:
-                    return
+        blocks_left -= full
         del buffer[: full * seq_len]  # once per batch, so long documents stay linear
 
 
 class PackedBlocks(IterableDataset):
     """The train blocks as a re-iterable stream (each epoch reads and packs the source again)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, part: Literal["train", "eval"] = "train"):
-        self.cfg, self.tokenizer, self.part = cfg, tokenizer, part
-        self.max_tokens = cfg.max_train_tokens if part == "train" else cfg.max_eval_tokens
+    def __init__(self, cfg: DataConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
 
     def __iter__(self) -> Iterator[torch.LongTensor]:
-        blocks = pack(iter_texts(self.cfg, self.part), self.tokenizer, self.cfg.seq_len, self.max_tokens)
+        blocks = pack(iter_texts(self.cfg, "train"), self.tokenizer, self.cfg.seq_len, self.cfg.max_train_tokens)
         worker = torch.utils.data.get_worker_info()
         if worker is None:
             return blocks
@@ -439,24 +426,13 @@ class PackedBlocks(IterableDataset):
 # ----------------------------------------------------------------------------------------------- datasets
 
 
-def _check_source(src: _Source, cfg: DataConfig) -> None:
-    """Cheap checks before tokenizing: columns present and at least one document."""
-    if src.kind == "pydoc":
-        return
-    # reading lazily, the first document also checks the columns and Hub reachability
-    if next(_iter_source(src, cfg), None) is None:
-        raise ValueError(f"{src.spec}: contains no text")
-
-
-def _blocks(cfg: DataConfig, tokenizer, part: str, max_tokens: int | None) -> list[torch.Tensor]:
-    stats = _PackStats()
-    blocks = list(_pack(iter_texts(cfg, part), tokenizer, cfg.seq_len, max_tokens, stats))
-    if not blocks:
-        _raise_empty(cfg, part, stats)
-    return blocks
-
-
-def _raise_empty(cfg: DataConfig, part: str, stats: _PackStats) -> None:
+def _blocks(cfg: DataConfig, tokenizer, part: str, limit: int | None = None) -> list[torch.Tensor]:
+    """The part's blocks (only the first `limit` when set); an empty part is an error that says why."""
+    counts = Counter()
+    max_tokens = cfg.max_train_tokens if part == "train" else cfg.max_eval_tokens
+    blocks = list(itertools.islice(pack(iter_texts(cfg, part), tokenizer, cfg.seq_len, max_tokens, counts), limit))
+    if blocks:
+        return blocks
     where = cfg.source if part == "train" or cfg.eval_source is None else cfg.eval_source
     held = (
         f" (its held-out eval_fraction={cfg.eval_fraction:g} share; raise eval_fraction or set eval_source)"
@@ -464,8 +440,8 @@ def _raise_empty(cfg: DataConfig, part: str, stats: _PackStats) -> None:
         else ""
     )
     raise ValueError(
-        f"the {part} set is empty: {where!r}{held} gave {stats.tokens} tokens from {stats.documents} documents, "
-        f"fewer than one block of seq_len={cfg.seq_len}; use more text or a smaller seq_len"
+        f"the {part} set is empty: {where!r}{held} gave {counts['tokens']} tokens from {counts['documents']} "
+        f"documents, fewer than one block of seq_len={cfg.seq_len}; use more text or a smaller seq_len"
     )
 
 
@@ -495,20 +471,11 @@ def build_datasets(
             f"DataConfig.seq_len={cfg.seq_len} is longer than the model allows (max_positions={max_positions}); "
             f"use seq_len <= {max_positions}"
         )
-    train, held = _parts(cfg)
-    if train.kind == "pydoc" and held is None:
-        overlap = set(pydoc_topics("train", cfg.eval_fraction)) & set(pydoc_topics("eval", cfg.eval_fraction))
-        if overlap:  # cannot happen by construction; guard the invariant anyway
-            raise ValueError(f"pydoc train and eval splits overlap on topics {sorted(overlap)}")
-    for src in (train, held):
-        if src is not None:
-            _check_source(src, cfg)
-
-    if not cfg.streaming:
-        train_blocks = _blocks(cfg, tokenizer, "train", cfg.max_train_tokens)
-        return train_blocks, _blocks(cfg, tokenizer, "eval", cfg.max_eval_tokens)
-    # pull one block now, so an empty stream fails here rather than inside the training loop
-    stats = _PackStats()
-    if next(_pack(iter_texts(cfg, "train"), tokenizer, cfg.seq_len, cfg.max_train_tokens, stats), None) is None:
-        _raise_empty(cfg, "train", stats)
-    return PackedBlocks(cfg, tokenizer, "train"), _blocks(cfg, tokenizer, "eval", cfg.max_eval_tokens)
+    for src in _parts(cfg):
+        # cheap before tokenizing: reading lazily, the first document also checks the columns and the Hub
+        if src is not None and src.kind != "pydoc" and next(_iter_source(src, cfg), None) is None:
+            raise ValueError(f"{src.spec}: contains no text")
+    if cfg.streaming:  # pull one block now, so an empty stream fails here rather than inside the training loop
+        _blocks(cfg, tokenizer, "train", limit=1)
+        return PackedBlocks(cfg, tokenizer), _blocks(cfg, tokenizer, "eval")
+    return _blocks(cfg, tokenizer, "train"), _blocks(cfg, tokenizer, "eval")
