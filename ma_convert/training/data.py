@@ -102,19 +102,14 @@ def _is_number(value: object) -> bool:
 class _Source:
     kind: str  # "pydoc", "txt", "table" (datasets' json / csv / parquet builders), "disk" or "hub"
     spec: str
-    path: Path | None = None
+    files: tuple = ()  # txt, table, disk: the local files (disk: the save_to_disk folder)
     name: str | None = None  # hub: the dataset; table: the builder
     config: str | None = None
     split: str | None = None
-    files: tuple = ()  # table: the data files
 
     def identity(self) -> tuple:
         """What makes two sources the same data (for the overlap check)."""
-        if self.kind == "hub":
-            return ("hub", self.name, self.config, self.split)
-        if self.kind == "table":
-            return ("table", tuple(str(f.resolve()) for f in self.files))
-        return (self.kind, str(self.path.resolve()) if self.path else None)
+        return (self.kind, self.name, self.config, self.split, tuple(str(f.resolve()) for f in self.files))
 
 
 def _file_kind(path: Path) -> Optional[str]:
@@ -136,9 +131,9 @@ def _resolve(spec: str, cfg: DataConfig, field: str) -> _Source:
     if kind is not None:
         if not path.is_file():
             raise ValueError(f"DataConfig.{field}: file not found: {spec}")
-        return _Source("txt", spec, path=path) if kind == "txt" else _Source("table", spec, name=kind, files=(path,))
+        return _Source("txt", spec, (path,)) if kind == "txt" else _Source("table", spec, (path,), name=kind)
     if path.is_dir() and (path / "dataset_info.json").is_file():
-        return _Source("disk", spec, path=path)  # datasets' save_to_disk
+        return _Source("disk", spec, (path,))  # datasets' save_to_disk
     if path.exists():
         raise ValueError(
             f"DataConfig.{field}: unsupported local source {spec!r}; use a .txt, .jsonl, .json, .csv or .parquet "
@@ -163,7 +158,7 @@ def _resolve_glob(spec: str, field: str) -> _Source:
         raise ValueError(f"DataConfig.{field}: {spec} matches files of different or unsupported kinds "
                          f"({', '.join(sorted({f.name for f in files})[:5])}); a glob takes .jsonl, .json, .csv or "
                          f".parquet files of one kind")
-    return _Source("table", spec, name=kinds.pop(), files=files)
+    return _Source("table", spec, files, name=kinds.pop())
 
 
 def pydoc_topics(part: Literal["train", "eval", "all"] = "all", eval_fraction: float = 0.1) -> list[str]:
@@ -207,7 +202,7 @@ def _iter_source(src: _Source, cfg: DataConfig) -> Iterator[str]:
         for key in pydoc_topics("all"):
             yield topics[key]
     elif src.kind == "txt":
-        yield from _iter_txt(src.path)
+        yield from _iter_txt(src.files[0])
     else:
         yield from _iter_rows(src, cfg)
 
@@ -225,14 +220,6 @@ def _iter_txt(path: Path) -> Iterator[str]:
         yield "\n".join(lines)
 
 
-def _as_text(value: object, where: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: the text field holds {type(value).__name__}, expected a string")
-    return value if value.strip() else ""
-
-
 def _datasets():
     try:
         import datasets
@@ -248,7 +235,7 @@ def _load(src: _Source, cfg: DataConfig):
     """The source as a `datasets` dataset (streamed if `cfg.streaming`), checked for `text_field`."""
     datasets = _datasets()
     if src.kind == "disk":
-        ds = datasets.load_from_disk(str(src.path))
+        ds = datasets.load_from_disk(str(src.files[0]))
         if isinstance(ds, datasets.DatasetDict):
             if cfg.split not in ds:
                 raise ValueError(f"{src.spec}: no split {cfg.split!r}; the splits are {sorted(ds)}")
@@ -277,10 +264,7 @@ def _no_rows(files, builder: str) -> bool:
 def _has_text(path: Path) -> bool:
     """Whether a file holds anything but whitespace (read until the first character that is not)."""
     with path.open("rb") as f:
-        while chunk := f.read(1 << 16):
-            if chunk.strip():
-                return True
-    return False
+        return any(chunk.strip() for chunk in iter(lambda: f.read(1 << 16), b""))
 
 
 def _load_table(src: _Source, cfg: DataConfig, datasets):
@@ -332,8 +316,10 @@ def _iter_rows(src: _Source, cfg: DataConfig) -> Iterator[str]:
             raise ValueError(
                 f"{src.spec} row {number}: no text_field {cfg.text_field!r}; the columns present are {sorted(row)}"
             )
-        text = _as_text(row[cfg.text_field], f"{src.spec} row {number}")
-        if text:
+        text = row[cfg.text_field]
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{src.spec} row {number}: the text field holds {type(text).__name__}, expected a string")
+        if text and text.strip():
             yield text
 
 
