@@ -208,16 +208,11 @@ def _iter_source(src: _Source, cfg: DataConfig) -> Iterator[str]:
 
 
 def _iter_txt(path: Path) -> Iterator[str]:
-    lines: list[str] = []
+    """The runs of lines with text, each one document (blank or whitespace-only lines separate them)."""
     with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                lines.append(line.rstrip("\n"))
-            elif lines:
-                yield "\n".join(lines)
-                lines = []
-    if lines:
-        yield "\n".join(lines)
+        for has_text, lines in itertools.groupby(f, key=lambda line: bool(line.strip())):
+            if has_text:
+                yield "".join(lines).removesuffix("\n")
 
 
 def _datasets():

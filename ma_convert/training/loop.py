@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from ..card import conversion_card_info, render_model_card
 from ..core.control import collect_aux_losses, force_expert, meta_attention_modules, routing_stats, set_routing_mode
 from ..core.cost import cheapest_real_cost, model_real_cost
+from ..core.objective import cosine_ramp, linear_ramp
 from ..core.stats import RoutingStats
 from ..hub import (
     OutputFolderError,
@@ -39,7 +40,6 @@ from .objective import (
     distillation_loss,
     layerwise_transfer_loss,
     lm_loss,
-    ramp,
     set_step_weights,
     set_transfer_capture,
     teacher_logits,
@@ -308,13 +308,14 @@ class RoutingSchedule:
         """The ramp, or under a budget the dual variable (its start value until the first update)."""
         t = self.t
         if t.cost_target is None:
-            return ramp(t.cost_ramp, self.routing_step(step), t.cost_ramp_steps, t.cost_lambda_start, t.cost_lambda_end)
+            ramp = cosine_ramp if t.cost_ramp == "cosine" else linear_ramp
+            return ramp(self.routing_step(step), t.cost_ramp_steps, t.cost_lambda_start, t.cost_lambda_end)
         return t.cost_lambda_start if dual is None else dual
 
     def temperature(self, step: int) -> float:
         t = self.t
-        return ramp("cosine", self.routing_step(step), max(self.routing_steps - 1, 1), t.temperature_start,
-                    t.temperature_end)
+        return cosine_ramp(self.routing_step(step), max(self.routing_steps - 1, 1), t.temperature_start,
+                           t.temperature_end)
 
     def dual_update(self, cost_weight: float, cost: float) -> float:
         """Dual ascent on the budget: the weight rises while the cost is over it (floored at 0)."""
@@ -637,11 +638,11 @@ class RouterFinetune:
             "skipped_updates": state.skipped,
             "train_seconds": state.seconds,
             "perplexity": {
-                "original": before.get("original"),
-                "routed, before finetune": before.get("routed", {}).get("perplexity"),
+                "original": before["original"],
+                "routed, before finetune": before["routed"]["perplexity"],
                 "routed, after finetune": after["perplexity"],
             },
-            "projected_cost": {"before": before.get("routed", {}).get("projected_cost"), "after": after["projected_cost"]},
+            "projected_cost": {"before": before["routed"]["projected_cost"], "after": after["projected_cost"]},
             "entropy": after["entropy"],
             "expert_fractions": after["expert_fractions"],
             "layer_stats": after["layer_stats"],
@@ -662,7 +663,7 @@ class RouterFinetune:
         card.update(
             recipe_yaml=self.recipe.to_yaml(),
             layer_stats=results["layer_stats"],
-            perplexity={k: v for k, v in results["perplexity"].items() if v is not None},
+            perplexity=results["perplexity"],
             perplexity_text=describe_eval_text(self.recipe.data, results["eval_tokens"]),
             projected_cost=results["projected_cost"]["after"],
         )
