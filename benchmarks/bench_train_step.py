@@ -24,9 +24,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from _common import log, pick_device, synchronize  # noqa: E402
 
 import ma_convert  # noqa: E402
-from ma_convert.core.control import set_routing_mode  # noqa: E402
+from ma_convert.core.control import collect_aux_losses, set_routing_mode  # noqa: E402
 from ma_convert.training.loop import enable_gradient_checkpointing, train_routers_only  # noqa: E402
-from ma_convert.training.objective import aux_loss, distillation_loss, teacher_logits  # noqa: E402
+from ma_convert.training.objective import distillation_loss, teacher_logits  # noqa: E402
 from ma_convert.training.params import freeze_all_but_routers_and_experts  # noqa: E402
 
 
@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
     def step():
         teacher = teacher_logits(model, ids)
         logits = model(input_ids=ids).logits
-        loss = distillation_loss(logits, teacher) + aux_loss(model)
+        loss = distillation_loss(logits, teacher) + collect_aux_losses(model)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

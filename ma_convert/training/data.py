@@ -23,6 +23,8 @@ fixed ``seq_len`` blocks; the last partial block is dropped.
 from __future__ import annotations
 
 import itertools
+import math
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,20 +66,15 @@ class DataConfig:
     max_eval_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("source", "text_field", "split"):
+        for name in ("source", "text_field", "split", "eval_source"):
             value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"DataConfig.{name} must be a non-empty string, got {value!r}")
-        if self.eval_source is not None and (not isinstance(self.eval_source, str) or not self.eval_source.strip()):
-            raise ValueError(f"DataConfig.eval_source must be None or a non-empty string, got {self.eval_source!r}")
+            if (value is not None or name != "eval_source") and not (isinstance(value, str) and value.strip()):
+                none = "None or " if name == "eval_source" else ""
+                raise ValueError(f"DataConfig.{name} must be {none}a non-empty string, got {value!r}")
         if not _is_int(self.seq_len) or self.seq_len < 2:
             # a block of one token has no next-token target
             raise ValueError(f"DataConfig.seq_len must be an integer >= 2, got {self.seq_len!r}")
-        if (
-            isinstance(self.eval_fraction, bool)
-            or not isinstance(self.eval_fraction, (int, float))
-            or not (0.0 < self.eval_fraction < 1.0)
-        ):
+        if not (_is_number(self.eval_fraction) and 0 < self.eval_fraction < 1):
             raise ValueError(f"DataConfig.eval_fraction must be in (0, 1) (exclusive), got {self.eval_fraction!r}")
         if not isinstance(self.streaming, bool):
             raise ValueError(f"DataConfig.streaming must be True or False, got {self.streaming!r}")
@@ -94,6 +91,10 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 # ----------------------------------------------------------------------------------------------- sources
 
 
@@ -101,19 +102,14 @@ def _is_int(value: object) -> bool:
 class _Source:
     kind: str  # "pydoc", "txt", "table" (datasets' json / csv / parquet builders), "disk" or "hub"
     spec: str
-    path: Path | None = None
+    files: tuple = ()  # txt, table, disk: the local files (disk: the save_to_disk folder)
     name: str | None = None  # hub: the dataset; table: the builder
     config: str | None = None
     split: str | None = None
-    files: tuple = ()  # table: the data files
 
     def identity(self) -> tuple:
         """What makes two sources the same data (for the overlap check)."""
-        if self.kind == "hub":
-            return ("hub", self.name, self.config, self.split)
-        if self.kind == "table":
-            return ("table", tuple(str(f.resolve()) for f in self.files))
-        return (self.kind, str(self.path.resolve()) if self.path else None)
+        return (self.kind, self.name, self.config, self.split, tuple(str(f.resolve()) for f in self.files))
 
 
 def _file_kind(path: Path) -> Optional[str]:
@@ -135,9 +131,9 @@ def _resolve(spec: str, cfg: DataConfig, field: str) -> _Source:
     if kind is not None:
         if not path.is_file():
             raise ValueError(f"DataConfig.{field}: file not found: {spec}")
-        return _Source("txt", spec, path=path) if kind == "txt" else _Source("table", spec, name=kind, files=(path,))
+        return _Source("txt", spec, (path,)) if kind == "txt" else _Source("table", spec, (path,), name=kind)
     if path.is_dir() and (path / "dataset_info.json").is_file():
-        return _Source("disk", spec, path=path)  # datasets' save_to_disk
+        return _Source("disk", spec, (path,))  # datasets' save_to_disk
     if path.exists():
         raise ValueError(
             f"DataConfig.{field}: unsupported local source {spec!r}; use a .txt, .jsonl, .json, .csv or .parquet "
@@ -162,7 +158,7 @@ def _resolve_glob(spec: str, field: str) -> _Source:
         raise ValueError(f"DataConfig.{field}: {spec} matches files of different or unsupported kinds "
                          f"({', '.join(sorted({f.name for f in files})[:5])}); a glob takes .jsonl, .json, .csv or "
                          f".parquet files of one kind")
-    return _Source("table", spec, name=kinds.pop(), files=files)
+    return _Source("table", spec, files, name=kinds.pop())
 
 
 def pydoc_topics(part: Literal["train", "eval", "all"] = "all", eval_fraction: float = 0.1) -> list[str]:
@@ -206,30 +202,17 @@ def _iter_source(src: _Source, cfg: DataConfig) -> Iterator[str]:
         for key in pydoc_topics("all"):
             yield topics[key]
     elif src.kind == "txt":
-        yield from _iter_txt(src.path)
+        yield from _iter_txt(src.files[0])
     else:
         yield from _iter_rows(src, cfg)
 
 
 def _iter_txt(path: Path) -> Iterator[str]:
-    lines: list[str] = []
+    """The runs of lines with text, each one document (blank or whitespace-only lines separate them)."""
     with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                lines.append(line.rstrip("\n"))
-            elif lines:
-                yield "\n".join(lines)
-                lines = []
-    if lines:
-        yield "\n".join(lines)
-
-
-def _as_text(value: object, where: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: the text field holds {type(value).__name__}, expected a string")
-    return value if value.strip() else ""
+        for has_text, lines in itertools.groupby(f, key=lambda line: bool(line.strip())):
+            if has_text:
+                yield "".join(lines).removesuffix("\n")
 
 
 def _datasets():
@@ -247,7 +230,7 @@ def _load(src: _Source, cfg: DataConfig):
     """The source as a `datasets` dataset (streamed if `cfg.streaming`), checked for `text_field`."""
     datasets = _datasets()
     if src.kind == "disk":
-        ds = datasets.load_from_disk(str(src.path))
+        ds = datasets.load_from_disk(str(src.files[0]))
         if isinstance(ds, datasets.DatasetDict):
             if cfg.split not in ds:
                 raise ValueError(f"{src.spec}: no split {cfg.split!r}; the splits are {sorted(ds)}")
@@ -276,10 +259,7 @@ def _no_rows(files, builder: str) -> bool:
 def _has_text(path: Path) -> bool:
     """Whether a file holds anything but whitespace (read until the first character that is not)."""
     with path.open("rb") as f:
-        while chunk := f.read(1 << 16):
-            if chunk.strip():
-                return True
-    return False
+        return any(chunk.strip() for chunk in iter(lambda: f.read(1 << 16), b""))
 
 
 def _load_table(src: _Source, cfg: DataConfig, datasets):
@@ -331,8 +311,10 @@ def _iter_rows(src: _Source, cfg: DataConfig) -> Iterator[str]:
             raise ValueError(
                 f"{src.spec} row {number}: no text_field {cfg.text_field!r}; the columns present are {sorted(row)}"
             )
-        text = _as_text(row[cfg.text_field], f"{src.spec} row {number}")
-        if text:
+        text = row[cfg.text_field]
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{src.spec} row {number}: the text field holds {type(text).__name__}, expected a string")
+        if text and text.strip():
             yield text
 
 
@@ -367,12 +349,6 @@ def iter_texts(cfg: DataConfig, part: Literal["train", "eval"]) -> Iterator[str]
 # ----------------------------------------------------------------------------------------------- packing
 
 
-@dataclass
-class _PackStats:
-    documents: int = 0
-    tokens: int = 0
-
-
 def _eos_id(tokenizer) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
@@ -382,53 +358,45 @@ def _eos_id(tokenizer) -> int:
     return int(eos)
 
 
-def pack(texts: Iterable[str], tokenizer, seq_len: int, max_tokens: int | None = None) -> Iterator[torch.LongTensor]:
+def pack(texts: Iterable[str], tokenizer, seq_len: int, max_tokens: int | None = None,
+         counts: Counter | None = None) -> Iterator[torch.LongTensor]:
     """Tokenize documents, EOS after each, concatenate, cut into ``seq_len`` blocks (last partial dropped).
 
     Lazy: consumes ``texts`` only as far as the blocks asked for, and stops after ``max_tokens // seq_len``
-    blocks when ``max_tokens`` is set.
+    blocks when ``max_tokens`` is set. ``counts``, if given, adds up the "documents" and "tokens" read.
     """
-    return _pack(texts, tokenizer, seq_len, max_tokens, _PackStats())
-
-
-def _pack(texts, tokenizer, seq_len, max_tokens, stats: _PackStats) -> Iterator[torch.LongTensor]:
     if not _is_int(seq_len) or seq_len < 1:
         raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 0):
         raise ValueError(f"max_tokens must be None or an integer >= 0, got {max_tokens!r}")
     eos = _eos_id(tokenizer)
-    blocks_left = None if max_tokens is None else max_tokens // seq_len
-    if blocks_left == 0:
-        return
+    counts = Counter() if counts is None else counts
+    blocks_left = math.inf if max_tokens is None else max_tokens // seq_len
     buffer: list[int] = []
     texts = (text for text in texts if text)
-    while batch := list(itertools.islice(texts, _TOKENIZE_BATCH)):
+    while blocks_left and (batch := list(itertools.islice(texts, _TOKENIZE_BATCH))):
         # no BOS etc.: documents are joined by EOS only; verbose=False silences the "longer than
         # model_max_length" warning, which does not apply to text we cut into blocks
         for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
             buffer.extend(ids)
             buffer.append(eos)
-            stats.documents += 1
-            stats.tokens += len(ids) + 1
-        full = len(buffer) // seq_len
+            counts["documents"] += 1
+            counts["tokens"] += len(ids) + 1
+        full = min(len(buffer) // seq_len, blocks_left)
         for k in range(full):
             yield torch.tensor(buffer[k * seq_len : (k + 1) * seq_len], dtype=torch.long)
-            if blocks_left is not None:
-                blocks_left -= 1
-                if blocks_left == 0:
-                    return
+        blocks_left -= full
         del buffer[: full * seq_len]  # once per batch, so long documents stay linear
 
 
 class PackedBlocks(IterableDataset):
     """The train blocks as a re-iterable stream (each epoch reads and packs the source again)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, part: Literal["train", "eval"] = "train"):
-        self.cfg, self.tokenizer, self.part = cfg, tokenizer, part
-        self.max_tokens = cfg.max_train_tokens if part == "train" else cfg.max_eval_tokens
+    def __init__(self, cfg: DataConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
 
     def __iter__(self) -> Iterator[torch.LongTensor]:
-        blocks = pack(iter_texts(self.cfg, self.part), self.tokenizer, self.cfg.seq_len, self.max_tokens)
+        blocks = pack(iter_texts(self.cfg, "train"), self.tokenizer, self.cfg.seq_len, self.cfg.max_train_tokens)
         worker = torch.utils.data.get_worker_info()
         if worker is None:
             return blocks
@@ -439,24 +407,13 @@ class PackedBlocks(IterableDataset):
 # ----------------------------------------------------------------------------------------------- datasets
 
 
-def _check_source(src: _Source, cfg: DataConfig) -> None:
-    """Cheap checks before tokenizing: columns present and at least one document."""
-    if src.kind == "pydoc":
-        return
-    # reading lazily, the first document also checks the columns and Hub reachability
-    if next(_iter_source(src, cfg), None) is None:
-        raise ValueError(f"{src.spec}: contains no text")
-
-
-def _blocks(cfg: DataConfig, tokenizer, part: str, max_tokens: int | None) -> list[torch.Tensor]:
-    stats = _PackStats()
-    blocks = list(_pack(iter_texts(cfg, part), tokenizer, cfg.seq_len, max_tokens, stats))
-    if not blocks:
-        _raise_empty(cfg, part, stats)
-    return blocks
-
-
-def _raise_empty(cfg: DataConfig, part: str, stats: _PackStats) -> None:
+def _blocks(cfg: DataConfig, tokenizer, part: str, limit: int | None = None) -> list[torch.Tensor]:
+    """The part's blocks (only the first `limit` when set); an empty part is an error that says why."""
+    counts = Counter()
+    max_tokens = cfg.max_train_tokens if part == "train" else cfg.max_eval_tokens
+    blocks = list(itertools.islice(pack(iter_texts(cfg, part), tokenizer, cfg.seq_len, max_tokens, counts), limit))
+    if blocks:
+        return blocks
     where = cfg.source if part == "train" or cfg.eval_source is None else cfg.eval_source
     held = (
         f" (its held-out eval_fraction={cfg.eval_fraction:g} share; raise eval_fraction or set eval_source)"
@@ -464,8 +421,8 @@ def _raise_empty(cfg: DataConfig, part: str, stats: _PackStats) -> None:
         else ""
     )
     raise ValueError(
-        f"the {part} set is empty: {where!r}{held} gave {stats.tokens} tokens from {stats.documents} documents, "
-        f"fewer than one block of seq_len={cfg.seq_len}; use more text or a smaller seq_len"
+        f"the {part} set is empty: {where!r}{held} gave {counts['tokens']} tokens from {counts['documents']} "
+        f"documents, fewer than one block of seq_len={cfg.seq_len}; use more text or a smaller seq_len"
     )
 
 
@@ -495,20 +452,11 @@ def build_datasets(
             f"DataConfig.seq_len={cfg.seq_len} is longer than the model allows (max_positions={max_positions}); "
             f"use seq_len <= {max_positions}"
         )
-    train, held = _parts(cfg)
-    if train.kind == "pydoc" and held is None:
-        overlap = set(pydoc_topics("train", cfg.eval_fraction)) & set(pydoc_topics("eval", cfg.eval_fraction))
-        if overlap:  # cannot happen by construction; guard the invariant anyway
-            raise ValueError(f"pydoc train and eval splits overlap on topics {sorted(overlap)}")
-    for src in (train, held):
-        if src is not None:
-            _check_source(src, cfg)
-
-    if not cfg.streaming:
-        train_blocks = _blocks(cfg, tokenizer, "train", cfg.max_train_tokens)
-        return train_blocks, _blocks(cfg, tokenizer, "eval", cfg.max_eval_tokens)
-    # pull one block now, so an empty stream fails here rather than inside the training loop
-    stats = _PackStats()
-    if next(_pack(iter_texts(cfg, "train"), tokenizer, cfg.seq_len, cfg.max_train_tokens, stats), None) is None:
-        _raise_empty(cfg, "train", stats)
-    return PackedBlocks(cfg, tokenizer, "train"), _blocks(cfg, tokenizer, "eval", cfg.max_eval_tokens)
+    for src in _parts(cfg):
+        # cheap before tokenizing: reading lazily, the first document also checks the columns and the Hub
+        if src is not None and src.kind != "pydoc" and next(_iter_source(src, cfg), None) is None:
+            raise ValueError(f"{src.spec}: contains no text")
+    if cfg.streaming:  # pull one block now, so an empty stream fails here rather than inside the training loop
+        _blocks(cfg, tokenizer, "train", limit=1)
+        return PackedBlocks(cfg, tokenizer), _blocks(cfg, tokenizer, "eval")
+    return _blocks(cfg, tokenizer, "train"), _blocks(cfg, tokenizer, "eval")

@@ -7,12 +7,13 @@ kept), ``logs/`` (TensorBoard), ``model/`` (the exported model, with its card), 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -20,11 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..card import conversion_card_info, render_model_card
-from ..core.control import force_expert, meta_attention_modules, routing_stats, set_routing_mode
+from ..core.control import collect_aux_losses, force_expert, meta_attention_modules, routing_stats, set_routing_mode
 from ..core.cost import cheapest_real_cost, model_real_cost
+from ..core.objective import cosine_ramp, linear_ramp
 from ..core.stats import RoutingStats
 from ..hub import (
     OutputFolderError,
+    atomic_directory,
     check_output_dir,
     foreign_entries,
     read_marker,
@@ -34,11 +37,9 @@ from ..hub import (
 from ..sources import ModelSource, ModelSourceError, error_summary, resolve_source
 from .data import build_datasets, describe_eval_text
 from .objective import (
-    aux_loss,
     distillation_loss,
     layerwise_transfer_loss,
     lm_loss,
-    ramp,
     set_step_weights,
     set_transfer_capture,
     teacher_logits,
@@ -63,16 +64,6 @@ class TrainState:
     seconds: float = 0.0  # training time so far, across resumes
     skipped: int = 0  # updates skipped for a non-finite gradient
     cost_lambda: Optional[float] = None  # the dual variable of training.cost_target
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "hard": self.hard, "before": self.before, "history": self.history,
-                "seconds": self.seconds, "skipped": self.skipped, "cost_lambda": self.cost_lambda}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.hard = int(state["step"]), bool(state["hard"])
-        self.before, self.history, self.seconds = state["before"], state["history"], float(state["seconds"])
-        self.skipped = int(state.get("skipped", 0))
-        self.cost_lambda = state.get("cost_lambda")
 
 
 def load_tokenizer_and_config(source: ModelSource):
@@ -119,73 +110,29 @@ class BatchSource:
 
     def __init__(self, blocks, batch_size: int, seed: int) -> None:
         self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
-        self.streaming = not isinstance(blocks, list)
         self._orders: dict[int, torch.Tensor] = {}
         self._stream, self._position = None, 0
 
     def _item(self, k: int) -> torch.Tensor:
+        if not isinstance(self.blocks, list):
+            return self._streamed(k)
         epoch, position = divmod(k, len(self.blocks))
-        if epoch not in self._orders:
-            self._orders = {epoch: torch.randperm(len(self.blocks), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))}
+        if epoch not in self._orders:  # one epoch's order at a time
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._orders = {epoch: torch.randperm(len(self.blocks), generator=generator)}
         return self.blocks[int(self._orders[epoch][position])]
 
-    def _next_streamed(self, k: int) -> torch.Tensor:
+    def _streamed(self, k: int) -> torch.Tensor:
+        """Item k of the stream read over and over; the items before it (other processes') are read and skipped."""
         if self._stream is None or k < self._position:
-            self._stream, self._position = iter(self.blocks), 0
-        while True:
-            block = next(self._stream, None)
-            if block is None:  # end of an epoch: read the stream again
-                self._stream = iter(self.blocks)
-                continue
-            self._position += 1
-            if self._position - 1 == k:
-                return block
+            self._stream, self._position = itertools.chain.from_iterable(itertools.repeat(self.blocks)), 0
+        block = next(itertools.islice(self._stream, k - self._position, None))
+        self._position = k + 1
+        return block
 
     def batch(self, micro_step: int, rank: int, world: int) -> torch.Tensor:
         start = (micro_step * world + rank) * self.batch_size
-        if not self.streaming:
-            return torch.stack([self._item(k) for k in range(start, start + self.batch_size)])
-        first = micro_step * world * self.batch_size  # every process reads the whole global batch
-        rows = [self._next_streamed(k) for k in range(first, first + world * self.batch_size)]
-        return torch.stack(rows[rank * self.batch_size : (rank + 1) * self.batch_size])
-
-
-@torch.no_grad()
-def evaluate(model, blocks, batch_size: int, accelerator, forced: Optional[str] = None) -> dict:
-    """Perplexity over the eval blocks (routed, or forced to one expert) and the routing stats."""
-    inner = accelerator.unwrap_model(model)
-    was_training = any(m.training for m in meta_attention_modules(inner))
-    inner.eval()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = blocks[rank::world]
-    total, count, layers = torch.zeros((), dtype=torch.float64), 0, None
-    for i in range(0, len(mine), batch_size):
-        ids = torch.stack(mine[i : i + batch_size]).to(accelerator.device)
-        if forced is not None:
-            with force_expert(inner, forced):
-                logits = inner(input_ids=ids).logits
-        else:
-            logits = inner(input_ids=ids).logits
-            stats = routing_stats(inner)
-            layers = stats if layers is None else [a + b for a, b in zip(layers, stats)]
-        total += lm_loss(logits, ids).double().cpu() * ids[:, 1:].numel()
-        count += ids[:, 1:].numel()
-    sums = accelerator.reduce(torch.tensor([total.item(), float(count)], device=accelerator.device), "sum")
-    if was_training:
-        train_routers_only(inner)
-    result = {"perplexity": math.exp(sums[0].item() / max(sums[1].item(), 1.0))}
-    if layers is not None:
-        # Each process saw its share of the eval blocks: the statistics are sums, so they add up.
-        layers = [RoutingStats(accelerator.reduce(s._sums, "sum"), s.costs) for s in layers]
-        overall = RoutingStats.aggregate(layers)
-        result.update(
-            layer_stats=[s.to_dict() for s in layers],
-            projected_cost=overall.projected_cost,
-            entropy=overall.entropy,
-            mean_uncertainty=overall.mean_uncertainty,
-            expert_fractions=overall.expert_fractions,
-        )
-    return result
+        return torch.stack([self._item(k) for k in range(start, start + self.batch_size)])
 
 
 def lr_schedule(optimizer, t) -> torch.optim.lr_scheduler.LambdaLR:
@@ -245,51 +192,8 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _save_checkpoint(accelerator, folder: Path, state: TrainState, scheduler, keep: int = 2) -> Path:
-    """A checkpoint with nothing that needs unpickling to resume: Accelerate's model (safetensors),
-    optimizer and RNG states (loaded with weights_only=True), and the step, history and LR schedule
-    as JSON. Written into a temporary folder renamed into place; older ones pruned."""
-    tmp = folder.parent / f".{folder.name}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp))
-        save_file(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.safetensors")
-        if accelerator.is_main_process:
-            train_state = {"train": state.state_dict(), "scheduler": scheduler.state_dict()}
-            (tmp / TRAIN_STATE_FILE).write_text(json.dumps(train_state))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            write_marker(tmp, "checkpoint", (p.name for p in tmp.iterdir()))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if accelerator.is_main_process:
-        tmp.rename(folder)
-        for old in sorted(folder.parent.glob("step-*"))[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return folder
-
-
-def _rng_state() -> dict:
-    """The generators routing samples from (Dirichlet and Gumbel noise), as tensors."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    cuda = [state[f"cuda_{i}"] for i in range(torch.cuda.device_count()) if f"cuda_{i}" in state]
-    if cuda:
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def _load_checkpoint(accelerator, folder: Path, state: TrainState, scheduler) -> None:
-    """Restore what `_save_checkpoint` wrote; any other file in the folder is ignored, never loaded."""
+def _load_checkpoint(accelerator, folder: Path, scheduler) -> TrainState:
+    """Restore what `RouterFinetune.save_checkpoint` wrote; any other file in the folder is ignored, never loaded."""
     train_file = folder / TRAIN_STATE_FILE
     if not train_file.is_file():
         older = " (it was written by an older ma-convert, whose pickled state is not loaded)" if any(
@@ -304,9 +208,13 @@ def _load_checkpoint(accelerator, folder: Path, state: TrainState, scheduler) ->
         saved = json.loads(train_file.read_text())
         accelerator.load_state(str(folder))
         # Accelerate skips an RNG file it cannot read without a word; this one must load.
-        _set_rng_state(load_file(folder / f"rng_state_{accelerator.process_index}.safetensors"))
-        state.load_state_dict(saved["train"])
+        rng = load_file(folder / f"rng_state_{accelerator.process_index}.safetensors")
+        torch.set_rng_state(rng["cpu"])
+        cuda = [rng[f"cuda_{i}"] for i in range(torch.cuda.device_count()) if f"cuda_{i}" in rng]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
         scheduler.load_state_dict(saved["scheduler"])
+        return TrainState(**saved["train"])
     except Exception as error:
         raise CheckpointError(f"cannot resume from {folder}: it is damaged or incomplete ({error_summary(error)}); "
                               "delete it to resume from an earlier checkpoint, or start over with --overwrite") from None
@@ -331,17 +239,13 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, s
         return stopped if stopped is not None else run.export()
 
 
-def _data_path(recipe: Recipe) -> list[Path]:
-    """The recipe's local data files, which an output folder must not touch."""
-    return [Path(spec) for spec in (recipe.data.source, recipe.data.eval_source) if spec and Path(spec).exists()]
-
-
 def prepare_output_dir(recipe: Recipe, source: ModelSource, resume: bool, overwrite: bool,
                        recipe_file: Optional[str | Path]) -> Path:
     """Check the run folder before anything heavy: never a source, never a folder with files
     ma-convert did not write; --resume needs one of our runs with a checkpoint."""
     out = Path(recipe.output_dir)
-    sources = [p for p in (source.local_path, recipe_file, *_data_path(recipe)) if p is not None]
+    data = [Path(spec) for spec in (recipe.data.source, recipe.data.eval_source) if spec and Path(spec).exists()]
+    sources = [p for p in (source.local_path, recipe_file, *data) if p is not None]
     if resume:
         check_output_dir(out, overwrite=True, sources=sources)
         if read_marker(out) is None or latest_checkpoint(out) is None:
@@ -404,13 +308,14 @@ class RoutingSchedule:
         """The ramp, or under a budget the dual variable (its start value until the first update)."""
         t = self.t
         if t.cost_target is None:
-            return ramp(t.cost_ramp, self.routing_step(step), t.cost_ramp_steps, t.cost_lambda_start, t.cost_lambda_end)
+            ramp = cosine_ramp if t.cost_ramp == "cosine" else linear_ramp
+            return ramp(self.routing_step(step), t.cost_ramp_steps, t.cost_lambda_start, t.cost_lambda_end)
         return t.cost_lambda_start if dual is None else dual
 
     def temperature(self, step: int) -> float:
         t = self.t
-        return ramp("cosine", self.routing_step(step), max(self.routing_steps - 1, 1), t.temperature_start,
-                    t.temperature_end)
+        return cosine_ramp(self.routing_step(step), max(self.routing_steps - 1, 1), t.temperature_start,
+                           t.temperature_end)
 
     def dual_update(self, cost_weight: float, cost: float) -> float:
         """Dual ascent on the budget: the weight rises while the cost is over it (floored at 0)."""
@@ -432,6 +337,7 @@ class RouterFinetune:
     def setup(self) -> None:
         """Data, model, optimizer and the run folder; the routed and original perplexity before training."""
         from accelerate.utils import set_seed
+        from transformers.utils import flatten_dict
 
         t, recipe = self.t, self.recipe
         self.tokenizer, config = load_tokenizer_and_config(self.source)
@@ -447,8 +353,10 @@ class RouterFinetune:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.inner = accelerator.unwrap_model(self.model)
         self._open_run_folder()
-        if t.log_with:
-            accelerator.init_trackers("router_finetune", config=_flat_hparams(recipe.to_dict()))
+        if t.log_with:  # TensorBoard takes scalar hyperparameters only
+            hparams = flatten_dict(asdict(recipe))
+            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+            accelerator.init_trackers("router_finetune", config=hparams)
         if not self.resume:
             self.state.before = before = {"original": self.evaluate(forced="full")["perplexity"], "routed": self.evaluate()}
             accelerator.print(
@@ -456,7 +364,6 @@ class RouterFinetune:
                 f"routed {before['routed']['perplexity']:.2f} at projected cost {before['routed']['projected_cost']:.2f}"
             )
         train_routers_only(self.inner)
-        self.last_checkpoint = latest_checkpoint(self.out)
 
     def _build_model(self):
         t = self.t
@@ -477,8 +384,9 @@ class RouterFinetune:
         is written only once everything before has worked."""
         accelerator, out = self.accelerator, self.out
         if self.resume:
-            _load_checkpoint(accelerator, latest_checkpoint(out), self.state, self.scheduler)
-            accelerator.print(f"resumed from {latest_checkpoint(out)} at step {self.state.step}")
+            self.last_checkpoint = folder = latest_checkpoint(out)
+            self.state = _load_checkpoint(accelerator, folder, self.scheduler)
+            accelerator.print(f"resumed from {folder} at step {self.state.step}")
             if accelerator.is_main_process:
                 for partial in (out / "checkpoints").glob(".step-*.tmp"):
                     shutil.rmtree(partial, ignore_errors=True)
@@ -559,10 +467,7 @@ class RouterFinetune:
         with self.inner.disable_adapter() if self.t.lora else contextlib.nullcontext():
             teacher_logits(self.inner, ids, logits_to_keep=1)
         loss = layerwise_transfer_loss(self.inner)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"the attention-transfer loss is {loss.item()} in step {step + 1}; "
-                                     f"the last good checkpoint is {self._last_good()}")
-        self.accelerator.backward(loss / self.t.grad_accum)
+        self._backward(loss, step, "attention-transfer loss")
         return loss.detach(), loss.detach()
 
     def _routed_loss(self, ids, step: int, micro: int):
@@ -579,19 +484,21 @@ class RouterFinetune:
         with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
             logits = self.model(input_ids=ids).logits
             task = distillation_loss(logits, teacher, t.distill_temperature) if teacher is not None else lm_loss(logits, ids)
-            loss = task + aux_loss(inner)
+            loss = task + collect_aux_losses(inner)
             if self.schedule.transfer(step):
                 loss = loss + t.transfer_weight * transfer_loss(inner)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"the loss is {loss.item()} in step {step + 1} (is the learning rate, {t.lr:g}, too high?): "
-                    f"training stopped before the bad update; the last good checkpoint is {self._last_good()}"
-                )
-            self.accelerator.backward(loss / t.grad_accum)
+            self._backward(loss, step)
         return loss.detach(), task.detach()
 
-    def _last_good(self) -> str:
-        return str(self.last_checkpoint) if self.last_checkpoint else "none (none was saved yet)"
+    def _backward(self, loss, step: int, what: str = "loss") -> None:
+        """A micro-batch's backward pass; a non-finite loss stops training before the bad update."""
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the {what} is {loss.item()} in step {step + 1} (is the learning rate, {self.t.lr:g}, too high?): "
+                f"training stopped before the bad update; the last good checkpoint is "
+                f"{self.last_checkpoint or 'none (none was saved yet)'}"
+            )
+        self.accelerator.backward(loss / self.t.grad_accum)
 
     def _update(self, pretrain: bool) -> None:
         """Clip, step (or skip a non-finite gradient), schedule."""
@@ -626,8 +533,41 @@ class RouterFinetune:
                 "hard": float(state.hard)}
 
     # ------------------------------------------------------------------ evaluation, checkpoints, export
+    @torch.no_grad()
     def evaluate(self, forced: Optional[str] = None) -> dict:
-        return evaluate(self.model, self.eval_blocks, self.t.batch_size, self.accelerator, forced=forced)
+        """Perplexity over the eval blocks (routed, or forced to one expert) and the routing stats."""
+        inner, accelerator, batch_size = self.inner, self.accelerator, self.t.batch_size
+        was_training = any(m.training for m in meta_attention_modules(inner))
+        inner.eval()
+        mine = self.eval_blocks[accelerator.process_index :: accelerator.num_processes]
+        total, count, layers = torch.zeros((), dtype=torch.float64), 0, None
+        for i in range(0, len(mine), batch_size):
+            ids = torch.stack(mine[i : i + batch_size]).to(accelerator.device)
+            if forced is not None:
+                with force_expert(inner, forced):
+                    logits = inner(input_ids=ids).logits
+            else:
+                logits = inner(input_ids=ids).logits
+                stats = routing_stats(inner)
+                layers = stats if layers is None else [a + b for a, b in zip(layers, stats)]
+            total += lm_loss(logits, ids).double().cpu() * ids[:, 1:].numel()
+            count += ids[:, 1:].numel()
+        sums = accelerator.reduce(torch.tensor([total.item(), float(count)], device=accelerator.device), "sum")
+        if was_training:
+            train_routers_only(inner)
+        result = {"perplexity": math.exp(sums[0].item() / max(sums[1].item(), 1.0))}
+        if layers is not None:
+            # Each process saw its share of the eval blocks: the statistics are sums, so they add up.
+            layers = [RoutingStats(accelerator.reduce(s._sums, "sum"), s.costs) for s in layers]
+            overall = RoutingStats.aggregate(layers)
+            result.update(
+                layer_stats=[s.to_dict() for s in layers],
+                projected_cost=overall.projected_cost,
+                entropy=overall.entropy,
+                mean_uncertainty=overall.mean_uncertainty,
+                expert_fractions=overall.expert_fractions,
+            )
+        return result
 
     def _evaluate_and_switch(self) -> None:
         """Log an evaluation; the "entropy" and "uncertainty" soft-to-hard switches read it."""
@@ -643,8 +583,36 @@ class RouterFinetune:
             state.hard = True
 
     def save_checkpoint(self, folder: Path) -> Path:
-        self.last_checkpoint = _save_checkpoint(self.accelerator, folder, self.state, self.scheduler)
-        return self.last_checkpoint
+        """A checkpoint with nothing that needs unpickling to resume: Accelerate's model (safetensors),
+        optimizer and RNG states (loaded with weights_only=True), and the step, history and LR schedule
+        as JSON. Written into a temporary folder renamed into place; all but the last two pruned."""
+        accelerator = self.accelerator
+        tmp = folder.parent / f".{folder.name}.tmp"
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(str(tmp))
+            rng = {"cpu": torch.get_rng_state()}  # the generators routing samples from (Dirichlet and Gumbel noise)
+            if torch.cuda.is_available():
+                rng.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+            save_file(rng, tmp / f"rng_state_{accelerator.process_index}.safetensors")
+            if accelerator.is_main_process:
+                train_state = {"train": asdict(self.state), "scheduler": self.scheduler.state_dict()}
+                (tmp / TRAIN_STATE_FILE).write_text(json.dumps(train_state))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_marker(tmp, "checkpoint", (p.name for p in tmp.iterdir()))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if accelerator.is_main_process:
+            tmp.rename(folder)
+            for old in sorted(folder.parent.glob("step-*"))[:-2]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        self.last_checkpoint = folder
+        return folder
 
     def export(self) -> dict:
         """Set the final routing mode, measure, write the model folder and results.json; return the results."""
@@ -654,8 +622,7 @@ class RouterFinetune:
         results = self._results(self.evaluate())
         assert_only_routers_and_experts_train(inner, lora=t.lora)
         if accelerator.is_main_process:
-            export(inner.merge_and_unload() if t.lora else inner, self.tokenizer, self.out / "model", self.recipe,
-                   results, self.source)
+            self._save_model(inner.merge_and_unload() if t.lora else inner, results)
             (self.out / "results.json").write_text(json.dumps(results, indent=2))
         accelerator.wait_for_everyone()
         accelerator.end_training()
@@ -671,58 +638,37 @@ class RouterFinetune:
             "skipped_updates": state.skipped,
             "train_seconds": state.seconds,
             "perplexity": {
-                "original": before.get("original"),
-                "routed, before finetune": before.get("routed", {}).get("perplexity"),
+                "original": before["original"],
+                "routed, before finetune": before["routed"]["perplexity"],
                 "routed, after finetune": after["perplexity"],
             },
-            "projected_cost": {"before": before.get("routed", {}).get("projected_cost"), "after": after["projected_cost"]},
+            "projected_cost": {"before": before["routed"]["projected_cost"], "after": after["projected_cost"]},
             "entropy": after["entropy"],
             "expert_fractions": after["expert_fractions"],
             "layer_stats": after["layer_stats"],
             "history": state.history,
         }
 
-
-def export(model, tokenizer, folder: Path, recipe: Recipe, results: dict, source: ModelSource) -> Path:
-    """Save the finetuned model (its config records the trained router temperature, and its routing
-    policy as the one it loads with), its tokenizer, the recipe and, where the card module is
-    available, the model card."""
-    from ..hub import atomic_directory
-
-    module = meta_attention_modules(model)[0]
-    block = dict(model.config.meta_attention)
-    block["attention"] = dict(block["attention"], temperature=float(module.router.temperature))
-    block["policy"] = module.policy.to_dict()
-    model.config.meta_attention = block
-    with atomic_directory(folder, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        render_model_card(tmp, _card_info(model, recipe, results, source))
-    return folder
-
-
-def _card_info(model, recipe: Recipe, results: dict, source: ModelSource) -> dict:
-    info = conversion_card_info(model, source)
-    if source.is_converted:  # finetuned again: the base is the one its conversion recorded
-        info["base_model"] = results.get("base_model") or info["base_model"]
-    info.update(
-        recipe_yaml=recipe.to_yaml(),
-        layer_stats=results["layer_stats"],
-        perplexity={k: v for k, v in results["perplexity"].items() if v is not None},
-        perplexity_text=describe_eval_text(recipe.data, results.get("eval_tokens")),
-        projected_cost=results["projected_cost"]["after"],
-    )
-    return info
-
-
-def _flat_hparams(values: dict, prefix: str = "") -> dict:
-    """TensorBoard takes scalar hyperparameters only."""
-    flat = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flat_hparams(value, name + "."))
-        else:
-            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
+    def _save_model(self, model, results: dict) -> None:
+        """The finetuned model (its config records the trained router temperature, and its routing
+        policy as the one it loads with), its tokenizer, the recipe and the model card, in output_dir/model."""
+        module = meta_attention_modules(model)[0]
+        block = dict(model.config.meta_attention)
+        block["attention"] = dict(block["attention"], temperature=float(module.router.temperature))
+        block["policy"] = module.policy.to_dict()
+        model.config.meta_attention = block
+        card = conversion_card_info(model, self.source)
+        if self.source.is_converted:  # finetuned again: the base is the one its conversion recorded
+            card["base_model"] = results["base_model"] or card["base_model"]
+        card.update(
+            recipe_yaml=self.recipe.to_yaml(),
+            layer_stats=results["layer_stats"],
+            perplexity=results["perplexity"],
+            perplexity_text=describe_eval_text(self.recipe.data, results["eval_tokens"]),
+            projected_cost=results["projected_cost"]["after"],
+        )
+        with atomic_directory(self.out / "model", overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / "recipe.yaml").write_text(self.recipe.to_yaml())
+            render_model_card(tmp, card)

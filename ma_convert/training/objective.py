@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..core.control import collect_aux_losses, force_expert, meta_attention_modules, set_objective_weights
+from ..core.control import force_expert, meta_attention_modules, set_objective_weights
 from ..core.experts import HeadAttentionExpert
-from ..core.objective import ObjectiveWeights, cosine_ramp, linear_ramp
+from ..core.objective import ObjectiveWeights
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -89,15 +89,6 @@ def layerwise_transfer_loss(model) -> torch.Tensor:
             "feature_map='hedgehog'), or no forced-full pass was captured"
         )
     return torch.stack(losses).mean()
-
-
-def aux_loss(model) -> torch.Tensor:
-    """Sum over layers of each module's ELBO terms (KL to the prior, cost, entropy) from the last forward."""
-    return collect_aux_losses(model)
-
-
-def ramp(kind: str, step: int, total: int, start: float, end: float) -> float:
-    return (cosine_ramp if kind == "cosine" else linear_ramp)(step, total, start, end)
 
 
 def set_step_weights(model, weights: ObjectiveWeights, *, temperature: float, cost_unit: str = "projected") -> None:

@@ -8,15 +8,11 @@ META_MARK = ".meta."  # every router and expert parameter lives under an attenti
 LORA_MARK = "lora_"  # peft's LoRA matrices
 
 
-def freeze_all_but_routers_and_experts(model: nn.Module) -> list[str]:
-    """Set requires_grad on router and expert parameters only; returns their names."""
-    names = []
+def freeze_all_but_routers_and_experts(model: nn.Module) -> None:
+    """Set requires_grad on router and expert parameters only."""
     for name, param in model.named_parameters():
         param.requires_grad_(META_MARK in name)
-        if META_MARK in name:
-            names.append(name)
     assert_only_routers_and_experts_train(model)
-    return names
 
 
 def add_lora(model: nn.Module, targets: str, rank: int, alpha: int) -> nn.Module:

@@ -7,25 +7,16 @@ name them, raised before any model or data is loaded.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .data import DataConfig
+from .data import DataConfig, _is_int, _is_number
 
 
 def _need(ok: bool, where: str, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ValueError(f"recipe {where}.{name}={value!r} is invalid: must be {allowed}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -138,7 +129,8 @@ class TrainingConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "lora_rank", "lora_alpha"):
             value = getattr(self, name)
             _need(_is_int(value) and value >= 1, w, name, value, "an integer >= 1")
-        for name in ("warmup_steps", "cost_ramp_steps", "transfer_steps", "expert_pretrain_steps", "hard_at_step", "seed"):
+        for name in ("warmup_steps", "cost_ramp_steps", "transfer_steps", "expert_pretrain_steps", "hard_at_step", "seed",
+                     "final_full_tail"):
             value = getattr(self, name)
             _need(_is_int(value) and value >= 0, w, name, value, "an integer >= 0")
         for name in ("lr", "distill_temperature", "temperature_start", "temperature_end", "max_grad_norm",
@@ -177,8 +169,6 @@ class TrainingConfig:
             w, "uncertainty_threshold", self.uncertainty_threshold,
             "a number in (0, 1] with final_routing 'auto', and unset otherwise",
         )
-        _need(isinstance(self.final_full_tail, int) and not isinstance(self.final_full_tail, bool)
-              and self.final_full_tail >= 0, w, "final_full_tail", self.final_full_tail, "a whole number >= 0")
         _need(self.mixed_precision in ("no", "bf16", "fp16"), w, "mixed_precision", self.mixed_precision, "'no', 'bf16' or 'fp16'")
         _need(self.log_with in (None, "tensorboard"), w, "log_with", self.log_with, "None or 'tensorboard'")
 
@@ -225,13 +215,10 @@ class Recipe:
             raise ValueError(f"cannot read the recipe {path}: {error}") from error
         return cls.from_dict(data)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     def to_yaml(self) -> str:
         import yaml
 
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
 
 
 def _reject_unknown(where: str, given: dict, known: set) -> None:
