@@ -293,8 +293,7 @@ def _env(args: argparse.Namespace) -> int:
 
     print(f"ma-convert     {__version__}")
     print(f"python         {platform.python_version()} ({platform.platform()})")
-    for name in ("torch", "transformers", "safetensors", "huggingface_hub", "accelerate", "peft", "datasets", "triton",
-                 "fla-core"):
+    for name in ("torch", "transformers", "safetensors", "huggingface_hub", "accelerate", "peft", "datasets", "triton"):
         print(f"{name:<14} {installed_version(name)}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

@@ -1,4 +1,4 @@
-"""Backend names and checks, the dense causal call, and FlexAttention on routed queries."""
+"""Backend names and checks, and FlexAttention on routed queries."""
 
 import math
 import warnings
@@ -16,7 +16,6 @@ from ma_convert.kernels.backends import (
     check_backend,
     resolve_backend,
 )
-from ma_convert.kernels.dense import dense_causal_attention
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -45,7 +44,7 @@ def fake_modules(monkeypatch, missing=(), present_all=True):
 
 
 def test_backend_names_keep_their_order():
-    assert BACKEND_NAMES == ("auto", "torch", "sdpa", "triton", "flex", "flash_attn", "xformers")
+    assert BACKEND_NAMES == ("auto", "torch", "sdpa", "triton", "flex")
 
 
 def test_unknown_backend_error_lists_the_valid_names():
@@ -66,8 +65,6 @@ def test_check_backend_needs_packages_not_a_gpu(monkeypatch):
 @pytest.mark.parametrize(
     "name, module, words",
     [
-        ("flash_attn", "flash_attn", ["flash-attn", "ma-convert[flash]"]),
-        ("xformers", "xformers", ["xformers", "ma-convert[xformers]"]),
         ("triton", "triton", ["triton"]),
         ("flex", "torch.nn.attention.flex_attention", ["FlexAttention"]),
     ],
@@ -84,15 +81,15 @@ def test_missing_package_names_the_package_and_the_extra(monkeypatch, name, modu
 
 
 def test_backend_status_covers_every_name(monkeypatch):
-    fake_modules(monkeypatch, missing={"xformers"})
+    fake_modules(monkeypatch, missing={"torch.nn.attention.flex_attention"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     status = backend_status()
     assert tuple(status) == BACKEND_NAMES
     assert status["auto"] == status["torch"] == status["sdpa"] == "available"
-    assert status["flex"] == status["triton"] == "needs a CUDA GPU"
-    assert "pip install" in status["xformers"]
+    assert status["triton"] == "needs a CUDA GPU"
+    assert "pip install" in status["flex"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert backend_status()["flex"] == "available"
+    assert backend_status()["triton"] == "available"
 
 
 def test_resolve_on_cpu():
@@ -149,27 +146,6 @@ def qkv(b=2, hq=4, hkv=2, n=37, tk=37, d=16, dtype=torch.float32, device="cpu"):
         return torch.randn(b, heads, length, d, dtype=dtype, device=device)
 
     return make(hq, n), make(hkv, tk), make(hkv, tk)
-
-
-@pytest.mark.parametrize("window", [None, 1, 5, 36, 100])
-@pytest.mark.parametrize("backend", ["sdpa", "torch", "auto"])
-def test_dense_causal_matches_math(backend, window):
-    q, k, v = qkv()
-    out = dense_causal_attention(q, k, v, scale=0.3, backend=backend, window=window)
-    positions = torch.arange(37).expand(2, 37)
-    ref = reference_attention(q, k, v, positions, 0.3, window=window)
-    assert out.shape == q.shape
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-
-
-def test_dense_library_backends_take_sdpa_for_fp32():
-    # flash_attn and xformers run 16-bit inputs only; fp32 goes through SDPA (no import needed).
-    q, k, v = qkv()
-    ref = dense_causal_attention(q, k, v, scale=None, backend="sdpa", window=4)
-    for backend in ("flash_attn", "xformers"):
-        torch.testing.assert_close(dense_causal_attention(q, k, v, scale=None, backend=backend, window=4), ref)
-    with pytest.raises(ValueError, match="choose one of"):
-        dense_causal_attention(q, k, v, scale=None, backend="cudnn")
 
 
 # ----------------------------------------------------------------------------------- flex
@@ -330,11 +306,3 @@ def test_flex_routed_gradients_on_cuda():
         assert torch.isfinite(got).all()
         assert (got.double() - want).norm() / want.norm() <= 2e-2
 
-
-@cuda_only
-@pytest.mark.parametrize("window", [None, 100])
-def test_dense_causal_on_cuda_bf16(window):
-    q, k, v = qkv(n=512, tk=512, d=64, dtype=torch.bfloat16, device="cuda")
-    out = dense_causal_attention(q, k, v, scale=None, backend="sdpa", window=window)
-    ref = reference_attention(q.cpu(), k.cpu(), v.cpu(), torch.arange(512).expand(2, 512), 1 / 8, window=window)
-    assert (out.double().cpu() - ref).norm() / ref.norm() <= 1e-2

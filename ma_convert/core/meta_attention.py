@@ -26,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.backends import check_backend, resolve_backend
-from ..kernels.dense import dense_causal_attention
 from ..kernels.spec import DENSE_BELOW, RoutedSpec
 from .config import MetaAttnConfig
 from .controller import DirichletRouter, RouterOutput, build_router
@@ -628,7 +627,8 @@ class MetaAttention(InitialValues, nn.Module):
         if self._head_experts_only and self.runs_all_full(q, k.shape[2], causal, key_mask, attn_bias):
             # No router, no statistics until they are read: the original attention at its own cost.
             last.decision = _Decision(self, x.shape[:2], query_valid, only=self.full_index)
-            heads = self._all_full(q, k, v, scale, causal, key_mask, attn_bias)
+            full = self._expert_list[self.full_index]
+            heads = full.attend(q, k, v, None, scale=scale, causal=causal, key_mask=key_mask, attn_bias=attn_bias)
             if self.capture_expert_outputs:
                 self.last_expert_outputs[self.full_index] = heads
             if cache is not None and cache.eager:
@@ -650,14 +650,6 @@ class MetaAttention(InitialValues, nn.Module):
         if cache is not None and cache.eager:
             self._advance_eagerly(cache, k, v, key_mask, q.shape[2])
         return heads, weights
-
-    def _all_full(self, q, k, v, scale, causal, key_mask, attn_bias) -> torch.Tensor:
-        """The full expert on every token: SDPA, or the dense kernel of a flash_attn / xformers backend."""
-        full = self._expert_list[self.full_index]
-        plain = q.is_cuda and causal and key_mask is None and attn_bias is None and q.shape[2] == k.shape[2] > 1
-        if plain and self.backend in ("flash_attn", "xformers") and not self.training:
-            return dense_causal_attention(q, k, v, scale=scale, backend=self.backend, window=full.window)
-        return full.attend(q, k, v, None, scale=scale, causal=causal, key_mask=key_mask, attn_bias=attn_bias)
 
     def _advance_eagerly(self, cache: CacheInputs, k, v, key_mask, t: int) -> None:
         """Where the cache drops old keys, the state takes in this call's keys now, whatever ran."""

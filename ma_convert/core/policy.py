@@ -12,6 +12,9 @@ from ..kernels.backends import BACKEND_NAMES as BACKENDS
 from .config import FORMAT_VERSION, MetaAttnConfig, checker, is_int, is_num, migrate_fields
 
 ROUTING_MODES = ("soft", "hard", "auto")
+# Backends removed on 2026-12-03: "fla" ran the triton kernels (fla-core was no longer called);
+# "flash_attn" and "xformers" differed from them only in all-full calls, where SDPA serves as well.
+REMOVED_BACKENDS = ("fla", "flash_attn", "xformers")
 UNCERTAIN_ROUTES = ("full", "soft")
 
 
@@ -61,9 +64,10 @@ class RoutingPolicy:
     def from_dict(cls, data: dict) -> "RoutingPolicy":
         """A saved policy. Those saved before 2026-12-03 hold ``hard_top_k``, always 1 then in practice:
         hard routing now sends each token to one expert, so 1 is dropped and any other value refused;
-        and their backend may be ``fla``, which ran the ``triton`` kernels: read as ``triton``."""
+        and their backend may be one removed then, whose routed calls ran the ``triton`` kernels: read
+        as ``triton``."""
         data = dict(data)
-        if data.get("backend") == "fla":  # a name for the triton kernels until 2026-12-03 (fla-core was not called)
+        if data.get("backend") in REMOVED_BACKENDS:
             data["backend"] = "triton"
         if data.pop("hard_top_k", 1) != 1:
             raise ValueError("RoutingPolicy.hard_top_k is no longer supported: hard routing sends each token to "

@@ -7,8 +7,6 @@
 - ``triton``: ma_convert's own Triton kernels for the gathered routed queries (CUDA).
 - ``flex``: FlexAttention for the full and local experts on gathered queries, Triton for the
   linear expert (CUDA).
-- ``flash_attn`` / ``xformers``: that library's kernel for dense softmax calls (the full expert
-  when it runs on every token, e.g. short sequences), Triton for gathered queries (CUDA).
 - ``auto``: ``triton`` for CUDA tensors when triton imports, else ``torch``.
 
 :func:`check_backend` validates a name and its packages (no GPU needed, so configs can be checked
@@ -23,25 +21,21 @@ import importlib.util
 
 import torch
 
-BACKEND_NAMES = ("auto", "torch", "sdpa", "triton", "flex", "flash_attn", "xformers")
+BACKEND_NAMES = ("auto", "torch", "sdpa", "triton", "flex")
 
 # Backends that only run on CUDA tensors.
-GPU_ONLY = ("triton", "flex", "flash_attn", "xformers")
+GPU_ONLY = ("triton", "flex")
 
 # Modules each backend imports, in the order they are checked (auto, torch and sdpa need none).
 _NEEDS = {
     "triton": ("triton",),
     "flex": ("torch.nn.attention.flex_attention", "triton"),
-    "flash_attn": ("flash_attn", "triton"),
-    "xformers": ("xformers", "triton"),
 }
 
 # How to get each module, for the error messages.
 _HOW_TO_GET = {
     "triton": "the `triton` package (it comes with CUDA builds of torch; else pip install triton)",
     "torch.nn.attention.flex_attention": "torch's FlexAttention (torch >= 2.5): pip install -U torch",
-    "flash_attn": "the `flash-attn` package: pip install 'ma-convert[flash]'",
-    "xformers": "the `xformers` package: pip install 'ma-convert[xformers]'",
 }
 
 
