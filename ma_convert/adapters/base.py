@@ -67,7 +67,6 @@ class ArchitectureAdapter:
                     f"{name}={derived[name]!r}; leave it unset to take the model's"
                 )
         settings.update(overrides)
-        settings.pop("format_version", None)
         if cfg is None and "dropout" not in overrides:  # the model's own attention dropout (GPT-2: attn_pdrop)
             dropout = getattr(config, "attention_dropout", None) or getattr(config, "attn_pdrop", None)
             settings["dropout"] = float(dropout or 0.0)

@@ -43,10 +43,8 @@ class MetaFalconAttention(RoutedAttentionMixin, FalconAttention):
             # The original SDPA path adds ALiBi / sqrt(head_dim) through the mask the model folds it
             # into (FalconModel.forward); the same op here, as a bias the softmax experts add.
             bias = alibi.view(hidden_states.shape[0], self.num_heads, 1, -1) / math.sqrt(self.head_dim)
-        out = self.routed_attention(
-            hidden_states, query, key, value, attention_mask=attention_mask, call_kwargs=kwargs,
-            scaling=self.inv_norm_factor, attn_bias=bias,
-        )
+        out = self.routed_attention(hidden_states, query, key, value, attention_mask, kwargs,
+                                    scaling=self.inv_norm_factor, attn_bias=bias)
         return self.dense(out), None
 
 

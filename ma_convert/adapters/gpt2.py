@@ -24,9 +24,7 @@ class MetaGPT2Attention(RoutedAttentionMixin, GPT2Attention):
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         query, key, value = self.split_heads(*self.c_attn(hidden_states).split(self.split_size, dim=2))
-        out = self.routed_attention(
-            hidden_states, query, key, value, attention_mask=attention_mask, call_kwargs=kwargs, scaling=self.scaling
-        )
+        out = self.routed_attention(hidden_states, query, key, value, attention_mask, kwargs, scaling=self.scaling)
         return self.resid_dropout(self.c_proj(out)), None
 
 

@@ -20,9 +20,7 @@ class MetaLlamaAttention(RoutedAttentionMixin, LlamaAttention):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         query, key, value = self.split_heads(*(proj(hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj)))
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        out = self.routed_attention(
-            hidden_states, query, key, value, attention_mask=attention_mask, call_kwargs=kwargs, scaling=self.scaling
-        )
+        out = self.routed_attention(hidden_states, query, key, value, attention_mask, kwargs, scaling=self.scaling)
         return self.o_proj(out), None
 
 

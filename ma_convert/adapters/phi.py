@@ -28,9 +28,7 @@ class MetaPhiAttention(RoutedAttentionMixin, PhiAttention):
         query_rot, key_rot = apply_rotary_pos_emb(query[..., :n], key[..., :n], *position_embeddings)
         query = torch.cat((query_rot, query[..., n:]), dim=-1)
         key = torch.cat((key_rot, key[..., n:]), dim=-1)
-        out = self.routed_attention(
-            hidden_states, query, key, value, attention_mask=attention_mask, call_kwargs=kwargs, scaling=self.scaling
-        )
+        out = self.routed_attention(hidden_states, query, key, value, attention_mask, kwargs, scaling=self.scaling)
         return self.dense(out), None
 
 

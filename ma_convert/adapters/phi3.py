@@ -26,9 +26,7 @@ class MetaPhi3Attention(RoutedAttentionMixin, Phi3Attention):
         query, key, value = self.split_heads(*self.qkv_proj(hidden_states).split(sizes, dim=-1))
         # Rotates the first cos.shape[-1] dims of each head (partial rotary) and passes the rest.
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        out = self.routed_attention(
-            hidden_states, query, key, value, attention_mask=attention_mask, call_kwargs=kwargs, scaling=self.scaling
-        )
+        out = self.routed_attention(hidden_states, query, key, value, attention_mask, kwargs, scaling=self.scaling)
         return self.o_proj(out), None
 
 

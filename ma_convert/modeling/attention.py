@@ -172,9 +172,9 @@ class RoutedAttentionMixin:
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        *,
         attention_mask: Optional[torch.Tensor],
         call_kwargs: dict,
+        *,
         scaling: Optional[float] = None,
         attn_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:

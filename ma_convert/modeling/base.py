@@ -16,23 +16,25 @@ original parameter keeps its name and its tensor:
 from __future__ import annotations
 
 import importlib
+import json
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn as nn
+from transformers.utils import cached_file
 
 from ..core.config import FORMAT_VERSION, MetaAttnConfig
 from ..core.initial import InitialValues, tensor_named
 from ..core.meta_attention import MetaAttention
 from ..core.policy import RoutingPolicy, split_saved_block
+from ..version import __version__ as CONVERTER_VERSION
 from .attention import cache_argument
 
 # The format of the config's `meta_attention` block (the MetaAttnConfig inside has its own).
 # 2: the routing policy beside the config, as `policy`.
 BLOCK_FORMAT_VERSION = 2
-CONVERTER_VERSION = "0.2.0"  # kept in step with ma_convert.version by a test
 
 
 def meta_attention_block(cfg: MetaAttnConfig, base_model: Optional[str], base_revision: Optional[str], base_type: str,
@@ -93,13 +95,10 @@ class MetaInitMixin:
 
 
 class MetaCausalLMMixin(MetaInitMixin):
-    """Builds the routed attention modules of a converted causal LM on construction.
+    """Builds the routed attention modules of a converted causal LM on construction."""
 
-    Subclasses set ``adapter`` (the architecture adapter) and ``inner_class`` (the Ma inner model).
-    """
-
-    adapter: ClassVar[Any]
-    inner_class: ClassVar[type]
+    adapter: ClassVar[Any]  # the architecture's adapter, which sets it
+    inner_class: ClassVar[type]  # the Ma inner model
 
     def __init__(self, config, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
@@ -169,10 +168,6 @@ def _warn_if_remote_code_is_stale(path, model_type: str) -> None:
 
 def _checkpoint_is_original(path, kwargs) -> bool:
     """Whether the checkpoint's own config.json (folder, subfolder or Hub id) is an unconverted model's."""
-    import json
-
-    from transformers.utils import cached_file
-
     try:
         file = cached_file(
             str(path), "config.json", subfolder=kwargs.get("subfolder", ""), revision=kwargs.get("revision"),
