@@ -17,7 +17,6 @@ from ..core.config import FORMAT_VERSION, MetaAttnConfig
 class ArchitectureAdapter:
     """Describes one Hugging Face architecture to the converter."""
 
-    inner_attribute: ClassVar[str] = "model"  # attribute of the causal LM holding the decoder stack
     attention_class: ClassVar[type]  # the routed subclass of the original attention
     causal_lm_class: ClassVar[type]  # Ma<Arch>ForCausalLM
     config_class: ClassVar[type]  # Ma<Arch>Config, set from causal_lm_class
@@ -32,7 +31,7 @@ class ArchitectureAdapter:
     @classmethod
     def attention_modules(cls, model: nn.Module) -> list[nn.Module]:
         """The attention module of every decoder layer, in order."""
-        return [layer.self_attn for layer in getattr(model, cls.inner_attribute).layers]
+        return [layer.self_attn for layer in model.base_model.layers]
 
     @classmethod
     def derived_fields(cls, config: Any) -> dict:

@@ -59,7 +59,6 @@ class MaFalconForCausalLM(MetaCausalLMMixin, FalconForCausalLM):
 
 class FalconAdapter(ArchitectureAdapter):
     lora_targets = r".*\.self_attention\.(query_key_value|dense)"
-    inner_attribute = "transformer"
     attention_class = MetaFalconAttention
     causal_lm_class = MaFalconForCausalLM
     original_causal_lm_class = FalconForCausalLM

@@ -39,7 +39,6 @@ class MaGPT2LMHeadModel(MetaCausalLMMixin, GPT2LMHeadModel):
 
 class GPT2Adapter(ArchitectureAdapter):
     lora_targets = r".*\.attn\.(c_attn|c_proj)"
-    inner_attribute = "transformer"
     attention_class = MetaGPT2Attention
     causal_lm_class = MaGPT2LMHeadModel
     original_causal_lm_class = GPT2LMHeadModel

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..core.masks import BLOCKED_AT
 from ..core.meta_attention import CacheInputs, MetaAttention
@@ -231,9 +233,6 @@ class RoutedAttentionMixin:
 
     def _original_attention(self, query, key, value, attention_mask, scaling):
         """The model's own attention function (its `attn_implementation`) over the cache's slots: (B, T, Hq * d)."""
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         # "eager" is each model's own function, not a shared one: SDPA computes the same.
         attend = ALL_ATTENTION_FUNCTIONS.get(getattr(self.config, "_attn_implementation", None), sdpa_attention_forward)
         out, _ = attend(self, query, key, value, attention_mask, dropout=0.0, scaling=scaling)

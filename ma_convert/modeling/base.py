@@ -224,8 +224,7 @@ def install_meta_attention(model: nn.Module, cfg: MetaAttnConfig, adapter, inner
     and experts routing by `policy`, in place; parameters are created on the attention's device and dtype."""
     model.ma_max_positions = cfg.max_positions
     model.register_forward_pre_hook(_check_inputs, with_kwargs=True)
-    inner = getattr(model, adapter.inner_attribute)
-    inner.__class__ = inner_class
+    model.base_model.__class__ = inner_class
     for attention in adapter.attention_modules(model):
         reference = next(attention.parameters())
         attention.__class__ = adapter.attention_class
