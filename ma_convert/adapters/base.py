@@ -17,18 +17,21 @@ from ..core.config import FORMAT_VERSION, MetaAttnConfig
 class ArchitectureAdapter:
     """Describes one Hugging Face architecture to the converter."""
 
-    model_type: ClassVar[str]  # the original's, e.g. "llama"
-    inner_attribute: ClassVar[str] = "model"  # attribute of the causal LM holding the decoder stack
     attention_class: ClassVar[type]  # the routed subclass of the original attention
-    config_class: ClassVar[type]  # Ma<Arch>Config
     causal_lm_class: ClassVar[type]  # Ma<Arch>ForCausalLM
+    config_class: ClassVar[type]  # Ma<Arch>Config, set from causal_lm_class
     original_causal_lm_class: ClassVar[type]
     lora_targets: ClassVar[str]  # regex of the shared attention projections, for peft LoRA
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.config_class = cls.causal_lm_class.config_class
+        cls.causal_lm_class.adapter = cls  # a converted model built from its config installs itself with it
 
     @classmethod
     def attention_modules(cls, model: nn.Module) -> list[nn.Module]:
         """The attention module of every decoder layer, in order."""
-        return [layer.self_attn for layer in getattr(model, cls.inner_attribute).layers]
+        return [layer.self_attn for layer in model.base_model.layers]
 
     @classmethod
     def derived_fields(cls, config: Any) -> dict:
@@ -43,11 +46,6 @@ class ArchitectureAdapter:
             # A base model's own attention window stays inside the full expert (Mistral, Phi-3).
             "full_window": getattr(config, "sliding_window", None),
         }
-
-    @classmethod
-    def attention_dropout(cls, config: Any) -> float:
-        """The model's attention-probability dropout, the experts' default."""
-        return float(getattr(config, "attention_dropout", 0.0) or 0.0)
 
     @classmethod
     def meta_config(cls, config: Any, cfg: Optional[MetaAttnConfig] = None, **overrides: Any) -> MetaAttnConfig:
@@ -68,13 +66,14 @@ class ArchitectureAdapter:
                     f"{name}={derived[name]!r}; leave it unset to take the model's"
                 )
         settings.update(overrides)
-        settings.pop("format_version", None)
-        if cfg is None and "dropout" not in overrides:
-            settings["dropout"] = cls.attention_dropout(config)
-        if derived["full_window"] is not None and "window_size" not in given and "window_size" not in overrides:
-            settings["window_size"] = min(settings.get("window_size", defaults["window_size"]), derived["full_window"])
-        sinks_given = "sink_tokens" in overrides or settings.get("sink_tokens", defaults["sink_tokens"]) != defaults["sink_tokens"]
-        if derived["full_window"] is not None and not sinks_given:
+        if cfg is None and "dropout" not in overrides:  # the model's own attention dropout (GPT-2: attn_pdrop)
+            dropout = getattr(config, "attention_dropout", None) or getattr(config, "attn_pdrop", None)
+            settings["dropout"] = float(dropout or 0.0)
+        window = derived["full_window"]
+        if window is not None and "window_size" not in overrides:
+            settings["window_size"] = min(settings.get("window_size", defaults["window_size"]), window)
+        sinks = settings.get("sink_tokens", defaults["sink_tokens"])
+        if window is not None and "sink_tokens" not in overrides and sinks == defaults["sink_tokens"]:
             settings["sink_tokens"] = 0  # see below: a sliding-window model's cache has no first keys
         # This version's fields: a former one (hard_routing, ...) is an error saying where it went.
         meta = MetaAttnConfig.from_dict({**settings, **derived, "format_version": FORMAT_VERSION})

@@ -17,13 +17,6 @@ class MaFalconConfig(FalconConfig):
     model_type = "ma_falcon"
 
 
-def falcon_kv_heads(config) -> int:
-    """The distinct key/value heads of a Falcon model, as its attention lays out the fused qkv."""
-    if config.new_decoder_architecture:
-        return config.num_kv_heads
-    return 1 if config.multi_query else config.num_attention_heads
-
-
 class MetaFalconAttention(RoutedAttentionMixin, FalconAttention):
     """FalconAttention with Meta-Attention routing; fused qkv split, RoPE and ALiBi exactly as the original.
 
@@ -42,22 +35,16 @@ class MetaFalconAttention(RoutedAttentionMixin, FalconAttention):
         return qkv[:, :, :, :-2].flatten(2, 3), qkv[:, :, :, -2], qkv[:, :, :, -1]
 
     def forward(self, hidden_states, alibi, attention_mask, position_embeddings=None, **kwargs):
-        query, key, value = self._split_qkv(self.query_key_value(hidden_states))
-        batch, t = query.shape[:2]
-        query = query.transpose(1, 2).reshape(batch, self.num_heads, t, self.head_dim)
-        key = key.transpose(1, 2).reshape(batch, -1, t, self.head_dim)
-        value = value.transpose(1, 2).reshape(batch, -1, t, self.head_dim)
+        query, key, value = (x.transpose(1, 2) for x in self._split_qkv(self.query_key_value(hidden_states)))
         bias = None
         if alibi is None:
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         else:
             # The original SDPA path adds ALiBi / sqrt(head_dim) through the mask the model folds it
             # into (FalconModel.forward); the same op here, as a bias the softmax experts add.
-            bias = alibi.view(batch, self.num_heads, 1, -1) / math.sqrt(self.head_dim)
-        out = self.routed_attention(
-            hidden_states, query, key, value, attention_mask=attention_mask, call_kwargs=kwargs,
-            scaling=self.inv_norm_factor, attn_bias=bias,
-        )
+            bias = alibi.view(hidden_states.shape[0], self.num_heads, 1, -1) / math.sqrt(self.head_dim)
+        out = self.routed_attention(hidden_states, query, key, value, attention_mask, kwargs,
+                                    scaling=self.inv_norm_factor, attn_bias=bias)
         return self.dense(out), None
 
 
@@ -67,14 +54,12 @@ class MaFalconModel(MetaInitMixin, FalconModel):
 
 class MaFalconForCausalLM(MetaCausalLMMixin, FalconForCausalLM):
     config_class = MaFalconConfig
+    inner_class = MaFalconModel
 
 
 class FalconAdapter(ArchitectureAdapter):
-    model_type = "falcon"
     lora_targets = r".*\.self_attention\.(query_key_value|dense)"
-    inner_attribute = "transformer"
     attention_class = MetaFalconAttention
-    config_class = MaFalconConfig
     causal_lm_class = MaFalconForCausalLM
     original_causal_lm_class = FalconForCausalLM
 
@@ -84,10 +69,12 @@ class FalconAdapter(ArchitectureAdapter):
 
     @classmethod
     def derived_fields(cls, config):
-        # Falcon's kv head count depends on its layout (multi-query, grouped, or one per head).
-        return {**super().derived_fields(config), "n_kv_heads": falcon_kv_heads(config)}
+        # The distinct kv heads of the fused qkv layout: grouped, one (multi-query) or one per head.
+        if config.new_decoder_architecture:
+            kv_heads = config.num_kv_heads
+        else:
+            kv_heads = 1 if config.multi_query else config.num_attention_heads
+        return {**super().derived_fields(config), "n_kv_heads": kv_heads}
 
 
-MaFalconForCausalLM.adapter = FalconAdapter
-MaFalconForCausalLM.inner_class = MaFalconModel
 ADAPTER = FalconAdapter

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
@@ -25,14 +23,8 @@ class MetaGPT2Attention(RoutedAttentionMixin, GPT2Attention):
     """
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        key = key.view(shape).transpose(1, 2)
-        value = value.view(shape).transpose(1, 2)
-        query = query.view(shape).transpose(1, 2)
-        out = self.routed_attention(
-            hidden_states, query, key, value, attention_mask=attention_mask, call_kwargs=kwargs, scaling=self.scaling
-        )
+        query, key, value = self.split_heads(*self.c_attn(hidden_states).split(self.split_size, dim=2))
+        out = self.routed_attention(hidden_states, query, key, value, attention_mask, kwargs, scaling=self.scaling)
         return self.resid_dropout(self.c_proj(out)), None
 
 
@@ -42,14 +34,12 @@ class MaGPT2Model(MetaInitMixin, GPT2Model):
 
 class MaGPT2LMHeadModel(MetaCausalLMMixin, GPT2LMHeadModel):
     config_class = MaGPT2Config
+    inner_class = MaGPT2Model
 
 
 class GPT2Adapter(ArchitectureAdapter):
-    model_type = "gpt2"
     lora_targets = r".*\.attn\.(c_attn|c_proj)"
-    inner_attribute = "transformer"
     attention_class = MetaGPT2Attention
-    config_class = MaGPT2Config
     causal_lm_class = MaGPT2LMHeadModel
     original_causal_lm_class = GPT2LMHeadModel
 
@@ -58,11 +48,5 @@ class GPT2Adapter(ArchitectureAdapter):
         # Self-attention only: the cross-attention of add_cross_attention models stays the original.
         return [block.attn for block in model.transformer.h]
 
-    @classmethod
-    def attention_dropout(cls, config: Any) -> float:
-        return float(config.attn_pdrop or 0.0)  # GPT-2's name for it
 
-
-MaGPT2LMHeadModel.adapter = GPT2Adapter
-MaGPT2LMHeadModel.inner_class = MaGPT2Model
 ADAPTER = GPT2Adapter

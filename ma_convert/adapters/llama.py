@@ -18,14 +18,9 @@ class MetaLlamaAttention(RoutedAttentionMixin, LlamaAttention):
     """LlamaAttention with Meta-Attention routing; projections and RoPE exactly as the original."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        query, key, value = self.split_heads(*(proj(hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj)))
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        out = self.routed_attention(
-            hidden_states, query, key, value, attention_mask=attention_mask, call_kwargs=kwargs, scaling=self.scaling
-        )
+        out = self.routed_attention(hidden_states, query, key, value, attention_mask, kwargs, scaling=self.scaling)
         return self.o_proj(out), None
 
 
@@ -35,17 +30,14 @@ class MaLlamaModel(MetaInitMixin, LlamaModel):
 
 class MaLlamaForCausalLM(MetaCausalLMMixin, LlamaForCausalLM):
     config_class = MaLlamaConfig
+    inner_class = MaLlamaModel
 
 
 class LlamaAdapter(ArchitectureAdapter):
-    model_type = "llama"
     lora_targets = r".*\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
     attention_class = MetaLlamaAttention
-    config_class = MaLlamaConfig
     causal_lm_class = MaLlamaForCausalLM
     original_causal_lm_class = LlamaForCausalLM
 
 
-MaLlamaForCausalLM.adapter = LlamaAdapter
-MaLlamaForCausalLM.inner_class = MaLlamaModel
 ADAPTER = LlamaAdapter

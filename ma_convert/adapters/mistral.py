@@ -35,17 +35,14 @@ class MaMistralModel(MetaInitMixin, MistralModel):
 
 class MaMistralForCausalLM(MetaCausalLMMixin, MistralForCausalLM):
     config_class = MaMistralConfig
+    inner_class = MaMistralModel
 
 
 class MistralAdapter(ArchitectureAdapter):
-    model_type = "mistral"
     lora_targets = r".*\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
     attention_class = MetaMistralAttention
-    config_class = MaMistralConfig
     causal_lm_class = MaMistralForCausalLM
     original_causal_lm_class = MistralForCausalLM
 
 
-MaMistralForCausalLM.adapter = MistralAdapter
-MaMistralForCausalLM.inner_class = MaMistralModel
 ADAPTER = MistralAdapter

@@ -19,10 +19,7 @@ class MetaPhiAttention(RoutedAttentionMixin, PhiAttention):
     """PhiAttention with Meta-Attention routing; projections, q/k LayerNorm and partial RoPE exactly as the original."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        query, key, value = self.split_heads(*(proj(hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj)))
         if self.qk_layernorm:
             query = self.q_layernorm(query)
             key = self.k_layernorm(key)
@@ -31,9 +28,7 @@ class MetaPhiAttention(RoutedAttentionMixin, PhiAttention):
         query_rot, key_rot = apply_rotary_pos_emb(query[..., :n], key[..., :n], *position_embeddings)
         query = torch.cat((query_rot, query[..., n:]), dim=-1)
         key = torch.cat((key_rot, key[..., n:]), dim=-1)
-        out = self.routed_attention(
-            hidden_states, query, key, value, attention_mask=attention_mask, call_kwargs=kwargs, scaling=self.scaling
-        )
+        out = self.routed_attention(hidden_states, query, key, value, attention_mask, kwargs, scaling=self.scaling)
         return self.dense(out), None
 
 
@@ -43,17 +38,14 @@ class MaPhiModel(MetaInitMixin, PhiModel):
 
 class MaPhiForCausalLM(MetaCausalLMMixin, PhiForCausalLM):
     config_class = MaPhiConfig
+    inner_class = MaPhiModel
 
 
 class PhiAdapter(ArchitectureAdapter):
-    model_type = "phi"
     lora_targets = r".*\.self_attn\.(q_proj|k_proj|v_proj|dense)"
     attention_class = MetaPhiAttention
-    config_class = MaPhiConfig
     causal_lm_class = MaPhiForCausalLM
     original_causal_lm_class = PhiForCausalLM
 
 
-MaPhiForCausalLM.adapter = PhiAdapter
-MaPhiForCausalLM.inner_class = MaPhiModel
 ADAPTER = PhiAdapter

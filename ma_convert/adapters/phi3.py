@@ -20,19 +20,13 @@ class MetaPhi3Attention(RoutedAttentionMixin, Phi3Attention):
     """Phi3Attention with Meta-Attention routing; projections and RoPE exactly as the original."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        qkv = self.qkv_proj(hidden_states)
         # The fused output is [q heads | k heads | v heads].
-        q_end = self.config.num_attention_heads * self.head_dim
-        k_end = q_end + self.num_key_value_heads * self.head_dim
-        query = qkv[..., :q_end].view(shape).transpose(1, 2)
-        key = qkv[..., q_end:k_end].view(shape).transpose(1, 2)
-        value = qkv[..., k_end:].view(shape).transpose(1, 2)
+        kv_size = self.num_key_value_heads * self.head_dim
+        sizes = [self.config.num_attention_heads * self.head_dim, kv_size, kv_size]
+        query, key, value = self.split_heads(*self.qkv_proj(hidden_states).split(sizes, dim=-1))
         # Rotates the first cos.shape[-1] dims of each head (partial rotary) and passes the rest.
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        out = self.routed_attention(
-            hidden_states, query, key, value, attention_mask=attention_mask, call_kwargs=kwargs, scaling=self.scaling
-        )
+        out = self.routed_attention(hidden_states, query, key, value, attention_mask, kwargs, scaling=self.scaling)
         return self.o_proj(out), None
 
 
@@ -42,17 +36,14 @@ class MaPhi3Model(MetaInitMixin, Phi3Model):
 
 class MaPhi3ForCausalLM(MetaCausalLMMixin, Phi3ForCausalLM):
     config_class = MaPhi3Config
+    inner_class = MaPhi3Model
 
 
 class Phi3Adapter(ArchitectureAdapter):
-    model_type = "phi3"
     lora_targets = r".*\.self_attn\.(qkv_proj|o_proj)"
     attention_class = MetaPhi3Attention
-    config_class = MaPhi3Config
     causal_lm_class = MaPhi3ForCausalLM
     original_causal_lm_class = Phi3ForCausalLM
 
 
-MaPhi3ForCausalLM.adapter = Phi3Adapter
-MaPhi3ForCausalLM.inner_class = MaPhi3Model
 ADAPTER = Phi3Adapter

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..core.masks import BLOCKED_AT
 from ..core.meta_attention import CacheInputs, MetaAttention
@@ -91,8 +93,27 @@ class CacheLayerState:
 
     def __init__(self, layer) -> None:
         self.layer = layer
-        if not getattr(layer, "_ma_state_hooks", False):
-            _hook_cache_layer(layer)
+        if getattr(layer, "_ma_state_hooks", False):
+            return
+        reorder, crop = layer.reorder_cache, getattr(layer, "crop", None)
+
+        def reorder_with_state(beam_idx):
+            reorder(beam_idx)
+            held = self.get()
+            if held is not None:
+                idx = beam_idx.to(held[0].device)
+                self.set(held[0].index_select(0, idx), held[1].index_select(0, idx), held[2])
+
+        def crop_with_state(max_length):
+            crop(max_length)
+            held = self.get()
+            if held is not None and held[2] > layer.get_seq_length():
+                delattr(layer, STATE_ATTRIBUTE)
+
+        layer.reorder_cache = reorder_with_state
+        if crop is not None:
+            layer.crop = crop_with_state
+        layer._ma_state_hooks = True
 
     def get(self):
         return getattr(self.layer, STATE_ATTRIBUTE, None)
@@ -101,26 +122,9 @@ class CacheLayerState:
         setattr(self.layer, STATE_ATTRIBUTE, (s, z, seen))
 
 
-def _hook_cache_layer(layer) -> None:
-    reorder, crop = layer.reorder_cache, getattr(layer, "crop", None)
-
-    def reorder_with_state(beam_idx):
-        reorder(beam_idx)
-        held = getattr(layer, STATE_ATTRIBUTE, None)
-        if held is not None:
-            idx = beam_idx.to(held[0].device)
-            setattr(layer, STATE_ATTRIBUTE, (held[0].index_select(0, idx), held[1].index_select(0, idx), held[2]))
-
-    def crop_with_state(max_length):
-        crop(max_length)
-        held = getattr(layer, STATE_ATTRIBUTE, None)
-        if held is not None and held[2] > layer.get_seq_length():
-            delattr(layer, STATE_ATTRIBUTE)
-
-    layer.reorder_cache = reorder_with_state
-    if crop is not None:
-        layer.crop = crop_with_state
-    layer._ma_state_hooks = True
+def _cache_layer(cache, layer_idx: int):
+    layers = getattr(cache, "layers", None) or []
+    return layers[layer_idx] if layer_idx < len(layers) else None
 
 
 # Caches with at least this many elements per layer grow in place (below it, torch.cat's copy costs less
@@ -137,28 +141,21 @@ def append_to_cache(cache, layer_idx: int, key: torch.Tensor, value: torch.Tenso
     reads them is unchanged; if anything replaced them (beam reordering, cropping, offloading), the
     buffer is rebuilt from them on the next step.
     """
-    layer = cache.layers[layer_idx] if layer_idx < len(getattr(cache, "layers", ())) else None
+    layer = _cache_layer(cache, layer_idx)
     if type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys.numel() < GROW_IN_PLACE_FROM:
         return cache.update(key, value, layer_idx)
     old, new = layer.keys.shape[-2], key.shape[-2]
     grow = getattr(layer, "_ma_grow", None)  # (key buffer, value buffer, the views handed out)
     if grow is None or layer.keys is not grow[2] or layer.values is not grow[3] or old + new > grow[0].shape[2]:
         capacity = old + new + max(256, (old + new) // 4)  # amortised growth, 25% spare
-        buffers = [torch.empty(*x.shape[:2], capacity, x.shape[3], dtype=x.dtype, device=x.device)
-                   for x in (layer.keys, layer.values)]
-        buffers[0][:, :, :old].copy_(layer.keys)
-        buffers[1][:, :, :old].copy_(layer.values)
-        grow = buffers + [None, None]
+        grow = [x.new_empty(*x.shape[:2], capacity, x.shape[3]) for x in (layer.keys, layer.values)]
+        grow[0][:, :, :old].copy_(layer.keys)
+        grow[1][:, :, :old].copy_(layer.values)
     grow[0][:, :, old : old + new].copy_(key)
     grow[1][:, :, old : old + new].copy_(value)
     layer.keys, layer.values = grow[0][:, :, : old + new], grow[1][:, :, : old + new]
     layer._ma_grow = (grow[0], grow[1], layer.keys, layer.values)
     return layer.keys, layer.values
-
-
-def _cache_layer(cache, layer_idx: int):
-    layers = getattr(cache, "layers", None) or []
-    return layers[layer_idx] if layer_idx < len(layers) else None
 
 
 class RoutedAttentionMixin:
@@ -167,15 +164,19 @@ class RoutedAttentionMixin:
     meta: MetaAttention
     layer_idx: int
 
+    def split_heads(self, *projections: torch.Tensor) -> list[torch.Tensor]:
+        """(B, T, H * head_dim) projections as (B, H, T, head_dim) heads, as the original attention views them."""
+        return [x.view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2) for x in projections]
+
     def routed_attention(
         self,
         hidden_states: torch.Tensor,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        *,
         attention_mask: Optional[torch.Tensor],
         call_kwargs: dict,
+        *,
         scaling: Optional[float] = None,
         attn_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
@@ -184,31 +185,45 @@ class RoutedAttentionMixin:
 
         `call_kwargs` are the keyword arguments the decoder layer passed to attention: the cache (under
         any of `CACHE_KEYWORDS`) and `position_ids` are read from them."""
+        meta, window = self.meta, self.meta.cfg.full_window
         cache = cache_argument(call_kwargs)
-        position_ids = call_kwargs.get("position_ids")
+        layer = None if cache is None else _cache_layer(cache, self.layer_idx)
         cache_inputs = None
-        if cache is not None and getattr(_cache_layer(cache, self.layer_idx), "is_compileable", False):
-            return self._static_cache_attention(hidden_states, query, key, value, cache, attention_mask, position_ids,
-                                                scaling, attn_bias)
-        if cache is not None:
+        if getattr(layer, "is_compileable", False):
+            # A static cache (`cache_implementation="static"`, what torch.compile needs): its layer returns
+            # every slot, up to max_cache_len, and the mask says which hold keys. A call that runs all-full
+            # (forced, the full tail, or below dense_below for the whole cache) is the original's attention
+            # call on those slots, with no host sync, so it compiles whole; a routed call reads the number
+            # of keys from the cache (one sync) and routes over them as with a dynamic cache.
+            if attn_bias is not None or window is not None:
+                raise NotImplementedError("Meta-Attention supports static caches for models without ALiBi or a "
+                                          "sliding window; use the default dynamic cache")
+            key, value = cache.update(key, value, self.layer_idx)
+            if meta.runs_all_full(query, layer.max_cache_len):
+                meta.note_all_full(hidden_states.shape[:2])
+                return self._original_attention(query, key, value, attention_mask, scaling)
+            n_keys = int(layer.get_seq_length())  # the one sync of a routed step
+            key, value = key[:, :, :n_keys], value[:, :, :n_keys]
+            if attention_mask is not None and attention_mask.dim() == 4:
+                attention_mask = attention_mask[..., :n_keys]
+            if meta.kernel_index is not None:
+                cache_inputs = CacheInputs(CacheLayerState(layer))
+        elif cache is not None:
             key, value = append_to_cache(cache, self.layer_idx, key, value)
-            if self.meta.kernel_index is not None:
+            if meta.kernel_index is not None:
                 layer = cache.layers[self.layer_idx]
                 # A sliding-window cache drops old keys: the state must take in every key as it comes.
                 cache_inputs = CacheInputs(CacheLayerState(layer), offset=layer.get_seq_length() - key.shape[2],
-                                           eager=self.meta.cfg.full_window is not None)
+                                           eager=window is not None)
         b, _, t, _ = query.shape
-        key_mask = key_mask_from_hf(attention_mask, t, key.shape[2], self.meta.cfg.full_window)
-        if position_ids is None:
-            position_ids = torch.arange(key.shape[2] - t, key.shape[2], device=query.device)
-        heads, _ = self.meta(
+        key_mask = key_mask_from_hf(attention_mask, t, key.shape[2], window)
+        heads, _ = meta(
             hidden_states,
             query,
             key,
             value,
-            positions=position_ids,
+            positions=call_kwargs.get("position_ids"),  # None: the last t of the keys, right without padding
             scale=scaling,
-            causal=True,
             key_mask=key_mask,
             attn_bias=attn_bias,
             query_valid=None if key_mask is None else key_mask[:, -t:],
@@ -216,41 +231,8 @@ class RoutedAttentionMixin:
         )
         return heads.transpose(1, 2).reshape(b, t, -1)
 
-    def _static_cache_attention(self, hidden_states, query, key, value, cache, attention_mask, position_ids, scaling,
-                                attn_bias):
-        """A static cache (`cache_implementation="static"`, what torch.compile needs): its layer returns
-        every slot, up to max_cache_len, and the mask says which hold keys. A call that runs all-full
-        (forced, the full tail, or below dense_below for the whole cache) is the original's attention
-        call on those slots, with no host sync, so it compiles whole; a routed call reads the number of
-        keys from the cache (one sync) and routes over them as with a dynamic cache."""
-        meta, layer = self.meta, _cache_layer(cache, self.layer_idx)
-        if attn_bias is not None or meta.cfg.full_window is not None:
-            raise NotImplementedError("Meta-Attention supports static caches for models without ALiBi or a sliding "
-                                      "window; use the default dynamic cache")
-        key, value = cache.update(key, value, self.layer_idx)
-        b, _, t, _ = query.shape
-        if meta.runs_all_full(query, layer.max_cache_len):
-            meta.note_all_full(hidden_states.shape[:2])
-            return self._original_attention(query, key, value, attention_mask, scaling)
-        n_keys = int(layer.get_seq_length())  # the one sync of a routed step
-        key, value = key[:, :, :n_keys], value[:, :, :n_keys]
-        if attention_mask is not None and attention_mask.dim() == 4:
-            attention_mask = attention_mask[..., :n_keys]
-        key_mask = key_mask_from_hf(attention_mask, t, n_keys, None)
-        cache_inputs = CacheInputs(CacheLayerState(layer)) if meta.kernel_index is not None else None
-        heads, _ = meta(
-            hidden_states, query, key, value,
-            positions=position_ids if position_ids is not None else torch.arange(n_keys - t, n_keys, device=query.device),
-            scale=scaling, causal=True, key_mask=key_mask, query_valid=None if key_mask is None else key_mask[:, -t:],
-            cache=cache_inputs,
-        )
-        return heads.transpose(1, 2).reshape(b, t, -1)
-
     def _original_attention(self, query, key, value, attention_mask, scaling):
         """The model's own attention function (its `attn_implementation`) over the cache's slots: (B, T, Hq * d)."""
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         # "eager" is each model's own function, not a shared one: SDPA computes the same.
         attend = ALL_ATTENTION_FUNCTIONS.get(getattr(self.config, "_attn_implementation", None), sdpa_attention_forward)
         out, _ = attend(self, query, key, value, attention_mask, dropout=0.0, scaling=scaling)

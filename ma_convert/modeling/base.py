@@ -16,23 +16,25 @@ original parameter keeps its name and its tensor:
 from __future__ import annotations
 
 import importlib
+import json
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn as nn
+from transformers.utils import cached_file
 
 from ..core.config import FORMAT_VERSION, MetaAttnConfig
 from ..core.initial import InitialValues, tensor_named
 from ..core.meta_attention import MetaAttention
 from ..core.policy import RoutingPolicy, split_saved_block
+from ..version import __version__ as CONVERTER_VERSION
 from .attention import cache_argument
 
 # The format of the config's `meta_attention` block (the MetaAttnConfig inside has its own).
 # 2: the routing policy beside the config, as `policy`.
 BLOCK_FORMAT_VERSION = 2
-CONVERTER_VERSION = "0.2.0"  # kept in step with ma_convert.version by a test
 
 
 def meta_attention_block(cfg: MetaAttnConfig, base_model: Optional[str], base_revision: Optional[str], base_type: str,
@@ -70,13 +72,6 @@ def read_meta_attention_block(config) -> tuple[MetaAttnConfig, RoutingPolicy]:
     return split_saved_block(block)
 
 
-def _fill(tensor: torch.Tensor, value: torch.Tensor) -> None:
-    """Set a tensor unless transformers marked it as loaded from the checkpoint."""
-    if not getattr(tensor, "_is_hf_initialized", False):
-        with torch.no_grad():
-            tensor.copy_(value)
-
-
 def init_meta_weights(module: nn.Module) -> bool:
     """Initialise what a Meta-Attention module holds, from its own `initial_values` (the values its
     constructor starts from), leaving tensors loaded from the checkpoint alone; False if `module` is
@@ -84,7 +79,10 @@ def init_meta_weights(module: nn.Module) -> bool:
     if not isinstance(module, InitialValues):
         return False
     for name, value in module.initial_values().items():
-        _fill(tensor_named(module, name), value)
+        tensor = tensor_named(module, name)
+        if not getattr(tensor, "_is_hf_initialized", False):  # transformers' mark of a loaded tensor
+            with torch.no_grad():
+                tensor.copy_(value)
     return True
 
 
@@ -97,13 +95,10 @@ class MetaInitMixin:
 
 
 class MetaCausalLMMixin(MetaInitMixin):
-    """Builds the routed attention modules of a converted causal LM on construction.
+    """Builds the routed attention modules of a converted causal LM on construction."""
 
-    Subclasses set ``adapter`` (the architecture adapter) and ``inner_class`` (the Ma inner model).
-    """
-
-    adapter: ClassVar[Any]
-    inner_class: ClassVar[type]
+    adapter: ClassVar[Any]  # the architecture's adapter, which sets it
+    inner_class: ClassVar[type]  # the Ma inner model
 
     def __init__(self, config, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
@@ -133,9 +128,8 @@ class MetaCausalLMMixin(MetaInitMixin):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as transformers does, plus self-contained remote code and `auto_map`, so the folder
         also loads with ``trust_remote_code=True`` where ma_convert is not installed."""
-        try:  # a string import: transformers' remote-code scanner must not follow it
-            remote_code = importlib.import_module("..remote_code", __package__)
-        except (ImportError, ValueError, TypeError):  # running as remote code itself
+        remote_code = _remote_code_module()
+        if remote_code is None:
             return super().save_pretrained(save_directory, *args, **kwargs)
         adapter = type(self).adapter
         self.config.auto_map = remote_code.auto_map(
@@ -154,14 +148,19 @@ def _refuse_non_finite_meta_weights(model, path) -> None:
                          "the checkpoint is damaged: export it again, or resume training from an earlier checkpoint")
 
 
+def _remote_code_module():
+    """ma_convert.remote_code, or None when this file runs as remote code itself (which has no such module)."""
+    try:  # a string import: transformers' remote-code scanner must not follow it
+        return importlib.import_module("..remote_code", __package__)
+    except (ImportError, ValueError, TypeError):
+        return None
+
+
 def _warn_if_remote_code_is_stale(path, model_type: str) -> None:
     """A local folder exported by an older ma-convert loads fine here, but its remote code may not
     where ma_convert is missing: say so, and how to fix it."""
-    try:  # a string import, as in save_pretrained: the remote-code copy of this file has no remote_code module
-        remote_code = importlib.import_module("..remote_code", __package__)
-    except (ImportError, ValueError, TypeError):
-        return
-    if Path(str(path)).is_dir():
+    remote_code = _remote_code_module()
+    if remote_code is not None and Path(str(path)).is_dir():
         message = remote_code.stale_remote_code_message(path, model_type)
         if message:
             warnings.warn(message, UserWarning, stacklevel=3)
@@ -169,10 +168,6 @@ def _warn_if_remote_code_is_stale(path, model_type: str) -> None:
 
 def _checkpoint_is_original(path, kwargs) -> bool:
     """Whether the checkpoint's own config.json (folder, subfolder or Hub id) is an unconverted model's."""
-    import json
-
-    from transformers.utils import cached_file
-
     try:
         file = cached_file(
             str(path), "config.json", subfolder=kwargs.get("subfolder", ""), revision=kwargs.get("revision"),
@@ -205,20 +200,18 @@ def _check_inputs(model, args, kwargs) -> None:
     if tokens.dim() < 2 or tokens.shape[1] == 0:
         raise ValueError(f"the input is empty (shape {tuple(tokens.shape)}); give at least one token per row")
     cache = cache_argument(kwargs)
-    if getattr(cache, "is_compileable", False):
-        # A static cache: reading its length would sync (and break a compiled graph); its size bounds the sequence.
-        cached = 0 if tokens.shape[1] > 1 else None
-    else:
-        cached = cache.get_seq_length() if cache is not None else 0
-    if cached is None:
-        return
+    static = getattr(cache, "is_compileable", False)  # reading a static cache's length would sync (break a graph)
+    if static and tokens.shape[1] == 1:
+        return  # a static cache's decode step: the cache's size bounds the sequence
+    cached = 0 if cache is None or static else cache.get_seq_length()
     length = tokens.shape[1] + cached
     if length > model.ma_max_positions:
         raise ValueError(
             f"the sequence has {length} tokens but the model handles at most {model.ma_max_positions} positions "
             f"(max_position_embeddings); shorten the input"
         )
-    if ids is not None and cached == 0 and not _capturing(ids):  # a prompt; decode steps feed back the model's own tokens
+    # Only a prompt: decode steps feed back the model's own tokens.
+    if ids is not None and cached == 0 and not _capturing(ids):
         vocab = model.get_input_embeddings().num_embeddings
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= vocab:
@@ -230,10 +223,8 @@ def install_meta_attention(model: nn.Module, cfg: MetaAttnConfig, adapter, inner
     """Swap the inner model's and the attention modules' classes and give each attention a router
     and experts routing by `policy`, in place; parameters are created on the attention's device and dtype."""
     model.ma_max_positions = cfg.max_positions
-    if not getattr(model, "_ma_input_hook", None):
-        model._ma_input_hook = model.register_forward_pre_hook(_check_inputs, with_kwargs=True)
-    inner = getattr(model, adapter.inner_attribute)
-    inner.__class__ = inner_class
+    model.register_forward_pre_hook(_check_inputs, with_kwargs=True)
+    model.base_model.__class__ = inner_class
     for attention in adapter.attention_modules(model):
         reference = next(attention.parameters())
         attention.__class__ = adapter.attention_class
