@@ -301,13 +301,13 @@ def _env(args: argparse.Namespace) -> int:
     else:
         print("devices        cpu only")
     print(f"torch threads  {torch.get_num_threads()}")
-    from .adapters import supported_architectures
+    from .adapters import ARCHITECTURES
     from .kernels.backends import backend_status
 
     print("backends")
     for name, status in backend_status().items():
         print(f"  {name:<12} {status}")
-    print(f"architectures  {', '.join(supported_architectures())}")
+    print(f"architectures  {', '.join(ARCHITECTURES)}")
     return 0
 
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 from .adapters import adapter_for
 from .core.config import MetaAttnConfig
 from .core.policy import RoutingPolicy
-from .modeling.base import install_meta_attention, meta_attention_block
+from .modeling.base import install_meta_attention, meta_attention_block, read_meta_attention_block
 from .sources import ModelSource, ModelSourceError, drop_gguf_quantization, error_summary, public_name, resolve_source
 
 
@@ -61,9 +61,8 @@ def convert(
     adapter = adapter_for(config.model_type)
     if not isinstance(model, adapter.original_causal_lm_class):
         raise TypeError(f"convert expects a {adapter.original_causal_lm_class.__name__}, got {type(model).__name__}")
-    meta_cfg = adapter.meta_config(config, cfg, **overrides)
-    install_meta_attention(model, meta_cfg, adapter, adapter.causal_lm_class.inner_class, policy)
     model.__class__ = adapter.causal_lm_class
+    install_meta_attention(model, *read_meta_attention_block(new_config))
     for module in model.modules():  # every submodule holding the old config object gets the new one
         if getattr(module, "config", None) is config:
             module.config = new_config

@@ -10,11 +10,6 @@ import importlib
 ARCHITECTURES = ("falcon", "gpt2", "llama", "mistral", "phi", "phi3")
 
 
-def supported_architectures() -> list[str]:
-    """The model_types ma_convert converts."""
-    return list(ARCHITECTURES)
-
-
 def adapter_for(model_type: str):
     """The adapter class for a Hugging Face `model_type` (the original's, or the converted `ma_*`)."""
     base = model_type.removeprefix("ma_")

@@ -105,7 +105,7 @@ class MetaCausalLMMixin(MetaInitMixin):
         cfg, policy = read_meta_attention_block(config)
         # An older format is rewritten as read, so that saving writes this version's.
         config.meta_attention = current_block(config.meta_attention, cfg, policy)
-        install_meta_attention(self, cfg, type(self).adapter, type(self).inner_class, policy)
+        install_meta_attention(self, cfg, policy)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -218,13 +218,14 @@ def _check_inputs(model, args, kwargs) -> None:
             raise ValueError(f"token id {high if high >= vocab else low} is outside the vocabulary (0..{vocab - 1})")
 
 
-def install_meta_attention(model: nn.Module, cfg: MetaAttnConfig, adapter, inner_class: type,
-                           policy: Optional[RoutingPolicy] = None) -> None:
-    """Swap the inner model's and the attention modules' classes and give each attention a router
-    and experts routing by `policy`, in place; parameters are created on the attention's device and dtype."""
+def install_meta_attention(model: nn.Module, cfg: MetaAttnConfig, policy: Optional[RoutingPolicy] = None) -> None:
+    """Swap the inner model's and the attention modules' classes for those of `model`'s (converted)
+    class and give each attention a router and experts routing by `policy`, in place; parameters are
+    created on the attention's device and dtype."""
+    adapter = type(model).adapter
     model.ma_max_positions = cfg.max_positions
     model.register_forward_pre_hook(_check_inputs, with_kwargs=True)
-    model.base_model.__class__ = inner_class
+    model.base_model.__class__ = type(model).inner_class
     for attention in adapter.attention_modules(model):
         reference = next(attention.parameters())
         attention.__class__ = adapter.attention_class
