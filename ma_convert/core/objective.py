@@ -8,7 +8,7 @@ task loss pays for exact attention.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -40,9 +40,6 @@ class ObjectiveWeights:
         need(is_num(self.entropy_coeff), "entropy_coeff", "a finite number")
         need(is_num(self.gumbel_temp) and self.gumbel_temp > 0, "gumbel_temp", "a number > 0")
         need(isinstance(self.sample_posterior, bool), "sample_posterior", "True or False")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def replace(self, **changes) -> "ObjectiveWeights":
         """A validated copy with some weights changed (unknown names are errors)."""
