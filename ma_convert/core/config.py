@@ -20,6 +20,10 @@ FORMAT_VERSION = 4
 
 ROUTERS = ("bayesian", "softmax")
 FEATURE_MAPS = ("elu", "hedgehog")
+# MetaAttnConfig's integer fields with their minimum; those in OPTIONAL_INTS may also be None.
+INT_MINIMUMS = {"d_model": 1, "n_heads": 1, "head_dim": 1, "max_positions": 1, "full_window": 1, "window_size": 1,
+                "sink_tokens": 0, "linear_window": 0, "controller_hidden": 1}
+OPTIONAL_INTS = ("head_dim", "full_window")
 
 # Format 1's config fields that are now the routing policy's (hard_routing becomes its `mode`) ...
 V1_POLICY_FIELDS = ("hard_routing", "hard_top_k", "uncertainty_threshold", "uncertain_route", "full_tail", "backend",
@@ -38,6 +42,14 @@ def is_int(value: Any) -> bool:
 
 def is_num(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_fields(cls: type, names, hint=lambda unknown: "") -> None:
+    """Raise ValueError unless every one of `names` is a field of the dataclass `cls`."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}{hint(unknown)}; known fields: {sorted(known)}")
 
 
 def checker(obj: Any):
@@ -147,39 +159,22 @@ class MetaAttnConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         need = checker(self)
-        need(is_int(self.d_model) and self.d_model >= 1, "d_model", "an integer >= 1")
-        need(is_int(self.n_heads) and self.n_heads >= 1, "n_heads", "an integer >= 1")
-        need(
-            self.n_kv_heads is None
-            or (is_int(self.n_kv_heads) and self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0),
-            "n_kv_heads",
-            f"None or a divisor of n_heads={self.n_heads}",
-        )
-        need(self.head_dim is None or (is_int(self.head_dim) and self.head_dim >= 1), "head_dim", "None or an integer >= 1")
-        need(
-            self.head_dim is not None or self.d_model % self.n_heads == 0,
-            "n_heads",
-            f"a divisor of d_model={self.d_model} (or set head_dim explicitly)",
-        )
-        need(is_int(self.max_positions) and self.max_positions >= 1, "max_positions", "an integer >= 1")
-        need(
-            len(self.expert_costs) >= 1 and all(math.isfinite(c) and c > 0 for c in self.expert_costs),
-            "expert_costs",
-            "a non-empty list of finite costs > 0",
-        )
-        need(self.full_window is None or (is_int(self.full_window) and self.full_window >= 1), "full_window", "None or an integer >= 1")
-        need(is_int(self.window_size) and self.window_size >= 1, "window_size", "an integer >= 1")
-        need(
-            self.full_window is None or self.window_size <= self.full_window,
-            "window_size",
-            f"at most full_window={self.full_window} (the full expert's own window)",
-        )
-        need(is_int(self.sink_tokens) and self.sink_tokens >= 0, "sink_tokens", "an integer >= 0")
-        need(self.feature_map in FEATURE_MAPS, "feature_map", f"one of {FEATURE_MAPS}")
-        need(is_int(self.linear_window) and self.linear_window >= 0, "linear_window", "an integer >= 0")
+        for name, low in INT_MINIMUMS.items():
+            value, optional = getattr(self, name), name in OPTIONAL_INTS
+            need((optional and value is None) or (is_int(value) and value >= low), name,
+                 f"{'None or ' if optional else ''}an integer >= {low}")
+        kv = self.n_kv_heads
+        need(kv is None or (is_int(kv) and kv >= 1 and self.n_heads % kv == 0), "n_kv_heads",
+             f"None or a divisor of n_heads={self.n_heads}")
+        need(self.head_dim is not None or self.d_model % self.n_heads == 0, "n_heads",
+             f"a divisor of d_model={self.d_model} (or set head_dim explicitly)")
+        need(len(self.expert_costs) >= 1 and all(math.isfinite(c) and c > 0 for c in self.expert_costs),
+             "expert_costs", "a non-empty list of finite costs > 0")
+        need(self.full_window is None or self.window_size <= self.full_window, "window_size",
+             f"at most full_window={self.full_window} (the full expert's own window)")
+        for name, choices in (("feature_map", FEATURE_MAPS), ("router", ROUTERS)):
+            need(getattr(self, name) in choices, name, f"one of {choices}")
         need(is_num(self.dropout) and 0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
-        need(self.router in ROUTERS, "router", f"one of {ROUTERS}")
-        need(is_int(self.controller_hidden) and self.controller_hidden >= 1, "controller_hidden", "an integer >= 1")
         need(is_num(self.temperature) and self.temperature > 0, "temperature", "a number > 0")
 
     # ------------------------------------------------------------------ serialisation
@@ -193,11 +188,7 @@ class MetaAttnConfig:
         """The config of a saved mapping, of any format (format 1's policy fields are dropped: read
         them with `core.policy.split_saved_block`)."""
         data, _ = migrate_fields(data)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"MetaAttnConfig has no field(s) {unknown}{moved_hint(unknown)}; "
-                             f"known fields: {sorted(known)}")
+        check_fields(cls, data, moved_hint)
         return cls(**data)
 
     def to_json(self) -> str:
@@ -235,17 +226,8 @@ class MetaAttnConfig:
     @classmethod
     def llama_7b(cls, **overrides: Any) -> "MetaAttnConfig":
         """LLaMA-7B: 4096-d, 32 heads of 128, 4096 positions."""
-        return cls(
-            **{
-                "d_model": 4096,
-                "n_heads": 32,
-                "head_dim": 128,
-                "max_positions": 4096,
-                "window_size": 1024,
-                "controller_hidden": 128,
-                **overrides,
-            }
-        )
+        return cls(**{"d_model": 4096, "n_heads": 32, "head_dim": 128, "max_positions": 4096, "window_size": 1024,
+                      "controller_hidden": 128, **overrides})
 
 
 PRESETS = ("small", "base", "large", "gpt2", "llama_7b")

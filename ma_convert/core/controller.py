@@ -47,16 +47,12 @@ class _RouterMLP(InitialValues, nn.Module):
         self.fc1 = nn.Linear(in_dim, cfg.controller_hidden)
         self.fc2 = nn.Linear(cfg.controller_hidden, n_experts)
 
-    def features(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def raw(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = x.float()
         rms = x.norm(dim=-1, keepdim=True) / math.sqrt(x.shape[-1])
-        pos = position_feature(positions, self.max_positions).to(x.device)
-        pos = pos.expand(x.shape[:-1]).unsqueeze(-1)
-        return torch.cat([x, rms, pos], dim=-1)
-
-    def raw(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        pos = position_feature(positions, self.max_positions).to(x.device).expand(x.shape[:-1]).unsqueeze(-1)
         # The MLP runs in its parameters' dtype; routing probabilities are always float32.
-        h = F.gelu(self.fc1(self.norm(self.features(x, positions).to(self.fc1.weight.dtype))))
+        h = F.gelu(self.fc1(self.norm(torch.cat([x, rms, pos], dim=-1).to(self.fc1.weight.dtype))))
         return self.fc2(h).float() / self.temperature
 
     def kernel_weights(self) -> RouterWeights:
@@ -69,6 +65,11 @@ class _RouterMLP(InitialValues, nn.Module):
     def output_values(self, bias: torch.Tensor) -> dict[str, torch.Tensor]:
         """Small output weights and a bias that sets the initial routing distribution."""
         return {"fc2.weight": torch.empty_like(self.fc2.weight).normal_(0.0, 0.02), "fc2.bias": bias}
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, sample: bool = False) -> RouterOutput:
+        """`sample`: the Bayesian router draws the training weights from its posterior (the module asks, per
+        its `sample_posterior`)."""
+        return self.from_raw(self.raw(x, positions), sample)
 
 
 # The floor on Dirichlet concentrations: keeps sampling and the KL finite when softplus underflows.
@@ -115,30 +116,19 @@ class DirichletRouter(_RouterMLP):
     def initial_values(self) -> dict[str, torch.Tensor]:
         return {"prior": self.prior_target(), **self.output_values(self.initial_bias())}
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, sample: bool = False) -> RouterOutput:
-        """`sample`: draw the training weights from the posterior (the module asks, per its `sample_posterior`)."""
-        return self.from_raw(self.raw(x, positions), sample)
-
     def from_raw(self, raw: torch.Tensor, sample: bool = False) -> RouterOutput:
         """The posterior from the MLP's output. Its mean ranks the experts as `raw` does (softplus is
         increasing), so hard routing can take `raw.argmax` without it."""
         gamma = F.softplus(raw) + self.eps
         total = gamma.sum(-1, keepdim=True)
-        mean = gamma / total
+        mean = weights = gamma / total
         if sample:
             # No argument validation: non-finite concentrations (a diverged router) give a NaN loss, which
             # training reports with its last good checkpoint, instead of a ValueError holding the whole tensor.
-            sample = torch.distributions.Dirichlet(gamma, validate_args=False).rsample().clamp_min(1e-12)
-        else:
-            sample = mean
+            weights = torch.distributions.Dirichlet(gamma, validate_args=False).rsample().clamp_min(1e-12)
         k = gamma.shape[-1]
-        return RouterOutput(
-            mean=mean,
-            sample=sample,
-            logits=mean.clamp_min(1e-12).log(),
-            uncertainty=(k / (k + total)).squeeze(-1),
-            concentration=gamma,
-        )
+        return RouterOutput(mean=mean, sample=weights, logits=mean.clamp_min(1e-12).log(),
+                            uncertainty=(k / (k + total)).squeeze(-1), concentration=gamma)
 
 
 class SoftmaxRouter(_RouterMLP):
@@ -151,14 +141,9 @@ class SoftmaxRouter(_RouterMLP):
     def initial_values(self) -> dict[str, torch.Tensor]:
         return self.output_values(torch.zeros_like(self.fc2.bias))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, sample: bool = False) -> RouterOutput:
-        return self.from_raw(self.raw(x, positions), sample)
-
     def from_raw(self, logits: torch.Tensor, sample: bool = False) -> RouterOutput:
         probs = logits.softmax(-1)
-        return RouterOutput(
-            mean=probs, sample=probs, logits=logits, uncertainty=routing_entropy(probs), concentration=None
-        )
+        return RouterOutput(mean=probs, sample=probs, logits=logits, uncertainty=routing_entropy(probs))
 
 
 def build_router(cfg: MetaAttnConfig, n_experts: int) -> nn.Module:

@@ -31,26 +31,22 @@ from .experts.local import LocalAttention
 NO_WINDOW = 1 << 62
 
 
-def _visible(positions: torch.Tensor, window: int) -> torch.Tensor:
-    return torch.clamp(positions + 1, max=window)
-
-
-def _exact_pairs(positions: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
+def _exact_pairs(positions: torch.Tensor, window: int, sinks: int = 0) -> torch.Tensor:
+    """Keys a softmax query at `positions` reads (double): its last `window` and up to `sinks` first keys."""
     seen = positions + 1
-    return torch.clamp(seen, max=window) + torch.clamp(seen - window, min=0).clamp(max=sinks)
+    return (torch.clamp(seen, max=window) + torch.clamp(seen - window, min=0).clamp(max=sinks)).double()
 
 
-def _kernel_per_token(expert: LinearAttention, d: int) -> float:
-    """One token's feature map and its state read (or write), in pairs of 2d multiply-adds."""
-    hedgehog = isinstance(expert.q_map, HedgehogFeatureMap)
-    features, feature_map = (2 * d, d * d) if hedgehog else (d, d)
-    return (features * d + feature_map) / (2 * d)
+def _full_work(module, positions: torch.Tensor) -> torch.Tensor:
+    """Pairs of full causal attention (with the base model's own window, if any): the real cost's unit."""
+    return _exact_pairs(positions, module.cfg.full_window or NO_WINDOW)
 
 
-def _chunk_pair(expert: LinearAttention, d: int) -> float:
-    """One key walked inside the chunk: phi(q) . phi(k) and its value, (F + d) / 2d pairs."""
-    features = 2 * d if isinstance(expert.q_map, HedgehogFeatureMap) else d
-    return (features + d) / (2 * d)
+def _kernel_work(expert: LinearAttention, d: int) -> tuple[float, float]:
+    """In pairs of 2d multiply-adds: one token's feature map and its state read (or write), and one key
+    walked inside the chunk (phi(q) . phi(k) and its value, F + d)."""
+    features, feature_map = (2 * d, d * d) if isinstance(expert.q_map, HedgehogFeatureMap) else (d, d)
+    return (features * d + feature_map) / (2 * d), (features + d) / (2 * d)
 
 
 def expert_work(expert, positions: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -58,26 +54,23 @@ def expert_work(expert, positions: torch.Tensor, head_dim: int) -> torch.Tensor:
     (without the kernel experts' per-key work, see `key_work`). Custom experts count as full."""
     p = positions.long()
     if isinstance(expert, LocalAttention):
-        return _exact_pairs(p, expert.window, expert.sinks).double()
-    if isinstance(expert, LinearAttention):
-        per_token = _kernel_per_token(expert, head_dim)
-        if isinstance(expert, HybridAttention):
-            exact = _exact_pairs(p, expert.window, expert.sinks).double()
-            kernel_keys = p - expert.window + 1 - expert.sinks  # keys left of the window, after the sinks
-            reads = kernel_keys > 0
-            walk = torch.remainder(kernel_keys.clamp(min=1) - 1, expert.chunk) + 1
-            return exact + reads * (per_token + walk * _chunk_pair(expert, head_dim))
-        walk = torch.remainder(p, expert.chunk) + 1
-        return per_token + walk.double() * _chunk_pair(expert, head_dim)
-    window = getattr(expert, "window", None) if isinstance(expert, FullAttention) else None
-    return _visible(p, window or NO_WINDOW).double()
+        return _exact_pairs(p, expert.window, expert.sinks)
+    if not isinstance(expert, LinearAttention):  # full, or a custom expert
+        window = expert.window if isinstance(expert, FullAttention) else None
+        return _exact_pairs(p, window or NO_WINDOW)
+    per_token, chunk_pair = _kernel_work(expert, head_dim)
+    if isinstance(expert, HybridAttention):
+        kernel_keys = p - expert.window + 1 - expert.sinks  # keys left of the window, after the sinks
+        walk = torch.remainder(kernel_keys.clamp(min=1) - 1, expert.chunk) + 1
+        return _exact_pairs(p, expert.window, expert.sinks) + (kernel_keys > 0) * (per_token + walk * chunk_pair)
+    return per_token + (torch.remainder(p, expert.chunk) + 1).double() * chunk_pair
 
 
 def key_work(expert, n_keys: int, head_dim: int) -> float:
     """The kernel experts' per-key work (feature map and state write) over `n_keys` keys, in pairs."""
     if not isinstance(expert, LinearAttention):
         return 0.0
-    return n_keys * _kernel_per_token(expert, head_dim)
+    return n_keys * _kernel_work(expert, head_dim)[0]
 
 
 def routed_work(module, ran: torch.Tensor, n_keys: int) -> tuple[float, float]:
@@ -89,7 +82,6 @@ def routed_work(module, ran: torch.Tensor, n_keys: int) -> tuple[float, float]:
     b, t, _ = ran.shape
     positions = torch.arange(n_keys - t, n_keys, device=ran.device).expand(b, t)
     head_dim = module.cfg.d_head
-    full_window = module.cfg.full_window or NO_WINDOW
     work = 0.0
     for index, expert in enumerate(module.experts):
         chosen = ran[..., index]
@@ -98,7 +90,7 @@ def routed_work(module, ran: torch.Tensor, n_keys: int) -> tuple[float, float]:
         work += float(expert_work(expert, positions[chosen], head_dim).sum())
         rows_using = int(chosen.any(dim=1).sum())
         work += rows_using * key_work(expert, n_keys, head_dim)
-    return work, float(_visible(positions, full_window).double().sum())
+    return work, float(_full_work(module, positions).sum())
 
 
 def token_costs(module, n_queries: int, device=None) -> torch.Tensor:
@@ -108,11 +100,8 @@ def token_costs(module, n_queries: int, device=None) -> torch.Tensor:
     per row, whatever the routing; `routed_work` counts it). What the training objective's cost
     term charges with `cost_unit="real"`: cheap experts are worth more the later the token."""
     positions = torch.arange(n_queries, device=device)
-    head_dim = module.cfg.d_head
-    full_window = module.cfg.full_window or NO_WINDOW
-    mean_full = _visible(positions, full_window).double().mean()
-    work = torch.stack([expert_work(e, positions, head_dim) for e in module.experts], dim=-1)
-    return (work / mean_full).float()
+    work = torch.stack([expert_work(e, positions, module.cfg.d_head) for e in module.experts], dim=-1)
+    return (work / _full_work(module, positions).mean()).float()
 
 
 def model_real_cost(modules, n_keys: int, *, routes: bool = False) -> float:

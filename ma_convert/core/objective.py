@@ -8,12 +8,12 @@ task loss pays for exact attention.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 
-from .config import checker, is_num
+from .config import check_fields, checker, is_num
 
 PRIORS = ("compute", "uniform")
 
@@ -41,16 +41,10 @@ class ObjectiveWeights:
         need(is_num(self.gumbel_temp) and self.gumbel_temp > 0, "gumbel_temp", "a number > 0")
         need(isinstance(self.sample_posterior, bool), "sample_posterior", "True or False")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def replace(self, **changes) -> "ObjectiveWeights":
         """A validated copy with some weights changed (unknown names are errors)."""
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ValueError(f"ObjectiveWeights has no field(s) {unknown}; known fields: {sorted(known)}")
-        return ObjectiveWeights(**{**self.to_dict(), **changes})
+        check_fields(ObjectiveWeights, changes)
+        return replace(self, **changes)
 
 
 def prior_mean(costs: Sequence[float] | torch.Tensor, kind: str = "compute") -> torch.Tensor:

@@ -4,12 +4,12 @@ its config and applies it on load; `set_routing_mode` and `routing_policy` chang
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
 # Kernel backends: "auto" picks Triton on CUDA, torch elsewhere (the one list is the kernels').
 from ..kernels.backends import BACKEND_NAMES as BACKENDS
-from .config import FORMAT_VERSION, MetaAttnConfig, checker, is_int, is_num, migrate_fields
+from .config import FORMAT_VERSION, MetaAttnConfig, check_fields, checker, is_int, is_num, migrate_fields
 
 ROUTING_MODES = ("soft", "hard", "auto")
 # Backends removed on 2026-12-03: "fla" ran the triton kernels (fla-core was no longer called);
@@ -72,20 +72,13 @@ class RoutingPolicy:
         if data.pop("hard_top_k", 1) != 1:
             raise ValueError("RoutingPolicy.hard_top_k is no longer supported: hard routing sends each token to "
                              "its one top expert")
-        check_policy_keys(data)
+        check_fields(cls, data)
         return cls(**data)
 
     def replace(self, **changes: Any) -> "RoutingPolicy":
         """A validated copy with some fields changed (unknown names are errors)."""
-        check_policy_keys(changes)
+        check_fields(RoutingPolicy, changes)
         return replace(self, **changes)
-
-
-def check_policy_keys(data: dict) -> None:
-    known = {f.name for f in fields(RoutingPolicy)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"RoutingPolicy has no field(s) {unknown}; known fields: {sorted(known)}")
 
 
 def split_saved_block(block: dict) -> tuple[MetaAttnConfig, RoutingPolicy]:

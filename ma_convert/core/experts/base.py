@@ -133,7 +133,8 @@ def softmax_attention(
         groups = q.shape[1] // k.shape[1]
         k, v, gqa = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), False
     if attn_bias is None and not may_empty_rows:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale,
+                                              enable_gqa=gqa)
     if attn_bias is not None:  # keys a bias sets to -inf are masked keys too
         allowed = allowed & (attn_bias != float("-inf"))
     has_key = allowed.any(-1, keepdim=True)  # (B, 1|H, N, 1)

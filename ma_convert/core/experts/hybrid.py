@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..config import MetaAttnConfig
 from ..initial import InitialValues
+from .base import dense_positions
 from .linear import _DEN_EPS, LinearAttention
 from .registry import register_expert
 
@@ -48,30 +49,33 @@ class HybridAttention(InitialValues, LinearAttention):
         return max(position - self.window + 1, self.sinks)
 
     def attend(self, q, k, v, q_pos=None, *, scale=None, causal=True, key_mask=None, attn_bias=None, state=None):
-        """As `HeadAttentionExpert.attend`, over every key. With `state` (S, z) over keys
-        sinks .. Tk-1-W, the one query is the last key (decoding): only the window is read."""
-        b, hq, n, d = q.shape
-        tk = k.shape[2]
-        scale = d**-0.5 if scale is None else scale
+        """As `HeadAttentionExpert.attend`, over every key. With `state` (S, z) over keys sinks .. Tk-1-W,
+        the one query of each row is the last key (decoding): only the window and the sinks are read.
+        Without, kernel attention runs once over the keys before the windows, and the exact part over
+        the sinks and the window, gathered per query, a chunk of queries at a time."""
         if not causal:
             raise ValueError("the hybrid expert attends causally")
-        if state is not None:
-            return self.decode(q, k, v, state, scale=scale, key_mask=key_mask).to(q.dtype)
-        if q_pos is None:
-            q_pos = torch.arange(tk - n, tk, device=q.device).expand(b, n)
-        return self._over_all_keys(q, k, v, q_pos, scale, key_mask).to(q.dtype)
-
-    def decode(self, q, k, v, state, *, scale, key_mask=None):
-        """One query per row at the last key: the window and sinks exactly, the rest from `state`."""
         b, hq, n, d = q.shape
-        hkv = k.shape[1]
-        position = torch.full((b, n), k.shape[2] - 1, device=q.device)
+        hkv, tk = k.shape[1], k.shape[2]
+        scale = d**-0.5 if scale is None else scale
         qf = q.float().view(b, hkv, hq // hkv, n, d)
-        num, den, top = self._window_part(qf, k, v, position, scale, key_mask)
-        phi_q = self.q_map(q.float()).view(b, hkv, hq // hkv, n, -1)
-        lin_num = torch.einsum("bhgnf,bhfd->bhgnd", phi_q, state[0])
-        lin_den = torch.einsum("bhgnf,bhf->bhgn", phi_q, state[1])
-        return self._merge(num, den, top, lin_num, lin_den).reshape(b, hq, n, d)
+        phi_q = self.query_features(q, hkv)
+        if state is not None:
+            position = torch.full((b, n), tk - 1, device=q.device)
+            num, den, top = self._window_part(qf, k, v, position, scale, key_mask)
+            return self._merge(num, den, top, *self.read_state(phi_q, state)).reshape(b, hq, n, d).to(q.dtype)
+        if q_pos is None:
+            q_pos = dense_positions(n, tk, b, q.device)
+        phi_k = self.key_features(k, key_mask)
+        phi_k = phi_k * (torch.arange(tk, device=k.device) >= self.sinks)[:, None].to(phi_k.dtype)  # sinks are exact
+        # Keys sinks .. p-W: causal kernel attention for a query sitting W keys earlier.
+        lin = self._causal(phi_q, phi_k, v.float(), torch.where(q_pos >= 0, q_pos - self.window, -1), normalise=False)
+        out = []
+        for i in range(0, n, self.query_chunk):
+            rows = slice(i, i + self.query_chunk)
+            num, den, top = self._window_part(qf[:, :, :, rows], k, v, q_pos[:, rows], scale, key_mask)
+            out.append(self._merge(num, den, top, lin[:, :, :, rows, :-1], lin[:, :, :, rows, -1]))
+        return torch.cat(out, dim=3).reshape(b, hq, n, d).to(q.dtype)
 
     def _merge(self, num, den, top, lin_num, lin_den):
         """(exact numerator + exp(a_h) kernel numerator) / (the same for the denominators), on the
@@ -80,31 +84,14 @@ class HybridAttention(InitialValues, LinearAttention):
         far = torch.exp(self.log_weight.float().view(1, hkv, g, 1) - top)
         return (num + far[..., None] * lin_num) / (den + far * lin_den).clamp_min(_DEN_EPS).unsqueeze(-1)
 
-    def _over_all_keys(self, q, k, v, q_pos, scale, key_mask):
-        """Queries at key indices q_pos (B, N; -1: padding): kernel attention over the keys before the
-        window, once; the exact part over the sinks and the window, gathered per query, a chunk of
-        queries at a time."""
-        b, hq, n, d = q.shape
-        hkv, tk = k.shape[1], k.shape[2]
-        phi_q, phi_k = self.features(q, k, key_mask)
-        phi_k = phi_k * (torch.arange(tk, device=k.device) >= self.sinks)[:, None].to(phi_k.dtype)  # sinks are exact
-        # Keys sinks .. p-W: causal kernel attention for a query sitting W keys earlier.
-        lin = self._causal(phi_q, phi_k, v.float(), torch.where(q_pos >= 0, q_pos - self.window, -1), normalise=False)
-        qf = q.float().view(b, hkv, hq // hkv, n, d)
-        out = []
-        for i in range(0, n, self.query_chunk):
-            rows = slice(i, i + self.query_chunk)
-            num, den, top = self._window_part(qf[:, :, :, rows], k, v, q_pos[:, rows], scale, key_mask)
-            out.append(self._merge(num, den, top, lin[:, :, :, rows, :-1], lin[:, :, :, rows, -1]))
-        return torch.cat(out, dim=3).reshape(b, hq, n, d)
-
     def _window_part(self, q, k, v, q_pos, scale, key_mask):
         """Unnormalised exact attention of queries (B, Hkv, G, N, d) at q_pos over the sinks and their
         last `window` keys: numerator, denominator and the score maximum they are scaled by."""
         b, hkv, _, n, d = q.shape
         tk, w, s = k.shape[2], self.window, self.sinks
         pos = q_pos[..., None]
-        idx = torch.cat([torch.arange(s, device=q.device).expand(b, n, s), pos - w + 1 + torch.arange(w, device=q.device)], -1)
+        window = pos - w + 1 + torch.arange(w, device=q.device)
+        idx = torch.cat([torch.arange(s, device=q.device).expand(b, n, s), window], -1)
         valid = (idx >= 0) & (idx <= pos) & (pos >= 0)
         valid[..., :s] &= idx[..., :s] <= pos - w  # a sink inside the window counts once
         idx = idx.clamp(0, tk - 1)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ...kernels.features import elu_features, hedgehog_features
 from ..config import MetaAttnConfig
 from ..initial import InitialValues
-from .base import HeadAttentionExpert
+from .base import HeadAttentionExpert, dense_positions
 from .registry import register_expert
 
 _DEN_EPS = 1e-6
@@ -98,40 +98,38 @@ class LinearAttention(HeadAttentionExpert):
         else:
             self.q_map = self.k_map = ELUFeatureMap()
 
-    def features(self, q, k, key_mask):
-        """float32 features: phi(q) as (B, Hkv, G, N, F) and masked phi(k) as (B, Hkv, Tk, F)."""
+    def query_features(self, q, n_kv_heads):
+        """float32 phi(q) as (B, Hkv, G, N, F)."""
         b, hq, n, _ = q.shape
-        hkv = k.shape[1]
-        phi_q = self.q_map(q.float()).view(b, hkv, hq // hkv, n, -1)
+        return self.q_map(q.float()).view(b, n_kv_heads, hq // n_kv_heads, n, -1)
+
+    def key_features(self, k, key_mask):
+        """float32 phi(k) as (B, Hkv, Tk, F), zero at masked keys."""
         phi_k = self.k_map(k.float())
-        if key_mask is not None:
-            phi_k = phi_k * key_mask[:, None, :, None].to(phi_k.dtype)
-        return phi_q, phi_k
+        return phi_k if key_mask is None else phi_k * key_mask[:, None, :, None].to(phi_k.dtype)
+
+    def read_state(self, phi_q, state):
+        """phi(q) . S and phi(q) . z: the numerator and denominator over the keys a state (S, z) holds."""
+        return torch.einsum("bhgnf,bhfd->bhgnd", phi_q, state[0]), torch.einsum("bhgnf,bhf->bhgn", phi_q, state[1])
 
     def attend(self, q, k, v, q_pos=None, *, scale=None, causal=True, key_mask=None, attn_bias=None, state=None):
         """As `HeadAttentionExpert.attend`; `state` = (S, z) summarises the keys before `k` (a cache)."""
         b, hq, n, d = q.shape
-        tk = k.shape[2]
-        phi_q, phi_k = self.features(q, k, key_mask)
-        vf = v.float()
-        if state is not None and not causal:
+        phi_q = self.query_features(q, k.shape[1])
+        if causal:
+            if q_pos is None and n != k.shape[2]:
+                q_pos = dense_positions(n, k.shape[2], b, q.device)
+            out = self._causal(phi_q, self.key_features(k, key_mask), v.float(), q_pos, state)
+        elif state is not None:
             raise ValueError("a linear-attention state only continues causal attention")
-        if not causal:
-            state = torch.einsum("bhtf,bhtd->bhfd", phi_k, vf)
-            num = torch.einsum("bhgnf,bhfd->bhgnd", phi_q, state)
-            den = torch.einsum("bhgnf,bhf->bhgn", phi_q, phi_k.sum(2))
-            out = num / den.clamp_min(_DEN_EPS).unsqueeze(-1)
         else:
-            if q_pos is None and n != tk:
-                q_pos = torch.arange(tk - n, tk, device=q.device).expand(b, n)
-            out = self._causal(phi_q, phi_k, vf, q_pos, state)
+            num, den = self.read_state(phi_q, self.advance_state(k, v, key_mask))
+            out = num / den.clamp_min(_DEN_EPS).unsqueeze(-1)
         return out.reshape(b, hq, n, d).to(q.dtype)
 
     def advance_state(self, k, v, key_mask=None, state=None):
         """The state after keys k, v (B, Hkv, T, d): S = S0 + sum phi(k) v^T, z = z0 + sum phi(k)."""
-        phi_k = self.k_map(k.float())
-        if key_mask is not None:
-            phi_k = phi_k * key_mask[:, None, :, None].to(phi_k.dtype)
+        phi_k = self.key_features(k, key_mask)
         s = torch.einsum("bhtf,bhtd->bhfd", phi_k, v.float())
         z = phi_k.sum(2)
         return (s, z) if state is None else (state[0] + s, state[1] + z)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-
-
 from ..config import MetaAttnConfig
 from .base import HeadAttentionExpert, blocked_softmax_attention, dense_positions
 from .registry import register_expert
@@ -29,17 +27,8 @@ class LocalAttention(HeadAttentionExpert):
         if dense:
             q_pos = dense_positions(q.shape[2], k.shape[2], q.shape[0], q.device)
         return blocked_softmax_attention(
-            q,
-            k,
-            v,
-            q_pos,
-            causal=causal,
-            scale=scale,
-            window=self.window,
-            sinks=self.sinks,
-            key_mask=key_mask,
-            attn_bias=attn_bias,
-            dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, q_pos, causal=causal, scale=scale, window=self.window, sinks=self.sinks, key_mask=key_mask,
+            attn_bias=attn_bias, dropout_p=self.dropout if self.training else 0.0,
             # On the CPU small query blocks keep each block's key span close to the window (FLOPs
             # dominate); on a GPU, launches do: 64-query blocks made a SmolLM2 training step
             # launch-bound (960 attention calls, 10x the GPU's own time), so blocks are large there.
