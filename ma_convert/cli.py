@@ -199,46 +199,63 @@ def _eval(args: argparse.Namespace) -> int:
     versions = {"ma_convert": __version__, "torch": installed_version("torch"),
                 "transformers": installed_version("transformers")}
     command = "ma-convert " + " ".join(args.argv)
-    head = {"report": REPORT_TAG, "folder": str(args.folder), "text": str(args.text)}
-    images = {}  # for the card
-    if args.sweep_threshold:
-        points = lengths.threshold_frontier(model, tokenizer, documents, args.lengths, args.sweep_threshold,
-                                            base=base, max_blocks=args.max_blocks)
-        report = {**head, "base": args.base, "versions": versions, "command": command, "frontier": points}
-        title = f"{name} on {Path(args.text).name}, {device_name}"
-        shown = lengths.frontier_markdown(points)
-        plot = lengths.frontier_png(points, title)
-        markdown = f"# {title}: perplexity against real attention cost\n\n{shown}\n![frontier]({paths[2].name})\n"
-        # The user picks the operating point after training: the curve goes with the model.
-        key = f"frontier-{Path(args.text).stem}"
-        images = {f"{key}.png": plot}
-        section = (f"## Cost against quality: `auto` routing's uncertainty threshold ({Path(args.text).name})\n\n"
-                   "Set a point with `ma_convert.set_routing_mode(model, \"auto\", uncertainty_threshold=T)`.\n\n"
-                   f"{shown}\n![frontier]({key}.png)\n")
-    else:
-        results = lengths.evaluate_lengths(model, tokenizer, documents, args.lengths, routing=args.routing,
-                                           uncertainty_threshold=args.threshold, base=base,
-                                           max_blocks=args.max_blocks, passkey=args.passkey)
-        report = {**head, "routing": args.routing, "base": args.base, "device": device_name,
-                  "dtype": str(dtype).replace("torch.", ""), "versions": versions, "command": command,
-                  "results": results}
-        shown = lengths.markdown_report(results, title=f"{name} on {args.text}, routing {args.routing}, "
-                                                       f"{device_name}, {report['dtype']}")
-        markdown = shown + "\n" + ", ".join(f"{k} {v}" for k, v in versions.items()) + "\n"
-        key = f"eval-{Path(args.text).stem}-{args.routing}"
-        heading = f"Measured with `ma-convert eval`: {Path(args.text).name}, routing {args.routing}, {device_name}"
-        section = lengths.markdown_report(results, title=heading).replace("# ", "## ", 1)
+    run = {"name": name, "device": device_name, "dtype": str(dtype).replace("torch.", ""), "versions": versions,
+           "command": command, "head": {"report": REPORT_TAG, "folder": str(args.folder), "text": str(args.text)}}
+    measure = _frontier_report if args.sweep_threshold else _lengths_report
+    report, markdown, shown, key, section, images = measure(args, model, tokenizer, documents, base, run, paths)
     fenced = f"\n```\n{command}\n```\n"
     check_report_paths(paths, args.overwrite)  # again: something may have appeared during the run
     files = {paths[0]: json.dumps(report, indent=2) + "\n", paths[1]: f"<!-- {REPORT_TAG} -->\n{markdown}{fenced}"}
     if args.sweep_threshold:
-        files[paths[2]] = plot
+        files[paths[2]] = images[f"{key}.png"]
     write_files(files)
     print(shown)
     print(f"wrote {', '.join(map(str, paths[:-1]))} and {paths[-1]}")
     if args.card:
         print(f"added to {add_measurement(args.folder, key, section + fenced, images=images)}")
     return 0
+
+
+def _frontier_report(args, model, tokenizer, documents, base, run, paths):
+    """`ma-convert eval --sweep-threshold`: the frontier's report, Markdown, table, card key, card
+    section and images (its plot)."""
+    from pathlib import Path
+
+    from .eval import lengths
+
+    points = lengths.threshold_frontier(model, tokenizer, documents, args.lengths, args.sweep_threshold,
+                                        base=base, max_blocks=args.max_blocks)
+    report = {**run["head"], "base": args.base, "versions": run["versions"], "command": run["command"],
+              "frontier": points}
+    title = f"{run['name']} on {Path(args.text).name}, {run['device']}"
+    shown = lengths.frontier_markdown(points)
+    markdown = f"# {title}: perplexity against real attention cost\n\n{shown}\n![frontier]({paths[2].name})\n"
+    # The user picks the operating point after training: the curve goes with the model.
+    key = f"frontier-{Path(args.text).stem}"
+    section = (f"## Cost against quality: `auto` routing's uncertainty threshold ({Path(args.text).name})\n\n"
+               "Set a point with `ma_convert.set_routing_mode(model, \"auto\", uncertainty_threshold=T)`.\n\n"
+               f"{shown}\n![frontier]({key}.png)\n")
+    return report, markdown, shown, key, section, {f"{key}.png": lengths.frontier_png(points, title)}
+
+
+def _lengths_report(args, model, tokenizer, documents, base, run, paths):
+    """`ma-convert eval`: the per-length report, Markdown, table, card key and card section (no images)."""
+    from pathlib import Path
+
+    from .eval import lengths
+
+    results = lengths.evaluate_lengths(model, tokenizer, documents, args.lengths, routing=args.routing,
+                                       uncertainty_threshold=args.threshold, base=base,
+                                       max_blocks=args.max_blocks, passkey=args.passkey)
+    report = {**run["head"], "routing": args.routing, "base": args.base, "device": run["device"],
+              "dtype": run["dtype"], "versions": run["versions"], "command": run["command"], "results": results}
+    shown = lengths.markdown_report(results, title=f"{run['name']} on {args.text}, routing {args.routing}, "
+                                                   f"{run['device']}, {run['dtype']}")
+    markdown = shown + "\n" + ", ".join(f"{k} {v}" for k, v in run["versions"].items()) + "\n"
+    key = f"eval-{Path(args.text).stem}-{args.routing}"
+    heading = f"Measured with `ma-convert eval`: {Path(args.text).name}, routing {args.routing}, {run['device']}"
+    section = lengths.markdown_report(results, title=heading).replace("# ", "## ", 1)
+    return report, markdown, shown, key, section, {}
 
 
 def _upgrade(args: argparse.Namespace) -> int:

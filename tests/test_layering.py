@@ -56,3 +56,28 @@ def test_the_check_finds_a_forbidden_lazy_import(tmp_path):
     (fake / "core" / "bad.py").write_text(code)
     assert offenders("core", fake) == ["ma_convert/core/bad.py imports ma_convert.adapters",
                                        "ma_convert/core/bad.py imports transformers"]
+
+
+def long_functions(root: Path = PACKAGE, limit: int = 80) -> list[str]:
+    """Functions longer than `limit` lines, Triton kernels (`@triton.jit`) aside."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            kernel = any("jit" in ast.unparse(decorator) for decorator in node.decorator_list)
+            if not kernel and node.end_lineno - node.lineno + 1 > limit:
+                found.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name}")
+    return found
+
+
+def test_no_function_is_longer_than_80_lines():
+    assert long_functions() == []
+
+
+def test_the_length_check_finds_a_long_function(tmp_path):
+    package = tmp_path / "ma_convert"
+    package.mkdir()
+    body = "\n".join(f"    x{i} = {i}" for i in range(80))
+    (package / "long.py").write_text(f"def long():\n{body}\n\n\n@triton.jit\ndef kernel():\n{body}\n")
+    assert long_functions(package) == ["ma_convert/long.py:1 long"]
