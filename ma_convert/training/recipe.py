@@ -77,7 +77,7 @@ class TrainingConfig:
     prior: str = "compute"  # pi: proportional to 1 / cost ("compute") or "uniform"; a new router starts there
     beta0: float = 3.0  # the prior's total concentration
     entropy_coeff: float = 0.0  # minus this x the routing entropy per token (> 0 keeps routing spread)
-    gumbel_temp: float = 1.0  # straight-through Gumbel top-k temperature, once routing is hard
+    gumbel_temp: float = 1.0  # straight-through Gumbel top-1 temperature, once routing is hard
     sample_posterior: bool = True  # soft routing: train on Dirichlet samples (false: on the posterior mean)
     cost_lambda_start: float = 0.0
     cost_lambda_end: float = 0.05
