@@ -59,9 +59,3 @@ def read_padding_mask(mask: torch.Tensor, *, true_means_blocked: bool) -> torch.
         return mask > BLOCKED_AT
     real = mask != 0
     return ~real if true_means_blocked else real
-
-
-def merge_key_masks(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    if a is None or b is None:
-        return a if b is None else b
-    return a & b

@@ -240,12 +240,8 @@ class MetaAttention(InitialValues, nn.Module):
             dense_below=self.dense_below,
         )
 
-    def check_policy(self, policy: RoutingPolicy) -> None:
-        """What a policy must satisfy on this module beyond its own validation."""
-        check_backend(policy.backend)  # a requested kernel library that is missing fails here, early
-
     def set_policy(self, policy: RoutingPolicy) -> None:
-        self.check_policy(policy)
+        check_backend(policy.backend)  # a requested kernel library that is missing fails here, early
         self.routing_mode, self.uncertainty_threshold = policy.mode, policy.uncertainty_threshold
         self.uncertain_route, self.full_tail = policy.uncertain_route, policy.full_tail
         self.backend, self.dense_below = policy.backend, policy.dense_below
@@ -504,11 +500,8 @@ class MetaAttention(InitialValues, nn.Module):
 
     def _one_expert_per_token(self) -> bool:
         """Inference with hard top-1 routes: every token's weight is 1 on exactly one expert."""
-        if self.training:
-            return False
-        if self.forced_expert is not None:
-            return True
-        return self.routing_mode == "hard" or (self.routing_mode == "auto" and self.uncertain_route == "full")
+        hard = self.routing_mode == "hard" or (self.routing_mode == "auto" and self.uncertain_route == "full")
+        return not self.training and (self.forced_expert is not None or hard)
 
     def _kernels(self, q: torch.Tensor, causal: bool, key_mask, attn_bias) -> Optional[str]:
         """The kernel backend that serves this call, or None for the torch path."""
