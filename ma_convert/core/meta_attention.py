@@ -27,11 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.backends import check_backend, resolve_backend
+from ..kernels.gather import gather_queries, group_tokens
 from ..kernels.spec import DENSE_BELOW, RoutedSpec
 from .config import MetaAttnConfig
 from .controller import DirichletRouter, RouterOutput, build_router
 from .cost import token_costs
-from .dispatch import gather_bias_rows, gather_queries, group_tokens, scatter_weighted
 from .experts import AttentionExpert, HeadAttentionExpert, build_expert  # the package: registers the built-ins
 from .experts.full import FullAttention
 from .experts.hybrid import HybridAttention
@@ -52,6 +52,26 @@ def gumbel_top_1(logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.
     soft = ((logits + gumbel) / tau).softmax(-1)
     mask = soft == soft.amax(-1, keepdim=True)
     return mask.float() - soft.detach() + soft, mask
+
+
+# Hard dispatch at inference: an expert's tokens are packed per row to the longest row's count; padding
+# slots hold position -1, which experts skip when sizing their work and which adds nothing on the way back.
+def gather_bias_rows(attn_bias: Optional[torch.Tensor], tokens: torch.Tensor) -> Optional[torch.Tensor]:
+    """Rows of an additive bias (B|1, H|1, T|1, Tk) for the gathered queries."""
+    if attn_bias is None or attn_bias.shape[-2] == 1:
+        return attn_bias
+    bias = attn_bias.expand(tokens.shape[0], *attn_bias.shape[1:])
+    idx = tokens.clamp_min(0)[:, None, :, None].expand(bias.shape[0], bias.shape[1], tokens.shape[1], bias.shape[-1])
+    return bias.gather(2, idx)
+
+
+def scatter_weighted(out: torch.Tensor, part: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor) -> None:
+    """out[:, :, tokens] += w * part, in place, with w the tokens' routing weights (B, T)."""
+    b, h, n, d = part.shape
+    valid = tokens >= 0
+    index = tokens.clamp_min(0)
+    w = torch.where(valid, weights.gather(1, index), 0.0)
+    out.scatter_add_(2, index[:, None, :, None].expand(b, h, n, d), part * w[:, None, :, None].to(part.dtype))
 
 
 MAX_FUSED_HIDDEN = 256  # the routing kernel's limit on controller_hidden; wider routers run in torch
