@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Optional, Protocol, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -77,23 +77,16 @@ def scatter_weighted(out: torch.Tensor, part: torch.Tensor, tokens: torch.Tensor
 MAX_FUSED_HIDDEN = 256  # the routing kernel's limit on controller_hidden; wider routers run in torch
 
 
-class KernelStateStore(Protocol):
-    """Where the kernel expert's running state lives between calls (in converted models, on the KV
-    cache). `get` returns (S, z, seen): the state over keys start .. seen-1, or None."""
-
-    def get(self) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]: ...
-
-    def set(self, s: torch.Tensor, z: torch.Tensor, seen: int) -> None: ...
-
-
 @dataclass
 class CacheInputs:
-    """What the kernel expert reads when a cache holds the past: `store` for its state; `offset`, the
+    """What the kernel expert reads when a cache holds the past: `store`, where its running state lives
+    between calls (in converted models, on the KV cache): ``store.get()`` returns (S, z, seen), the state
+    over keys start .. seen-1, or None, and ``store.set(S, z, seen)`` replaces it; `offset`, the
     position of the first cached key the call sees (0 unless the cache drops old keys); and `eager`,
     True where it does (a sliding window), so that the state cannot be caught up later from the
     cache and takes in every key as it comes."""
 
-    store: KernelStateStore
+    store: Any
     offset: int = 0
     eager: bool = False
 
@@ -615,9 +608,8 @@ class MetaAttention(InitialValues, nn.Module):
                 positions = torch.arange(k.shape[2] - x.shape[1], k.shape[2], device=x.device)
             if self._lean_hard_routing():
                 fused = self._kernels(q, causal, key_mask, attn_bias) is not None
-                routes, raw = self.route_hard(x, positions, fused=fused)
-                last.decision = _Decision(self, x.shape[:2], query_valid, raw=raw, routes=routes)
-                weights = routes  # run_experts takes per-token routes as well as weights
+                weights, raw = self.route_hard(x, positions, fused=fused)  # run_experts takes per-token routes too
+                last.decision = _Decision(self, x.shape[:2], query_valid, raw=raw, routes=weights)
             else:
                 weights, chosen, r = self.route(x, positions)
                 last.decision = _Decision(self, x.shape[:2], query_valid, weights=weights, chosen=chosen, r=r)
