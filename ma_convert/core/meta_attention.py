@@ -541,7 +541,7 @@ class MetaAttention(InitialValues, nn.Module):
         routes = weights.argmax(-1) if weights.is_floating_point() else weights
         state = None
         end = None if cache is None else self._state_end(q.shape[2], k.shape[2])
-        if end is not None:  # the linear expert returns the state after this call's keys
+        if end is not None:  # (for the linear expert, the kernels return the state after this call's keys)
             from ma_convert.kernels.triton_decode import advance_state
 
             weight = self.routed_spec().k_map_weight  # caught up by the state kernel (no key mask here)
