@@ -202,7 +202,7 @@ def test_padding_slots_are_ignored(name):
 
 
 def test_group_tokens_pads_with_minus_one():
-    from ma_convert.core.dispatch import group_tokens
+    from ma_convert.kernels.gather import group_tokens
 
     selected = torch.tensor([[True, False, True, True], [False, True, False, False]])
     assert group_tokens(selected).tolist() == [[0, 2, 3], [1, -1, -1]]

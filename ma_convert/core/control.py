@@ -8,6 +8,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn as nn
 
+from ..kernels.backends import check_backend
 from .meta_attention import MetaAttention
 from .objective import ObjectiveWeights
 from .policy import RoutingPolicy
@@ -78,8 +79,8 @@ def set_routing_policy(model: nn.Module, policy: Optional[RoutingPolicy] = None,
     if policy is not None and changes:
         raise ValueError("give a RoutingPolicy or the fields to change, not both")
     policies = [policy if policy is not None else m.policy.replace(**changes) for m in modules]
-    for m, p in zip(modules, policies):
-        m.check_policy(p)
+    for p in policies:
+        check_backend(p.backend)
     for m, p in zip(modules, policies):
         m.set_policy(p)
 
@@ -114,7 +115,7 @@ def set_objective_weights(model: nn.Module, weights: Optional[ObjectiveWeights] 
 def routing_stats(model: nn.Module) -> list[RoutingStats]:
     """Per-module `RoutingStats` of the last forward, in module order, for the modules that routed
     (aggregate with `RoutingStats.aggregate`)."""
-    stats = [m.last_stats for m in _require_modules(model) if m.last_stats is not None]
+    stats = [s for s in (m.last_stats for m in _require_modules(model)) if s is not None]
     if not stats:
         raise RuntimeError("no forward pass has run through the Meta-Attention modules yet")
     return stats
@@ -122,7 +123,7 @@ def routing_stats(model: nn.Module) -> list[RoutingStats]:
 
 def collect_aux_losses(model: nn.Module) -> torch.Tensor:
     """Sum of the auxiliary (ELBO) losses of the last forward, to add to the task loss."""
-    losses = [m.last_aux_loss for m in _require_modules(model) if m.last_aux_loss is not None]
+    losses = [loss for loss in (m.last_aux_loss for m in _require_modules(model)) if loss is not None]
     if not losses:
         raise RuntimeError("no forward pass has run through the Meta-Attention modules yet")
-    return torch.stack([l.float() for l in losses]).sum()
+    return torch.stack([loss.float() for loss in losses]).sum()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .config import MetaAttnConfig
 from .control import collect_aux_losses
-from .masks import merge_key_masks, read_attention_mask, read_padding_mask
+from .masks import read_attention_mask, read_padding_mask
 from .meta_attention import MetaAttention
 from .policy import RoutingPolicy
 
@@ -104,7 +104,8 @@ class MetaMultiheadAttention(nn.Module):
             mask = attn_mask.view(b, self.num_heads, t, t) if attn_mask.dim() == 3 else attn_mask.view(1, 1, t, t)
             mask_is_causal, mask_keys, attn_bias = read_attention_mask(mask, true_means_blocked=True)
             causal = causal or mask_is_causal
-            key_mask = merge_key_masks(key_mask, None if mask_keys is None else mask_keys.expand(b, t))
+            if mask_keys is not None:
+                key_mask = mask_keys.expand(b, t) if key_mask is None else key_mask & mask_keys
         out, _ = self.meta(x, *heads, causal=causal, key_mask=key_mask, attn_bias=attn_bias, query_valid=key_mask)
         out = self.out_proj(out.transpose(1, 2).reshape(b, t, self.embed_dim))
         return (out if self.batch_first else out.transpose(0, 1)), None

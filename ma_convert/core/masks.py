@@ -53,15 +53,8 @@ def read_attention_mask(
 
 def read_padding_mask(mask: torch.Tensor, *, true_means_blocked: bool) -> torch.Tensor:
     """A (B, T) padding mask (bool, 0/1, or additive 0/-inf) as a bool mask, True = real token."""
-    if mask.dtype == torch.bool:
-        return ~mask if true_means_blocked else mask
-    if bool((mask < 0).any()):  # additive form
-        return mask > BLOCKED_AT
-    real = mask != 0
-    return ~real if true_means_blocked else real
-
-
-def merge_key_masks(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    if a is None or b is None:
-        return a if b is None else b
-    return a & b
+    if mask.dtype != torch.bool:
+        if bool((mask < 0).any()):  # additive form
+            return mask > BLOCKED_AT
+        mask = mask != 0
+    return ~mask if true_means_blocked else mask

@@ -19,18 +19,19 @@ Routing modes (the `RoutingPolicy`'s ``mode``, settable at any time with `set_ro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from types import SimpleNamespace
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.backends import check_backend, resolve_backend
+from ..kernels.gather import gather_queries, group_tokens
 from ..kernels.spec import DENSE_BELOW, RoutedSpec
 from .config import MetaAttnConfig
 from .controller import DirichletRouter, RouterOutput, build_router
 from .cost import token_costs
-from .dispatch import gather_bias_rows, gather_queries, group_tokens, scatter_weighted
 from .experts import AttentionExpert, HeadAttentionExpert, build_expert  # the package: registers the built-ins
 from .experts.full import FullAttention
 from .experts.hybrid import HybridAttention
@@ -40,11 +41,6 @@ from .initial import InitialValues
 from .objective import ObjectiveWeights, dirichlet_kl, expected_cost, routing_entropy
 from .policy import RoutingPolicy
 from .stats import RoutingStats
-
-
-def default_experts(cfg: MetaAttnConfig) -> tuple[str, str, str]:
-    """The built-in experts: full, kernel attention (its hybrid when `linear_window` > 0), local."""
-    return ("full", "hybrid" if cfg.linear_window else "linear", "local")
 
 
 def gumbel_top_1(logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,38 +54,41 @@ def gumbel_top_1(logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.
     return mask.float() - soft.detach() + soft, mask
 
 
+# Hard dispatch at inference: an expert's tokens are packed per row to the longest row's count; padding
+# slots hold position -1, which experts skip when sizing their work and which adds nothing on the way back.
+def gather_bias_rows(attn_bias: Optional[torch.Tensor], tokens: torch.Tensor) -> Optional[torch.Tensor]:
+    """Rows of an additive bias (B|1, H|1, T|1, Tk) for the gathered queries."""
+    if attn_bias is None or attn_bias.shape[-2] == 1:
+        return attn_bias
+    bias = attn_bias.expand(tokens.shape[0], *attn_bias.shape[1:])
+    idx = tokens.clamp_min(0)[:, None, :, None].expand(bias.shape[0], bias.shape[1], tokens.shape[1], bias.shape[-1])
+    return bias.gather(2, idx)
+
+
+def scatter_weighted(out: torch.Tensor, part: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor) -> None:
+    """out[:, :, tokens] += w * part, in place, with w the tokens' routing weights (B, T)."""
+    b, h, n, d = part.shape
+    valid = tokens >= 0
+    index = tokens.clamp_min(0)
+    w = torch.where(valid, weights.gather(1, index), 0.0)
+    out.scatter_add_(2, index[:, None, :, None].expand(b, h, n, d), part * w[:, None, :, None].to(part.dtype))
+
+
 MAX_FUSED_HIDDEN = 256  # the routing kernel's limit on controller_hidden; wider routers run in torch
-
-
-class KernelStateStore(Protocol):
-    """Where the kernel expert's running state lives between calls (in converted models, on the KV
-    cache). `get` returns (S, z, seen): the state over keys start .. seen-1, or None."""
-
-    def get(self) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]: ...
-
-    def set(self, s: torch.Tensor, z: torch.Tensor, seen: int) -> None: ...
 
 
 @dataclass
 class CacheInputs:
-    """What the kernel expert reads when a cache holds the past: `store` for its state; `offset`, the
+    """What the kernel expert reads when a cache holds the past: `store`, where its running state lives
+    between calls (in converted models, on the KV cache): ``store.get()`` returns (S, z, seen), the state
+    over keys start .. seen-1, or None, and ``store.set(S, z, seen)`` replaces it; `offset`, the
     position of the first cached key the call sees (0 unless the cache drops old keys); and `eager`,
     True where it does (a sliding window), so that the state cannot be caught up later from the
     cache and takes in every key as it comes."""
 
-    store: KernelStateStore
+    store: Any
     offset: int = 0
     eager: bool = False
-
-
-class _LastCall:
-    """The decision and (while captured) the heads of a module's last forward."""
-
-    __slots__ = ("decision", "heads")
-
-    def __init__(self) -> None:
-        self.decision: Optional[_Decision] = None
-        self.heads: Optional[dict] = None
 
 
 class _Decision:
@@ -102,50 +101,41 @@ class _Decision:
         self.raw, self._routes = raw, routes  # the lean hard path: the router's output and the routes it took
         self._stats = None
 
-    def _expand_hard(self) -> None:
-        """The lean hard path keeps only the router's raw output and the routes: the posterior and the
-        chosen experts, when asked for."""
-        if self.raw is not None and self.r is None:
-            self.r = self.module.router.from_raw(self.raw)
-            self.chosen = F.one_hot(self._routes.long(), len(self.module.experts)).bool()
+    def _expand(self) -> None:
+        """The lean hard path keeps only the router's raw output and the routes, and an all-full call
+        only its expert: the posterior and the chosen experts, when asked for."""
+        if self.chosen is None:
+            self.r = None if self.raw is None else self.module.router.from_raw(self.raw)
+            self.chosen = F.one_hot(self.routes(), len(self.module.experts)).bool()
             self.weights = self.chosen.float()
-
-    def _one_hot(self):
-        k = len(self.module.experts)
-        chosen = torch.zeros(*self.shape, k, dtype=torch.bool, device=self.module.costs.device)
-        chosen[..., self.only] = True
-        return chosen
 
     def stats(self) -> RoutingStats:
         if self._stats is None:
-            self._expand_hard()
-            if self.only is not None:
-                chosen = self._one_hot()
-                mean, uncertainty = chosen.float(), torch.zeros(self.shape, device=chosen.device)
-            else:
-                chosen = self.chosen
-                mean = self.weights if self.r is None else self.r.mean
-                uncertainty = torch.zeros_like(mean[..., 0]) if self.r is None else self.r.uncertainty
-            self._stats = RoutingStats.from_routing(mean, chosen, uncertainty, self.module.costs, self.query_valid)
+            self._expand()
+            mean = self.weights if self.r is None else self.r.mean
+            uncertainty = torch.zeros_like(mean[..., 0]) if self.r is None else self.r.uncertainty
+            self._stats = RoutingStats.from_routing(mean, self.chosen, uncertainty, self.module.costs, self.query_valid)
         return self._stats
 
     def experts_run(self) -> torch.Tensor:
         """(B, T, K) bool: the experts each token ran on (every expert with a weight, under soft routing)."""
-        if self.only is not None:
-            return self._one_hot()
-        self._expand_hard()  # the lean hard path: one expert per token, as `chosen`
+        self._expand()
         return self.weights.detach() != 0
 
     def routes(self) -> torch.Tensor:
-        if self.only is not None:
-            return torch.full(self.shape, self.only, dtype=torch.long, device=self.module.costs.device)
+        if self.only is not None and self._routes is None:
+            self._routes = torch.full(self.shape, self.only, dtype=torch.long, device=self.module.costs.device)
         if self._routes is not None:
             return self._routes.long()
         # The highest-weight expert each token runs on (soft: the argmax of the mean).
         return torch.where(self.chosen, self.weights.detach(), -1.0).argmax(-1)
 
+    def router_output(self) -> Optional[RouterOutput]:
+        self._expand()
+        return self.r
+
     def aux_loss(self) -> torch.Tensor:
-        self._expand_hard()
+        self._expand()
         return self.module.aux_loss(self.r, self.query_valid)
 
 
@@ -157,8 +147,9 @@ class MetaAttention(InitialValues, nn.Module):
         policy: Optional[RoutingPolicy] = None,
     ) -> None:
         super().__init__()
-        if experts is None:
-            experts = [build_expert(name, cfg) for name in default_experts(cfg)]
+        if experts is None:  # the built-ins: full, kernel attention (its hybrid when linear_window > 0), local
+            kernel = "hybrid" if cfg.linear_window else "linear"
+            experts = [build_expert(name, cfg) for name in ("full", kernel, "local")]
         if len(experts) != cfg.n_experts:
             raise ValueError(
                 f"MetaAttnConfig.expert_costs has {cfg.n_experts} entries but {len(experts)} experts were "
@@ -168,7 +159,7 @@ class MetaAttention(InitialValues, nn.Module):
         self.experts = nn.ModuleList(experts)
         self.router = build_router(cfg, len(experts))
         self.register_buffer("costs", torch.tensor(cfg.expert_costs, dtype=torch.float32), persistent=False)
-        names = [getattr(e, "name", "custom") for e in experts]
+        names = self.expert_names
         # Where uncertain tokens go under uncertain_route="full": the full expert, else the costliest.
         self.full_index = names.index("full") if "full" in names else int(torch.tensor(cfg.expert_costs).argmax())
         # The kernel-attention expert (linear or hybrid), which keeps a state when a cache holds the past.
@@ -186,7 +177,7 @@ class MetaAttention(InitialValues, nn.Module):
         self.cost_unit = "projected"
         self._token_costs_cache: tuple = (None, None)  # (length, device), token_costs there
         # What each forward leaves behind, on a plain object: nn.Module.__setattr__ is slow on a hot path.
-        self._last = _LastCall()
+        self._last = SimpleNamespace(decision=None, heads=None)
         self._expert_list = tuple(experts)  # indexing a ModuleList costs more than a tuple on every call
         # Attention-transfer training reads every expert's dense output of the last forward.
         self.capture_expert_outputs = False
@@ -196,32 +187,29 @@ class MetaAttention(InitialValues, nn.Module):
         self._spec: Optional[RoutedSpec] = None
 
     # ------------------------------------------------------------------ what the last forward did
+    def _read_last(self, read):
+        decision = self._last.decision
+        return None if decision is None else read(decision)
+
     @property
     def last_stats(self) -> Optional[RoutingStats]:
         """`RoutingStats` of the last forward (computed when first read)."""
-        decision = self._last.decision
-        return None if decision is None else decision.stats()
+        return self._read_last(_Decision.stats)
 
     @property
     def last_routes(self) -> Optional[torch.Tensor]:
         """(B, T) the expert each token of the last forward was routed to."""
-        decision = self._last.decision
-        return None if decision is None else decision.routes()
+        return self._read_last(_Decision.routes)
 
     @property
     def last_experts_run(self) -> Optional[torch.Tensor]:
         """(B, T, K) bool: the experts each token of the last forward ran on (for the real attention cost)."""
-        decision = self._last.decision
-        return None if decision is None else decision.experts_run()
+        return self._read_last(_Decision.experts_run)
 
     @property
     def last_router_output(self) -> Optional[RouterOutput]:
         """The router's output for the last forward: posterior mean, uncertainty, ... (None: no router ran)."""
-        decision = self._last.decision
-        if decision is None or decision.only is not None:
-            return None
-        decision._expand_hard()
-        return decision.r
+        return self._read_last(_Decision.router_output)
 
     @property
     def last_uncertainty(self) -> Optional[torch.Tensor]:
@@ -232,8 +220,7 @@ class MetaAttention(InitialValues, nn.Module):
     @property
     def last_aux_loss(self) -> Optional[torch.Tensor]:
         """The ELBO terms of the last forward (KL to the prior, cost, entropy), computed when read."""
-        decision = self._last.decision
-        return None if decision is None else decision.aux_loss()
+        return self._read_last(_Decision.aux_loss)
 
     @property
     def last_heads(self) -> Optional[dict]:
@@ -266,12 +253,8 @@ class MetaAttention(InitialValues, nn.Module):
             dense_below=self.dense_below,
         )
 
-    def check_policy(self, policy: RoutingPolicy) -> None:
-        """What a policy must satisfy on this module beyond its own validation."""
-        check_backend(policy.backend)  # a requested kernel library that is missing fails here, early
-
     def set_policy(self, policy: RoutingPolicy) -> None:
-        self.check_policy(policy)
+        check_backend(policy.backend)  # a requested kernel library that is missing fails here, early
         self.routing_mode, self.uncertainty_threshold = policy.mode, policy.uncertainty_threshold
         self.uncertain_route, self.full_tail = policy.uncertain_route, policy.full_tail
         self.backend, self.dense_below = policy.backend, policy.dense_below
@@ -295,11 +278,8 @@ class MetaAttention(InitialValues, nn.Module):
 
     def routed_spec(self) -> RoutedSpec:
         """The experts as the kernels see them (built once; parameters are shared, not copied)."""
-        if self._spec is None:
-            self._spec = self._build_spec()
-        return self._spec
-
-    def _build_spec(self) -> RoutedSpec:
+        if self._spec is not None:
+            return self._spec
         spec = RoutedSpec(n_experts=len(self.experts), router=self.router.kernel_weights())
         for i, expert in enumerate(self.experts):
             kind = type(expert)
@@ -314,6 +294,7 @@ class MetaAttention(InitialValues, nn.Module):
                     spec.kernel_window, spec.kernel_sinks, spec.log_weight = expert.window, expert.sinks, expert.log_weight
         if spec.n_experts != 3 or None in (spec.full, spec.kernel, spec.local):
             spec.reason = "the fast path serves the three built-in experts only"
+        self._spec = spec
         return spec
 
     def initial_values(self) -> dict[str, torch.Tensor]:
@@ -338,28 +319,20 @@ class MetaAttention(InitialValues, nn.Module):
             onehot = F.one_hot(forced.expand(b, t), k).float()
             return onehot, onehot.bool(), None
         r = self.router(x, positions, sample=self.training and self.routing_mode == "soft" and self.sample_posterior)
-        # A soft token is reported as where a hard route would send it (projected cost).
-        chosen = r.mean.argmax(-1, keepdim=True) == torch.arange(k, device=x.device)
         if self.routing_mode == "soft":
-            return (r.sample if self.training else r.mean), chosen, r
+            # A soft token is reported as where a hard route would send it (projected cost).
+            return (r.sample if self.training else r.mean), F.one_hot(r.mean.argmax(-1), k).bool(), r
         if self.training:
             weights, chosen = gumbel_top_1(r.logits, self.gumbel_temp)
             return weights, chosen, r
+        uncertain = r.uncertainty > self.uncertainty_threshold if self.routing_mode == "auto" else None
+        stay_soft = uncertain is not None and self.uncertain_route == "soft"
+        chosen = F.one_hot(self._policy_routes(r.mean.argmax(-1), None if stay_soft else uncertain), k).bool()
         weights = chosen.float()
-        if self.routing_mode == "auto":
-            uncertain = (r.uncertainty > self.uncertainty_threshold).unsqueeze(-1)
-            if self.uncertain_route == "full":
-                full = torch.arange(k, device=x.device) == self.full_index
-                weights = torch.where(uncertain, full.float(), weights)
-                chosen = torch.where(uncertain, full, chosen)
-            else:
-                weights = torch.where(uncertain, r.mean, weights)
-                chosen = chosen | uncertain
-        if self.full_tail:
-            tail = (torch.arange(t, device=x.device) >= t - self.full_tail)[:, None]
-            full = torch.arange(k, device=x.device) == self.full_index
-            weights = torch.where(tail, full.to(weights.dtype), weights)
-            chosen = torch.where(tail, full, chosen)
+        if stay_soft:  # uncertain tokens outside the full tail run on every expert, mixed by the mean
+            uncertain[:, max(0, t - self.full_tail):] = False
+            weights = torch.where(uncertain[..., None], r.mean, weights)
+            chosen = chosen | uncertain[..., None]
         return weights, chosen, r
 
     def _lean_hard_routing(self) -> bool:
@@ -380,13 +353,16 @@ class MetaAttention(InitialValues, nn.Module):
                                 full_index=self.full_index,
                                 full_tail=self.full_tail, uncertainty_threshold=self.uncertainty_threshold if auto else None)
         raw = self.router.raw(x, positions)
-        routes = raw.argmax(-1)
-        if auto:
-            uncertain = self.router.from_raw(raw).uncertainty > self.uncertainty_threshold
+        uncertain = self.router.from_raw(raw).uncertainty > self.uncertainty_threshold if auto else None
+        return self._policy_routes(raw.argmax(-1), uncertain), raw
+
+    def _policy_routes(self, routes: torch.Tensor, uncertain: Optional[torch.Tensor]) -> torch.Tensor:
+        """Hard routes (B, T) after the policy: `uncertain` tokens and the last `full_tail` go to the full expert."""
+        if uncertain is not None:
             routes = torch.where(uncertain, self.full_index, routes)
         if self.full_tail:
             routes[:, max(0, routes.shape[1] - self.full_tail):] = self.full_index
-        return routes, raw
+        return routes
 
     def aux_loss(self, r: Optional[RouterOutput], valid: Optional[torch.Tensor]) -> torch.Tensor:
         """Per-token ELBO terms averaged over valid tokens: KL to the prior (Bayesian router),
@@ -442,11 +418,7 @@ class MetaAttention(InitialValues, nn.Module):
         forced = self.forced_expert
         if isinstance(forced, int) and isinstance(self._expert_list[forced], HeadAttentionExpert):
             # One expert for every token: its output is the result (no weights, no host syncs).
-            keys, values, call = self._expert_inputs(forced, k, v, t, scale, causal, key_mask, cache)
-            part = self._expert_list[forced].attend(q, keys, values, None, attn_bias=attn_bias, **call)
-            if self.capture_expert_outputs:
-                self.last_expert_outputs[forced] = part
-            return part
+            return self._run_dense(forced, q, k, v, scale, causal, key_mask, attn_bias, cache)
         fast = self._fast_path(q, k, v, weights, scale, causal, key_mask, attn_bias, cache)
         if fast is not None:
             return fast
@@ -463,14 +435,12 @@ class MetaAttention(InitialValues, nn.Module):
             selected = w != 0 if sparse else None
             if selected is not None and not bool(selected.any()):
                 continue
-            keys, values, call = self._expert_inputs(i, k, v, t, scale, causal, key_mask, cache)
             if selected is None or bool(selected.all()):
-                part = expert.attend(q, keys, values, None, attn_bias=attn_bias, **call)
-                if self.capture_expert_outputs:
-                    self.last_expert_outputs[i] = part
+                part = self._run_dense(i, q, k, v, scale, causal, key_mask, attn_bias, cache)
                 contrib = part * w[:, None, :, None].to(part.dtype)
                 out = contrib if out is None else out + contrib
                 continue
+            keys, values, call = self._expert_inputs(i, k, v, t, scale, causal, key_mask, cache)
             tokens = group_tokens(selected)
             offset = keys.shape[2] - t  # token index -> key index (keys may start with a cache)
             part = expert.attend(
@@ -486,6 +456,14 @@ class MetaAttention(InitialValues, nn.Module):
             scatter_weighted(out, part, tokens, w)
         return out if out is not None else torch.zeros_like(q)
 
+    def _run_dense(self, index, q, k, v, scale, causal, key_mask, attn_bias, cache) -> torch.Tensor:
+        """One expert on every query (its output kept while `capture_expert_outputs` is on)."""
+        keys, values, call = self._expert_inputs(index, k, v, q.shape[2], scale, causal, key_mask, cache)
+        part = self._expert_list[index].attend(q, keys, values, None, attn_bias=attn_bias, **call)
+        if self.capture_expert_outputs:
+            self.last_expert_outputs[index] = part
+        return part
+
     def _expert_inputs(self, index, k, v, t, scale, causal, key_mask, cache):
         """Keys, values and keyword arguments an expert attends with. With a cache, the linear expert
         reads this call's keys plus its state over the earlier ones; the hybrid, decoding, reads its
@@ -493,14 +471,21 @@ class MetaAttention(InitialValues, nn.Module):
         call = dict(scale=scale, causal=causal, key_mask=key_mask)
         if cache is None or index != self.kernel_index:
             return k, v, call
-        expert = self._expert_list[index]
-        if isinstance(expert, HybridAttention):
-            if t == 1:
-                call["state"] = self.kernel_state(cache, k, v, key_mask, expert.state_end(k.shape[2] - 1))
+        end = self._state_end(t, k.shape[2])
+        if end is not None:
+            call["state"] = self.kernel_state(cache, k, v, key_mask, end)
+        if isinstance(self._expert_list[index], HybridAttention):
             return k, v, call
-        call["state"] = self.kernel_state(cache, k, v, key_mask, k.shape[2] - t)
         call["key_mask"] = None if key_mask is None else key_mask[:, -t:]
         return k[:, :, -t:], v[:, :, -t:], call
+
+    def _state_end(self, t: int, n_keys: int) -> Optional[int]:
+        """Where the kernel expert's state ends for t queries over n_keys keys: before this call's keys
+        for the linear expert; for the hybrid, decoding, left of its window (None: it reads no state)."""
+        expert = self._expert_list[self.kernel_index]
+        if isinstance(expert, HybridAttention):
+            return expert.state_end(n_keys - 1) if t == 1 else None
+        return n_keys - t
 
     def kernel_state(self, cache: CacheInputs, k, v, key_mask, end: int, advance=None):
         """The kernel expert's state over keys start .. end-1 (indices into `k`, the keys so far),
@@ -528,11 +513,8 @@ class MetaAttention(InitialValues, nn.Module):
 
     def _one_expert_per_token(self) -> bool:
         """Inference with hard top-1 routes: every token's weight is 1 on exactly one expert."""
-        if self.training:
-            return False
-        if self.forced_expert is not None:
-            return True
-        return self.routing_mode == "hard" or (self.routing_mode == "auto" and self.uncertain_route == "full")
+        hard = self.routing_mode == "hard" or (self.routing_mode == "auto" and self.uncertain_route == "full")
+        return not self.training and (self.forced_expert is not None or hard)
 
     def _kernels(self, q: torch.Tensor, causal: bool, key_mask, attn_bias) -> Optional[str]:
         """The kernel backend that serves this call, or None for the torch path."""
@@ -557,25 +539,17 @@ class MetaAttention(InitialValues, nn.Module):
         from ma_convert.kernels import routed
 
         routes = weights.argmax(-1) if weights.is_floating_point() else weights
-        state = None if cache is None else self._fast_path_state(q, k, v, key_mask, cache)
+        state = None
+        end = None if cache is None else self._state_end(q.shape[2], k.shape[2])
+        if end is not None:  # (for the linear expert, the kernels return the state after this call's keys)
+            from ma_convert.kernels.triton_decode import advance_state
+
+            weight = self.routed_spec().k_map_weight  # caught up by the state kernel (no key mask here)
+            state = self.kernel_state(cache, k, v, key_mask, end, lambda ks, vs, sz: advance_state(weight, ks, vs, sz))
         heads, next_state = routed.routed_heads(self.routed_spec(), q, k, v, routes, scale=scale, backend=backend, state=state)
         if next_state is not None and cache is not None:
             cache.store.set(*next_state, k.shape[2] + cache.offset)
         return heads
-
-    def _fast_path_state(self, q, k, v, key_mask, cache):
-        """The state the kernels read: for the linear expert the keys before this call (it returns
-        the state after them); for the hybrid, decoding, the keys left of its window. Caught up by
-        the state kernel (the fast path has no key mask)."""
-        from ma_convert.kernels.triton_decode import advance_state
-
-        t = q.shape[2]
-        expert = self._expert_list[self.kernel_index]
-        weight = self.routed_spec().k_map_weight
-        advance = lambda keys, values, state: advance_state(weight, keys, values, state)  # noqa: E731
-        if isinstance(expert, HybridAttention):
-            return self.kernel_state(cache, k, v, key_mask, expert.state_end(k.shape[2] - 1), advance) if t == 1 else None
-        return self.kernel_state(cache, k, v, key_mask, k.shape[2] - t, advance)
 
     # ------------------------------------------------------------------ forward
     def note_all_full(self, shape) -> None:
@@ -627,34 +601,25 @@ class MetaAttention(InitialValues, nn.Module):
         if self._head_experts_only and self.runs_all_full(q, k.shape[2], causal, key_mask, attn_bias):
             # No router, no statistics until they are read: the original attention at its own cost.
             last.decision = _Decision(self, x.shape[:2], query_valid, only=self.full_index)
-            full = self._expert_list[self.full_index]
-            heads = full.attend(q, k, v, None, scale=scale, causal=causal, key_mask=key_mask, attn_bias=attn_bias)
-            if self.capture_expert_outputs:
-                self.last_expert_outputs[self.full_index] = heads
-            if cache is not None and cache.eager:
-                self._advance_eagerly(cache, k, v, key_mask, q.shape[2])
-            return heads, None
-        if positions is None:  # the queries are the last T keys
-            positions = torch.arange(k.shape[2] - x.shape[1], k.shape[2], device=x.device)
-        if self._lean_hard_routing():
-            fused = self._kernels(q, causal, key_mask, attn_bias) is not None
-            routes, raw = self.route_hard(x, positions, fused=fused)
-            last.decision = _Decision(self, x.shape[:2], query_valid, raw=raw, routes=routes)
-            weights = routes  # run_experts takes per-token routes as well as weights
+            heads = self._run_dense(self.full_index, q, k, v, scale, causal, key_mask, attn_bias, None)
+            weights = None
         else:
-            weights, chosen, r = self.route(x, positions)
-            last.decision = _Decision(self, x.shape[:2], query_valid, weights=weights, chosen=chosen, r=r)
-        heads = self.run_experts(
-            q, k, v, weights, scale=scale, causal=causal, key_mask=key_mask, attn_bias=attn_bias, cache=cache
-        )
-        if cache is not None and cache.eager:
-            self._advance_eagerly(cache, k, v, key_mask, q.shape[2])
-        return heads, weights
-
-    def _advance_eagerly(self, cache: CacheInputs, k, v, key_mask, t: int) -> None:
-        """Where the cache drops old keys, the state takes in this call's keys now, whatever ran."""
-        if self.kernel_index is not None:
+            if positions is None:  # the queries are the last T keys
+                positions = torch.arange(k.shape[2] - x.shape[1], k.shape[2], device=x.device)
+            if self._lean_hard_routing():
+                fused = self._kernels(q, causal, key_mask, attn_bias) is not None
+                weights, raw = self.route_hard(x, positions, fused=fused)  # run_experts takes per-token routes too
+                last.decision = _Decision(self, x.shape[:2], query_valid, raw=raw, routes=weights)
+            else:
+                weights, chosen, r = self.route(x, positions)
+                last.decision = _Decision(self, x.shape[:2], query_valid, weights=weights, chosen=chosen, r=r)
+            heads = self.run_experts(
+                q, k, v, weights, scale=scale, causal=causal, key_mask=key_mask, attn_bias=attn_bias, cache=cache
+            )
+        if cache is not None and cache.eager and self.kernel_index is not None:
+            # Where the cache drops old keys, the state takes in this call's keys now, whatever ran.
             self.kernel_state(cache, k, v, key_mask, k.shape[2])
+        return heads, weights
 
     def extra_repr(self) -> str:
         return f"experts={self.expert_names}, costs={self.cfg.expert_costs}, mode={self.routing_mode}"

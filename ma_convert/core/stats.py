@@ -80,25 +80,19 @@ class RoutingStats:
         stats = list(stats)
         if not stats:
             raise ValueError("RoutingStats.aggregate needs at least one RoutingStats")
-        total = stats[0]
-        for s in stats[1:]:
-            total = total + s
-        return total
+        return sum(stats[1:], stats[0])
 
     # -------------------------------------------------------------- figures
     @property
     def n_experts(self) -> int:
         return len(self.costs)
 
-    def _values(self) -> list[float]:
-        return self._sums.tolist()
-
     @property
     def n_tokens(self) -> int:
-        return int(self._values()[0])
+        return int(self._sums[0])
 
     def _mean(self, index: int) -> float:
-        values = self._values()
+        values = self._sums.tolist()
         return values[index] / max(values[0], 1.0)
 
     @property
@@ -126,16 +120,9 @@ class RoutingStats:
         return self._mean(5 + self.n_experts)
 
     def to_dict(self) -> dict:
-        return {
-            "n_tokens": self.n_tokens,
-            "expert_fractions": self.expert_fractions,
-            "entropy": self.entropy,
-            "expected_cost": self.expected_cost,
-            "projected_cost": self.projected_cost,
-            "collapsed_fraction": self.collapsed_fraction,
-            "mean_uncertainty": self.mean_uncertainty,
-            "costs": self.costs,
-        }
+        names = ("n_tokens", "expert_fractions", "entropy", "expected_cost", "projected_cost", "collapsed_fraction",
+                 "mean_uncertainty", "costs")
+        return {name: getattr(self, name) for name in names}
 
     def __repr__(self) -> str:
         fractions = " | ".join(f"E{i + 1}={f:.2f}" for i, f in enumerate(self.expert_fractions))
