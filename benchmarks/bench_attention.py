@@ -52,7 +52,7 @@ TOLERANCE = 1e-2
 
 # Defaults that depend on the device: the GPU figures of the design notes, and what a 2-core CPU manages.
 CUDA_DEFAULTS = dict(seq_lens=[4096, 16384, 32768, 65536], heads=32, kv_heads=8, head_dim=128, window=1024,
-                     backends=["auto", "auto-routed", "torch", "flex"], dtype="bfloat16")
+                     backends=["auto", "auto-routed", "torch"], dtype="bfloat16")
 CPU_DEFAULTS = dict(seq_lens=[1024, 2048, 4096], heads=8, kv_heads=2, head_dim=64, window=256,
                     backends=["torch"], dtype="float32")
 
@@ -66,7 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, help="default 128 CUDA, 64 CPU")
     p.add_argument("--window", type=int, help="local expert window (default 1024 CUDA, 256 CPU)")
     p.add_argument("--backends", nargs="+",
-                   help="RoutingPolicy.backend values (default: auto torch flex on CUDA, torch on CPU)")
+                   help="RoutingPolicy.backend values (default: auto auto-routed torch on CUDA, torch on CPU)")
     p.add_argument("--dtype", help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--mix", default="0.25,0.25,0.50", help="token fractions full,linear,local")
     p.add_argument("--feature-map", default="hedgehog", choices=["hedgehog", "elu"])

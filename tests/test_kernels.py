@@ -130,27 +130,6 @@ def test_hybrid_kernel_with_a_window_over_every_key_is_softmax(dtype):
     assert rel_err(got, reference(meta, q, k, v, torch.zeros(1, t, dtype=torch.long))) <= TOL
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["flex"])
-def test_library_backends_match_reference(backend):
-    """FlexAttention for the softmax experts (where it imports)."""
-    from ma_convert.kernels.backends import backend_status
-
-    status = backend_status()[backend]
-    if status != "available":
-        pytest.skip(f"{backend}: {status}")
-    hq, hkv, d, t = 8, 2, 64, 3000
-    meta = make_layer(hq, hkv, d)
-    q, k, v = inputs(1, hq, hkv, d, t)
-    routes = torch.randint(0, 3, (1, t))
-    cast = lambda x: x.to(DEVICE, torch.bfloat16)  # noqa: E731
-    with torch.no_grad():
-        got, _ = routed().routed_heads(meta.to(DEVICE).routed_spec(), cast(q), cast(k), cast(v), routes.to(DEVICE),
-                                       scale=None, backend=backend)
-    assert not torch.isnan(got).any()
-    assert rel_err(got, reference(meta, q, k, v, routes)) <= 1e-2
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rows_mostly_full_and_rows_without_softmax_tokens(dtype):
     """A row routed almost all to full and a row with no full or local token at all."""

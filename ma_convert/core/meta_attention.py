@@ -533,8 +533,7 @@ class MetaAttention(InitialValues, nn.Module):
 
     def _fast_path(self, q, k, v, weights, scale, causal, key_mask, attn_bias, cache) -> Optional[torch.Tensor]:
         """The GPU kernels of `ma_convert.kernels` when the backend and the call allow (else None)."""
-        backend = self._kernels(q, causal, key_mask, attn_bias)
-        if backend is None:
+        if self._kernels(q, causal, key_mask, attn_bias) is None:
             return None
         from ma_convert.kernels import routed
 
@@ -546,7 +545,7 @@ class MetaAttention(InitialValues, nn.Module):
 
             weight = self.routed_spec().k_map_weight  # caught up by the state kernel (no key mask here)
             state = self.kernel_state(cache, k, v, key_mask, end, lambda ks, vs, sz: advance_state(weight, ks, vs, sz))
-        heads, next_state = routed.routed_heads(self.routed_spec(), q, k, v, routes, scale=scale, backend=backend, state=state)
+        heads, next_state = routed.routed_heads(self.routed_spec(), q, k, v, routes, scale=scale, state=state)
         if next_state is not None and cache is not None:
             cache.store.set(*next_state, k.shape[2] + cache.offset)
         return heads

@@ -13,8 +13,9 @@ from .config import FORMAT_VERSION, MetaAttnConfig, check_fields, checker, is_in
 
 ROUTING_MODES = ("soft", "hard", "auto")
 # Backends removed on 2026-12-03: "fla" ran the triton kernels (fla-core was no longer called);
-# "flash_attn" and "xformers" differed from them only in all-full calls, where SDPA serves as well.
-REMOVED_BACKENDS = ("fla", "flash_attn", "xformers")
+# "flash_attn" and "xformers" differed from them only in all-full calls, where SDPA serves as well;
+# "flex" (FlexAttention for the softmax experts) was slower than them at every length measured.
+REMOVED_BACKENDS = ("fla", "flash_attn", "xformers", "flex")
 UNCERTAIN_ROUTES = ("full", "soft")
 
 

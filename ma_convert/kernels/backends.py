@@ -5,8 +5,6 @@
 - ``torch``: the plain torch reference path (blocked SDPA calls). Works on every device.
 - ``sdpa``: the same path; every softmax call goes through PyTorch SDPA.
 - ``triton``: ma_convert's own Triton kernels for the gathered routed queries (CUDA).
-- ``flex``: FlexAttention for the full and local experts on gathered queries, Triton for the
-  linear expert (CUDA).
 - ``auto``: ``triton`` for CUDA tensors when triton imports, else ``torch``.
 
 :func:`check_backend` validates a name and its packages (no GPU needed, so configs can be checked
@@ -21,22 +19,13 @@ import importlib.util
 
 import torch
 
-BACKEND_NAMES = ("auto", "torch", "sdpa", "triton", "flex")
+BACKEND_NAMES = ("auto", "torch", "sdpa", "triton")
 
 # Backends that only run on CUDA tensors.
-GPU_ONLY = ("triton", "flex")
+GPU_ONLY = ("triton",)
 
-# Modules each backend imports, in the order they are checked (auto, torch and sdpa need none).
-_NEEDS = {
-    "triton": ("triton",),
-    "flex": ("torch.nn.attention.flex_attention", "triton"),
-}
-
-# How to get each module, for the error messages.
-_HOW_TO_GET = {
-    "triton": "the `triton` package (it comes with CUDA builds of torch; else pip install triton)",
-    "torch.nn.attention.flex_attention": "torch's FlexAttention (torch >= 2.5): pip install -U torch",
-}
+# The one backend that needs a package (auto, torch and sdpa need none), and how to get it.
+_HOW_TO_GET_TRITON = "the `triton` package (it comes with CUDA builds of torch; else pip install triton)"
 
 
 class BackendUnavailableError(RuntimeError):
@@ -52,11 +41,8 @@ def _module_found(module: str) -> bool:
 
 
 def _missing_package(name: str) -> str | None:
-    """Why `name` cannot be imported here, or None when all its packages are present."""
-    for module in _NEEDS.get(name, ()):
-        if not _module_found(module):
-            return f"needs {_HOW_TO_GET[module]}"
-    return None
+    """Why `name` cannot be imported here, or None when its package is present."""
+    return f"needs {_HOW_TO_GET_TRITON}" if name == "triton" and not _module_found("triton") else None
 
 
 def backend_status() -> dict[str, str]:

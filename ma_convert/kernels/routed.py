@@ -62,7 +62,6 @@ def routed_heads(
     routes: torch.Tensor,
     *,
     scale: Optional[float],
-    backend: str = "triton",
     state: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
     """Heads (B, Hq, T, d) of hard-routed attention, routes (B, T) int32 or int64: one expert per token.
@@ -74,7 +73,7 @@ def routed_heads(
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
     if q.shape[2] == 1 and k.shape[2] > 1:
         return _decode(spec, q, k, v, routes, scale, state)
-    return _prefill(spec, q, k, v, routes, scale, backend, state)
+    return _prefill(spec, q, k, v, routes, scale, state)
 
 
 # Below this many queries a prefill is bound by host work, not by the GPU: the softmax experts share
@@ -82,16 +81,13 @@ def routed_heads(
 ONE_LAUNCH_BELOW = 16384
 
 
-def _prefill(spec, q, k, v, routes, scale, backend, state):
+def _prefill(spec, q, k, v, routes, scale, state):
     b, hq, t, d = q.shape
     perm, counts, seg_start = triton_routing.sort_by_expert(routes, spec.n_experts)
     out = torch.empty(b, t, hq, d, device=q.device, dtype=q.dtype)
     hybrid, next_state = _kernel_expert(spec, q, k, v, perm, seg_start, counts, out, state)
     kernel = ("kernel",) if hybrid is not None else ()  # the hybrid's tokens: a softmax launch
-    if backend == "flex":
-        _flex_softmax(spec, q, k, v, routes, out, scale)
-        names = kernel
-    elif t < ONE_LAUNCH_BELOW:
+    if t < ONE_LAUNCH_BELOW:
         names = ("softmax",)  # every softmax part in one launch, with the windowed experts' tiles
     else:
         names = ("full", "local") + kernel
@@ -120,24 +116,6 @@ def _kernel_expert(spec, q, k, v, perm, seg_start, counts, out, state):
         q, phi_k, lv, (s, z), out, perm, seg_start, counts, spec.kernel, q_map_weight=spec.q_map_weight,
     )
     return None, final
-
-
-def _flex_softmax(spec, q, k, v, routes, out, scale) -> None:
-    """FlexAttention for the full and local experts on their gathered queries (one host sync each)."""
-    from .flex import flex_routed_softmax
-    from .gather import gather_queries, group_tokens
-
-    offset = k.shape[2] - q.shape[2]
-    for index, window, sinks in ((spec.full, spec.full_window, 0), (spec.local, spec.local_window, spec.local_sinks)):
-        tokens = group_tokens(routes == index)
-        if tokens.shape[1] == 0:
-            continue
-        part = flex_routed_softmax(gather_queries(q, tokens), k, v, tokens, offset, window=window, sinks=sinks, scale=scale)
-        valid = tokens >= 0
-        rows = tokens.clamp_min(0)
-        dst = out.gather(1, rows[:, :, None, None].expand(-1, -1, *out.shape[2:]))
-        src = torch.where(valid[:, :, None, None], part.transpose(1, 2).to(out.dtype), dst)
-        out.scatter_(1, rows[:, :, None, None].expand_as(src), src)
 
 
 def _decode(spec, q, k, v, routes, scale, state):
