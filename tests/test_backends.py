@@ -1,7 +1,5 @@
 """Backend names and checks."""
 
-import math
-import warnings
 
 import pytest
 import torch

@@ -105,8 +105,8 @@ def _kernel_expert(spec, q, k, v, perm, seg_start, counts, out, state):
     all keys. Hybrid: phi(k) and the chunk states, for the softmax launch that serves its tokens
     (window, sinks and kernel part in one program)."""
     if spec.hybrid:
-        phi_k, s, z, _ = triton_linear.key_features_and_states(spec.k_map_weight, k, v, None, first_key=spec.kernel_sinks,
-                                                               keep_end=False)
+        phi_k, s, z, _ = triton_linear.key_features_and_states(
+            spec.k_map_weight, k, v, None, first_key=spec.kernel_sinks, keep_end=False)
         return dict(expert=spec.kernel, phi_k=phi_k, states=(s, z), q_map_weight=spec.q_map_weight,
                     log_weight=spec.log_weight), None
     t = q.shape[2]
