@@ -112,12 +112,18 @@ def save_as_format_1(folder):
     (folder / "config.json").write_text(json.dumps(config))
 
 
-def test_a_format_2_folder_loads_with_its_prior_dropped(tmp_path):
-    """Format 2 (to 2026-12-03) saved the router's prior in `attention`; only training reads it now."""
+# What formats 2 and 3 (to 2026-12-03) saved in `attention` that this version drops on load: the
+# router's prior (format 2; only training reads it) and `causal` / `concentration_eps` (formats 2-3; fixed now).
+OLDER_FORMATS = {2: dict(prior="uniform", beta0=7.0, causal=True, concentration_eps=1e-3),
+                 3: dict(causal=True, concentration_eps=1e-3)}
+
+
+@pytest.mark.parametrize("version", sorted(OLDER_FORMATS))
+def test_a_format_2_or_3_folder_loads_with_its_former_fields_dropped(tmp_path, version):
     case = next(c for c in CASES if c.name == "llama-gqa")
     model = converted_and_saved(case, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["meta_attention"]["attention"].update(format_version=2, prior="uniform", beta0=7.0)
+    config["meta_attention"]["attention"].update(format_version=version, **OLDER_FORMATS[version])
     (tmp_path / "config.json").write_text(json.dumps(config))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(3, case.vocab, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -125,23 +131,7 @@ def test_a_format_2_folder_loads_with_its_prior_dropped(tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, model.eval()(ids).logits, atol=0, rtol=0)
     reloaded.save_pretrained(tmp_path / "again")
     attention = json.loads((tmp_path / "again" / "config.json").read_text())["meta_attention"]["attention"]
-    assert attention["format_version"] == FORMAT_VERSION and "prior" not in attention
-
-
-def test_a_format_3_folder_loads_with_its_fixed_fields_dropped(tmp_path):
-    """Format 3 (to 2026-12-03) saved `causal` and `concentration_eps` in `attention`; both are fixed now."""
-    case = next(c for c in CASES if c.name == "llama-gqa")
-    model = converted_and_saved(case, tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["meta_attention"]["attention"].update(format_version=3, causal=True, concentration_eps=1e-3)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    ids = torch.randint(3, case.vocab, (2, 10), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, model.eval()(ids).logits, atol=0, rtol=0)
-    reloaded.save_pretrained(tmp_path / "again")
-    attention = json.loads((tmp_path / "again" / "config.json").read_text())["meta_attention"]["attention"]
-    assert attention["format_version"] == FORMAT_VERSION and not {"causal", "concentration_eps"} & set(attention)
+    assert attention["format_version"] == FORMAT_VERSION and not set(OLDER_FORMATS[version]) & set(attention)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
