@@ -32,8 +32,11 @@ V1_POLICY_FIELDS = ("hard_routing", "hard_top_k", "uncertainty_threshold", "unce
 V1_OBJECTIVE_FIELDS = ("kl_weight", "cost_lambda", "entropy_coeff", "gumbel_temp", "sample_posterior")
 # Format 2's config fields that are now training's objective weights (dropped when an old config is read).
 V2_OBJECTIVE_FIELDS = ("prior", "beta0")
+# The Bayesian router's floor on Dirichlet concentrations: keeps sampling and the KL finite when softplus
+# underflows. A config field (`concentration_eps`) until format 3.
+CONCENTRATION_FLOOR = 1e-3
 # Format 3's fields that became constants, with the only value this version reads them at.
-V3_FIXED_FIELDS = {"causal": True, "concentration_eps": 1e-3}
+V3_FIXED_FIELDS = {"causal": True, "concentration_eps": CONCENTRATION_FLOOR}
 
 
 def is_int(value: Any) -> bool:

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.spec import RouterWeights
-from .config import MetaAttnConfig
+from .config import CONCENTRATION_FLOOR, MetaAttnConfig
 from .initial import InitialValues
 from .objective import ObjectiveWeights, prior_concentration, routing_entropy
 
@@ -70,10 +70,6 @@ class _RouterMLP(InitialValues, nn.Module):
         """`sample`: the Bayesian router draws the training weights from its posterior (the module asks, per
         its `sample_posterior`)."""
         return self.from_raw(self.raw(x, positions), sample)
-
-
-# The floor on Dirichlet concentrations: keeps sampling and the KL finite when softplus underflows.
-CONCENTRATION_FLOOR = 1e-3
 
 
 class DirichletRouter(_RouterMLP):
