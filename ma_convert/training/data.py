@@ -33,6 +33,8 @@ from typing import Literal, Optional
 import torch
 from torch.utils.data import IterableDataset
 
+from ..core.config import is_int, is_num
+
 __all__ = [
     "DataConfig",
     "HubUnreachableError",
@@ -71,28 +73,20 @@ class DataConfig:
             if (value is not None or name != "eval_source") and not (isinstance(value, str) and value.strip()):
                 none = "None or " if name == "eval_source" else ""
                 raise ValueError(f"DataConfig.{name} must be {none}a non-empty string, got {value!r}")
-        if not _is_int(self.seq_len) or self.seq_len < 2:
+        if not is_int(self.seq_len) or self.seq_len < 2:
             # a block of one token has no next-token target
             raise ValueError(f"DataConfig.seq_len must be an integer >= 2, got {self.seq_len!r}")
-        if not (_is_number(self.eval_fraction) and 0 < self.eval_fraction < 1):
+        if not (is_num(self.eval_fraction) and 0 < self.eval_fraction < 1):
             raise ValueError(f"DataConfig.eval_fraction must be in (0, 1) (exclusive), got {self.eval_fraction!r}")
         if not isinstance(self.streaming, bool):
             raise ValueError(f"DataConfig.streaming must be True or False, got {self.streaming!r}")
         for name in ("max_train_tokens", "max_eval_tokens"):
             value = getattr(self, name)
             # fewer tokens than one block would always give an empty set
-            if value is not None and (not _is_int(value) or value < self.seq_len):
+            if value is not None and (not is_int(value) or value < self.seq_len):
                 raise ValueError(
                     f"DataConfig.{name} must be None or an integer >= seq_len ({self.seq_len}), got {value!r}"
                 )
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -365,9 +359,9 @@ def pack(texts: Iterable[str], tokenizer, seq_len: int, max_tokens: int | None =
     Lazy: consumes ``texts`` only as far as the blocks asked for, and stops after ``max_tokens // seq_len``
     blocks when ``max_tokens`` is set. ``counts``, if given, adds up the "documents" and "tokens" read.
     """
-    if not _is_int(seq_len) or seq_len < 1:
+    if not is_int(seq_len) or seq_len < 1:
         raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
-    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 0):
+    if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 0):
         raise ValueError(f"max_tokens must be None or an integer >= 0, got {max_tokens!r}")
     eos = _eos_id(tokenizer)
     counts = Counter() if counts is None else counts

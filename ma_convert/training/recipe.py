@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .data import DataConfig, _is_int, _is_number
+from ..core.config import is_int, is_num
+from .data import DataConfig
 
 
 def _need(ok: bool, where: str, name: str, value: Any, allowed: str) -> None:
@@ -128,30 +129,30 @@ class TrainingConfig:
         w = "training"
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "lora_rank", "lora_alpha"):
             value = getattr(self, name)
-            _need(_is_int(value) and value >= 1, w, name, value, "an integer >= 1")
+            _need(is_int(value) and value >= 1, w, name, value, "an integer >= 1")
         for name in ("warmup_steps", "cost_ramp_steps", "transfer_steps", "expert_pretrain_steps", "hard_at_step", "seed",
                      "final_full_tail"):
             value = getattr(self, name)
-            _need(_is_int(value) and value >= 0, w, name, value, "an integer >= 0")
+            _need(is_int(value) and value >= 0, w, name, value, "an integer >= 0")
         for name in ("lr", "distill_temperature", "temperature_start", "temperature_end", "max_grad_norm",
                      "gumbel_temp", "beta0"):
             value = getattr(self, name)
-            _need(_is_number(value) and value > 0, w, name, value, "a number > 0")
+            _need(is_num(value) and value > 0, w, name, value, "a number > 0")
         for name in ("weight_decay", "kl_weight", "cost_lambda_start", "cost_lambda_end", "transfer_weight"):
             value = getattr(self, name)
-            _need(_is_number(value) and value >= 0, w, name, value, "a number >= 0")
-        _need(self.cost_target is None or (_is_number(self.cost_target) and 0 < self.cost_target <= 1), w,
+            _need(is_num(value) and value >= 0, w, name, value, "a number >= 0")
+        _need(self.cost_target is None or (is_num(self.cost_target) and 0 < self.cost_target <= 1), w,
               "cost_target", self.cost_target, "unset, or a cost in (0, 1]")
-        _need(_is_number(self.cost_target_lr) and self.cost_target_lr > 0, w, "cost_target_lr", self.cost_target_lr,
+        _need(is_num(self.cost_target_lr) and self.cost_target_lr > 0, w, "cost_target_lr", self.cost_target_lr,
               "a number > 0")
         _need(self.cost_unit in ("projected", "real"), w, "cost_unit", self.cost_unit, "'projected' or 'real'")
         _need(self.prior in ("compute", "uniform"), w, "prior", self.prior, "'compute' or 'uniform'")
         for name in ("hard_below_entropy", "hard_below_uncertainty"):
             value = getattr(self, name)
-            _need(_is_number(value) and 0 < value <= 1, w, name, value, "a number in (0, 1]")
-        _need(self.lora_lr is None or (_is_number(self.lora_lr) and self.lora_lr > 0), w, "lora_lr", self.lora_lr,
+            _need(is_num(value) and 0 < value <= 1, w, name, value, "a number in (0, 1]")
+        _need(self.lora_lr is None or (is_num(self.lora_lr) and self.lora_lr > 0), w, "lora_lr", self.lora_lr,
               "unset, or a number > 0")
-        _need(_is_number(self.entropy_coeff), w, "entropy_coeff", self.entropy_coeff, "a finite number")
+        _need(is_num(self.entropy_coeff), w, "entropy_coeff", self.entropy_coeff, "a finite number")
         for name in ("lora", "sample_posterior", "gradient_checkpointing"):
             _need(isinstance(getattr(self, name), bool), w, name, getattr(self, name), "true or false")
         _need(self.expert_pretrain_steps < self.steps, w, "expert_pretrain_steps", self.expert_pretrain_steps,
@@ -165,7 +166,7 @@ class TrainingConfig:
         _need(self.final_routing in ("soft", "hard", "auto"), w, "final_routing", self.final_routing, "'soft', 'hard' or 'auto'")
         _need(
             (self.uncertainty_threshold is None and self.final_routing != "auto")
-            or (_is_number(self.uncertainty_threshold) and 0 < self.uncertainty_threshold <= 1 and self.final_routing == "auto"),
+            or (is_num(self.uncertainty_threshold) and 0 < self.uncertainty_threshold <= 1 and self.final_routing == "auto"),
             w, "uncertainty_threshold", self.uncertainty_threshold,
             "a number in (0, 1] with final_routing 'auto', and unset otherwise",
         )
